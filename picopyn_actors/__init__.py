@@ -1,0 +1,75 @@
+"""picopyn_actors: a self-healing trio client for Picodata clusters.
+
+A supervisor actor rediscovers the cluster periodically, node actors own each
+node's connections and probe its health, and a dispatcher actor balances
+requests over the healthy nodes. Everything lives in the caller's nursery::
+
+    import trio
+    import picopyn_actors as pa
+
+    async def main():
+        async with pa.open_cluster("postgresql://admin:pw@127.0.0.1:4327") as cluster:
+            print(await cluster.fetchval("SELECT 1", idempotent=True))
+            for node in cluster.nodes():
+                print(node.name, node.state.value)
+
+    trio.run(main)
+"""
+
+from ._cluster import Cluster as Cluster
+from ._cluster import PinnedConnection as PinnedConnection
+from ._cluster import PreparedStatement as PreparedStatement
+from ._cluster import open_cluster as open_cluster
+from ._config import ClusterConfig as ClusterConfig
+from ._dsn import Address as Address
+from ._errors import AcquireTimeout as AcquireTimeout
+from ._errors import ClusterClosed as ClusterClosed
+from ._errors import ConfigError as ConfigError
+from ._errors import NoNodesAvailable as NoNodesAvailable
+from ._errors import OutcomeUnknown as OutcomeUnknown
+from ._errors import PicodataError as PicodataError
+from ._errors import QueryError as QueryError
+from ._errors import StrategyError as StrategyError
+from ._events import ClusterStatistics as ClusterStatistics
+from ._events import EventsDropped as EventsDropped
+from ._events import NodeEvent as NodeEvent
+from ._events import NodeState as NodeState
+from ._events import NodeStatistics as NodeStatistics
+from ._events import NodeStatus as NodeStatus
+from ._strategies import Candidate as Candidate
+from ._strategies import Fastest as Fastest
+from ._strategies import LeastInFlight as LeastInFlight
+from ._strategies import Random as Random
+from ._strategies import RoundRobin as RoundRobin
+from .compat import Client as Client
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcquireTimeout",
+    "Address",
+    "Candidate",
+    "Client",
+    "Cluster",
+    "ClusterClosed",
+    "ClusterConfig",
+    "ClusterStatistics",
+    "ConfigError",
+    "EventsDropped",
+    "Fastest",
+    "LeastInFlight",
+    "NoNodesAvailable",
+    "NodeEvent",
+    "NodeState",
+    "NodeStatistics",
+    "NodeStatus",
+    "OutcomeUnknown",
+    "PicodataError",
+    "PinnedConnection",
+    "PreparedStatement",
+    "QueryError",
+    "Random",
+    "RoundRobin",
+    "StrategyError",
+    "open_cluster",
+]

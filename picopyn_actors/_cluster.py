@@ -1,0 +1,433 @@
+"""``open_cluster`` and :class:`Cluster`: the public face of the actor tree.
+
+Example::
+
+    import trio, picopyn_actors as pa
+
+    async def main():
+        async with pa.open_cluster("postgresql://admin:pw@127.0.0.1:4327") as cluster:
+            print(await cluster.fetchval("SELECT 1"))
+
+    trio.run(main)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from ._bridge import Backend, BackendBroken, BackendQueryError, Connection, open_backend
+from ._config import ClusterConfig
+from ._dispatcher import Dispatcher, Message
+from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown, QueryError
+from ._events import (
+    ClusterStatistics,
+    Event,
+    EventHub,
+    NodeEvent,
+    NodeState,
+    NodeStatistics,
+    NodeStatus,
+)
+from ._node import Lease
+from ._request import Request
+from ._strategies import Strategy
+from ._supervisor import Supervisor
+from ._util import unwrap_single_error
+
+log = logging.getLogger(__name__)
+
+# The dispatcher's inbox: requests, idle tokens and node updates. Bounded;
+# callers wait for room when it is full.
+_INBOX_SIZE = 4096
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """A Picodata cluster as one self-healing database. Made by :func:`open_cluster`.
+
+    Every query method takes ``timeout`` (seconds, for the whole call; it
+    raises :class:`trio.TooSlowError`) and ``idempotent`` (``True`` lets a
+    request whose node died mid-flight be retried on another node; otherwise
+    it fails with :class:`OutcomeUnknown`).
+
+    Cancellation: a query method that is cancelled before its request reached
+    a node leaves nothing behind; one cancelled while the query runs drops
+    that connection (Picodata cannot cancel a query) and the node actor opens
+    a new one. Either way it raises :class:`trio.Cancelled` as usual.
+    """
+
+    config: ClusterConfig
+    _backend: Backend
+    _inbox: trio.MemorySendChannel[Message]
+    _dispatcher: Dispatcher
+    _supervisor: Supervisor
+    _hub: EventHub
+    _closing: trio.Event
+    _closed: bool = attrs.field(init=False, default=False)
+
+    def __repr__(self) -> str:
+        nodes = self._supervisor.actors()
+        up = sum(1 for a in nodes if a.state is NodeState.UP)
+        state = "closed" if self._closed else "open"
+        return f"<Cluster {self.config.dsn} {state} nodes={len(nodes)} up={up}>"
+
+    # -- queries -----------------------------------------------------------------
+
+    async def _call(
+        self, method: str, query: str, args: Sequence[Any], timeout: float | None, idempotent: bool
+    ) -> Any:
+        if self._closed:
+            raise ClusterClosed("the cluster is closed")
+        request = Request(method, query, args, idempotent, trio.current_time())
+        if timeout is None:
+            return await self._send(request)
+        with trio.fail_after(timeout):
+            return await self._send(request)
+
+    async def _send(self, request: Request) -> Any:
+        try:
+            try:
+                self._inbox.send_nowait(request)
+            except trio.WouldBlock:
+                await self._inbox.send(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ClusterClosed("the cluster is closed") from None
+        return await request.wait()
+
+    async def fetch(
+        self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
+    ) -> list[Any]:
+        """Run ``query`` and return all rows (asyncpg ``Record`` objects).
+
+        Raises:
+            QueryError: the server rejected the query (not retried).
+            OutcomeUnknown: the node died mid-query and ``idempotent`` is false.
+            NoNodesAvailable: no node can take it (each node's last error listed).
+            AcquireTimeout: nodes are busy for longer than ``acquire_timeout``.
+            ClusterClosed: the cluster closed first.
+            trio.TooSlowError: ``timeout`` passed.
+        """
+        result: list[Any] = await self._call("fetch", query, args, timeout, idempotent)
+        return result
+
+    async def fetchrow(
+        self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
+    ) -> Any:
+        """Run ``query`` and return its first row, or ``None``. Errors as :meth:`fetch`."""
+        return await self._call("fetchrow", query, args, timeout, idempotent)
+
+    async def fetchval(
+        self,
+        query: str,
+        *args: Any,
+        timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        """Run ``query`` and return the first column of its first row. Errors as :meth:`fetch`."""
+        return await self._call("fetchval", query, args, timeout, idempotent)
+
+    async def execute(
+        self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
+    ) -> str:
+        """Run a statement; return its status (``"INSERT 0 1"``). Errors as :meth:`fetch`."""
+        status: str = await self._call("execute", query, args, timeout, idempotent)
+        return status
+
+    async def executemany(
+        self,
+        query: str,
+        args: Sequence[Sequence[Any]],
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> None:
+        """Run a statement once per argument tuple, on one connection. Errors as :meth:`fetch`."""
+        await self._call("executemany", query, (list(args),), timeout, idempotent)
+
+    @asynccontextmanager
+    async def connection(self, *, timeout: float | None = None) -> AsyncIterator[PinnedConnection]:
+        """Borrow one connection for several statements in a row (prepared statements).
+
+        ``timeout`` bounds the wait for a connection only. While pinned, the
+        connection serves nobody else. If the body is cancelled mid-query, or
+        the connection broke, it is replaced when given back.
+        """
+        if self._closed:
+            raise ClusterClosed("the cluster is closed")
+        request = Request("pin", "", (), False, trio.current_time())
+        if timeout is None:
+            lease: Lease = await self._send(request)
+        else:
+            with trio.fail_after(timeout):
+                lease = await self._send(request)
+        pinned = PinnedConnection(lease)
+        try:
+            yield pinned
+        except BaseException:
+            lease.give_back(dirty=pinned._busy)
+            raise
+        else:
+            lease.give_back(dirty=pinned._busy)
+
+    # -- health --------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeStatus]:
+        """A snapshot of every node actor, sorted by name."""
+        return [actor.status() for actor in self._supervisor.actors()]
+
+    def statistics(self) -> ClusterStatistics:
+        """Counters for the whole client, per node and in total."""
+        actors = self._supervisor.actors()
+        per_node = {a.name: a.statistics() for a in actors}
+        every: list[NodeStatistics] = [*per_node.values(), *self._supervisor.retired_statistics()]
+        return ClusterStatistics(
+            nodes=per_node,
+            requests_ok=sum(s.requests_ok for s in every),
+            requests_failed=sum(s.requests_failed for s in every)
+            + self._dispatcher.failed_unrouted,
+            requests_retried=sum(s.requests_retried for s in every),
+            restarts=sum(s.restarts for s in every),
+            discovery_runs=self._supervisor.discovery_runs,
+            discovery_failures=self._supervisor.discovery_failures,
+            queue_depth=self._dispatcher.queue_depth,
+            events_published=self._hub.published,
+        )
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
+        """Subscribe to node events (:class:`NodeEvent`, or :class:`EventsDropped`
+        when this subscriber fell more than ``events_buffer`` events behind).
+
+        The channel ends when the cluster closes.
+        """
+        async with self._hub.subscribe() as receive:
+            yield receive
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :func:`open_cluster`'s block has exited."""
+        return self._closed
+
+
+class PinnedConnection:
+    """One connection lent by :meth:`Cluster.connection`. Not usable after the block."""
+
+    def __init__(self, lease: Lease) -> None:
+        self._lease = lease
+        self._busy = False
+
+    @property
+    def node(self) -> str:
+        """The name of the node this connection goes to."""
+        return self._lease.node
+
+    def __repr__(self) -> str:
+        return f"<PinnedConnection node={self.node}>"
+
+    async def _run(self, method: str, query: str, args: Sequence[Any], handle: Any = None) -> Any:
+        lease = self._lease
+        if lease.returned.is_set():
+            raise ClusterClosed("this pinned connection was given back")
+        self._busy = True
+        conn: Connection = lease.conn
+        try:
+            if handle is not None:
+                result = await conn.run_prepared(handle, method, args)
+            elif method == "prepare":
+                result = await conn.prepare(query)
+            else:
+                result = await conn.run(method, query, args)
+        except BackendQueryError as exc:
+            self._busy = False
+            raise QueryError(exc.message, sqlstate=exc.sqlstate, node=lease.node) from exc.__cause__
+        except BackendBroken as exc:
+            self._busy = False
+            lease.dirty = True
+            if exc.sent:
+                raise OutcomeUnknown(
+                    f"the pinned connection to node {lease.node} broke mid-request ({exc.message})",
+                    node=lease.node,
+                ) from None
+            raise NoNodesAvailable(
+                f"the pinned connection to node {lease.node} is closed ({exc.message})"
+            ) from None
+        self._busy = False
+        return result
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        """As :meth:`Cluster.fetch`, on this connection."""
+        rows: list[Any] = await self._run("fetch", query, args)
+        return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        """As :meth:`Cluster.fetchrow`, on this connection."""
+        return await self._run("fetchrow", query, args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """As :meth:`Cluster.fetchval`, on this connection."""
+        return await self._run("fetchval", query, args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        """As :meth:`Cluster.execute`, on this connection."""
+        status: str = await self._run("execute", query, args)
+        return status
+
+    async def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
+        """As :meth:`Cluster.executemany`, on this connection."""
+        await self._run("executemany", query, (list(args),))
+
+    async def prepare(self, query: str) -> PreparedStatement:
+        """Prepare a named statement on this connection."""
+        handle = await self._run("prepare", query, ())
+        return PreparedStatement(self, handle, query)
+
+
+class PreparedStatement:
+    """A statement prepared on a :class:`PinnedConnection`."""
+
+    def __init__(self, owner: PinnedConnection, handle: Any, query: str) -> None:
+        self._owner = owner
+        self._handle = handle
+        self.query = query
+
+    def __repr__(self) -> str:
+        return f"<PreparedStatement {self.query!r}>"
+
+    async def fetch(self, *args: Any) -> list[Any]:
+        """Run it and return all rows."""
+        rows: list[Any] = await self._owner._run("fetch", self.query, args, self._handle)
+        return rows
+
+    async def fetchrow(self, *args: Any) -> Any:
+        """Run it and return the first row, or ``None``."""
+        return await self._owner._run("fetchrow", self.query, args, self._handle)
+
+    async def fetchval(self, *args: Any) -> Any:
+        """Run it and return the first column of the first row."""
+        return await self._owner._run("fetchval", self.query, args, self._handle)
+
+
+@asynccontextmanager
+async def open_cluster(
+    dsn: str,
+    *,
+    connections_per_node: int = 2,
+    strategy: Strategy | None = None,
+    discovery_interval: float = 2.0,
+    health_interval: float = 1.0,
+    tiers: Sequence[str] | str | None = None,
+    role: str = "any",
+    backend: Backend | None = None,
+    **options: Any,
+) -> AsyncIterator[Cluster]:
+    """Open a self-healing client for the cluster behind ``dsn``.
+
+    ``dsn`` is ``postgresql://user:password@host1:port1,host2:port2/db``: every
+    host is a seed for discovery. Other keyword arguments are either options
+    of :class:`ClusterConfig` (``probe_timeout``, ``acquire_timeout``,
+    ``backoff_max``, ... see docs/tuning.md) or go to ``asyncpg.connect``
+    (``ssl=``, ``timeout=`` as the connect timeout, ``server_settings=``).
+
+    It starts the supervisor, dispatcher and node actors in a nursery of its
+    own, on the running trio-asyncio loop or on a new one, and returns once
+    discovery has run and a node is usable.
+
+    Raises:
+        ConfigError: bad DSN or option (before any I/O), or an unknown tier.
+        NoNodesAvailable: no node became usable within ``connect_timeout``;
+            the message lists each node's (or seed host's) last error.
+
+    Cancellation: leaving the block (normally, by an exception or by
+    cancellation) stops every actor and closes every connection; requests
+    still in flight end with :class:`ClusterClosed`.
+    """
+    if strategy is not None:
+        options["strategy"] = strategy
+    config = ClusterConfig.create(
+        dsn,
+        tiers=tiers,
+        role=role,
+        connections_per_node=connections_per_node,
+        discovery_interval=discovery_interval,
+        health_interval=health_interval,
+        **options,
+    )
+    if backend is not None:
+        async with _run_cluster(config, backend) as cluster:
+            yield cluster
+        return
+    async with (
+        open_backend(config.dsn, config.connect_timeout, config.connect_kwargs) as real,
+        _run_cluster(config, real) as cluster,
+    ):
+        yield cluster
+
+
+@asynccontextmanager
+async def _run_cluster(config: ClusterConfig, backend: Backend) -> AsyncIterator[Cluster]:
+    hub = EventHub(config.events_buffer)
+    closing = trio.Event()
+    send, receive = trio.open_memory_channel[Message](_INBOX_SIZE)
+    dispatcher = Dispatcher(config, receive)
+    supervisor = Supervisor(config, backend, send, hub, closing)
+    cluster = Cluster(config, backend, send, dispatcher, supervisor, hub, closing)
+    with unwrap_single_error():
+        async with trio.open_nursery() as nursery, _lifetime(cluster, nursery, closing, hub):
+            await _start(config, cluster, nursery, dispatcher, supervisor)
+            yield cluster
+
+
+@asynccontextmanager
+async def _lifetime(
+    cluster: Cluster, nursery: trio.Nursery, closing: trio.Event, hub: EventHub
+) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        cluster._closed = True
+        closing.set()
+        hub.close()
+        nursery.cancel_scope.cancel()
+
+
+async def _start(
+    config: ClusterConfig,
+    cluster: Cluster,
+    nursery: trio.Nursery,
+    dispatcher: Dispatcher,
+    supervisor: Supervisor,
+) -> None:
+    """Start the dispatcher and the supervisor; wait for a usable node."""
+    hub = cluster._hub
+    await nursery.start(dispatcher.run)
+    async with hub.subscribe() as events:
+        with trio.move_on_after(config.connect_timeout):
+            await nursery.start(supervisor.run)
+            await _wait_until_up(supervisor, events)
+            log.info("cluster %s ready: %s", config.dsn, _summary(cluster))
+    if not any(a.state is NodeState.UP for a in supervisor.actors()):
+        errors = {a.name: a.last_error or a.state.value for a in supervisor.actors()}
+        raise NoNodesAvailable(
+            f"no node of {config.dsn} became usable within connect_timeout="
+            f"{config.connect_timeout}s"
+            + ("" if errors else f"; discovery: {supervisor.last_discovery_error}"),
+            errors,
+        )
+
+
+async def _wait_until_up(supervisor: Supervisor, events: trio.MemoryReceiveChannel[Event]) -> None:
+    if any(a.state is NodeState.UP for a in supervisor.actors()):
+        return
+    async for event in events:
+        if isinstance(event, NodeEvent) and event.new is NodeState.UP:
+            return
+
+
+def _summary(cluster: Cluster) -> str:
+    return ", ".join(f"{n.name}={n.state.value}" for n in cluster.nodes())

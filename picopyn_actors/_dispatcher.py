@@ -1,0 +1,316 @@
+"""The dispatcher actor: the routing table, the wait queue and the strategy.
+
+Messages arrive on one bounded inbox:
+
+* :class:`~._request.Request`: a new request, or one coming back for a retry;
+* :class:`Idle`: a worker of a node is free (a "token"): the dispatcher may
+  send that node one request;
+* :class:`RouteUpdate`: a node actor's state changed (it carries the node's
+  request channel when the node first appears);
+* :class:`RouteRemoved`: a node actor stopped.
+
+The dispatcher never blocks on anything but its inbox. It only sends a node a
+request when it holds one of that node's tokens, so the node's bounded
+channel always has room, and waiting requests queue here, first come first
+served, until a token arrives or ``acquire_timeout`` passes.
+
+Example (inside the library)::
+
+    send, receive = trio.open_memory_channel(1024)
+    dispatcher = Dispatcher(config, receive)
+    await nursery.start(dispatcher.run)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import Any
+
+import attrs
+import trio
+
+from ._config import ClusterConfig
+from ._errors import AcquireTimeout, NoNodesAvailable, StrategyError
+from ._events import NodeState
+from ._request import Phase, Request
+from ._strategies import Candidate, strategy_name
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Idle:
+    """A worker of route ``route_id``, session ``generation``, is free.
+
+    ``done`` is ``True`` when it just finished a request (``latency`` seconds).
+    """
+
+    route_id: int
+    generation: int
+    done: bool
+    latency: float = 0.0
+
+
+@attrs.frozen
+class RouteUpdate:
+    """A node actor's state changed."""
+
+    route_id: int
+    state: NodeState
+    generation: int
+    last_error: str | None = None
+    channel: trio.MemorySendChannel[Request] | None = None
+    candidate: Candidate | None = None
+
+
+@attrs.frozen
+class RouteRemoved:
+    """A node actor stopped; its channel is closed by the dispatcher."""
+
+    route_id: int
+
+
+Message = Request | Idle | RouteUpdate | RouteRemoved
+
+_EWMA = 0.2
+
+
+@attrs.define(eq=False)
+class _Route:
+    id: int
+    channel: trio.MemorySendChannel[Request]
+    candidate: Candidate
+    state: NodeState = NodeState.CONNECTING
+    generation: int = -1
+    tokens: int = 0
+    last_error: str | None = None
+
+
+@attrs.define(eq=False)
+class Dispatcher:
+    """Routes requests to node actors. See the module docstring."""
+
+    config: ClusterConfig
+    inbox: trio.MemoryReceiveChannel[Message]
+    _routes: dict[int, _Route] = attrs.field(init=False, factory=dict)
+    _by_candidate: dict[int, _Route] = attrs.field(init=False, factory=dict)
+    _pending: deque[Request] = attrs.field(init=False, factory=deque)
+    failed_unrouted: int = attrs.field(init=False, default=0)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a free connection."""
+        return len(self._pending)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the inbox until cancelled; then fail what waits with ClusterClosed."""
+        task_status.started()
+        receive_nowait = self.inbox.receive_nowait
+        handle = self._handle
+        try:
+            while True:
+                pending = self._pending
+                if pending:
+                    deadline = pending[0].enqueued_at + self.config.acquire_timeout
+                    with trio.move_on_at(deadline):
+                        handle(await self.inbox.receive())
+                else:
+                    handle(await self.inbox.receive())
+                while True:
+                    try:
+                        message = receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    handle(message)
+                if pending:
+                    self._dispatch()
+                    if pending:
+                        self._expire(trio.current_time())
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        while self._pending:
+            self._pending.popleft().close()
+        while True:
+            try:
+                message = self.inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if isinstance(message, Request):
+                message.close()
+        for route in self._routes.values():
+            route.channel.close()
+
+    # -- message handling ---------------------------------------------------
+
+    def _handle(self, message: Message) -> None:
+        if type(message) is Idle:
+            route = self._routes.get(message.route_id)
+            if route is not None and route.generation == message.generation:
+                route.tokens += 1
+                if message.done:
+                    cand = route.candidate
+                    cand.in_flight = max(0, cand.in_flight - 1)
+                    cand.free = route.tokens
+                    old = cand.latency
+                    cand.latency = (
+                        message.latency if old is None else old + _EWMA * (message.latency - old)
+                    )
+                else:
+                    route.candidate.free = route.tokens
+        elif type(message) is Request:
+            self._submit(message)
+        elif type(message) is RouteUpdate:
+            self._update(message)
+        elif type(message) is RouteRemoved:
+            route = self._routes.pop(message.route_id, None)
+            if route is not None:
+                self._by_candidate.pop(id(route.candidate), None)
+                route.channel.close()
+                self._fail_if_hopeless()
+
+    def _submit(self, request: Request) -> None:
+        if request.phase is Phase.ABANDONED:
+            return
+        if request.attempts:
+            self._pending.appendleft(request)
+        else:
+            self._pending.append(request)
+        if not any(r.state.hopeful for r in self._routes.values()):
+            self._fail_if_hopeless()
+
+    def _update(self, message: RouteUpdate) -> None:
+        route = self._routes.get(message.route_id)
+        if route is None:
+            if message.channel is None or message.candidate is None:
+                return
+            route = _Route(message.route_id, message.channel, message.candidate)
+            self._routes[route.id] = route
+            self._by_candidate[id(route.candidate)] = route
+        if message.generation != route.generation:
+            route.tokens = 0
+            route.candidate.in_flight = 0
+            route.candidate.free = 0
+            route.generation = message.generation
+        route.state = message.state
+        if message.last_error is not None:
+            route.last_error = message.last_error
+        if message.state is NodeState.DRAINING:
+            # No new work: close our side; the workers finish what is queued.
+            self._routes.pop(route.id, None)
+            self._by_candidate.pop(id(route.candidate), None)
+            route.channel.close()
+        self._fail_if_hopeless()
+
+    # -- routing ---------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        pending = self._pending
+        strategy = self.config.strategy
+        while pending:
+            available = [
+                r for r in self._routes.values() if r.tokens > 0 and r.state is NodeState.UP
+            ]
+            if not available:
+                return
+            request = pending.popleft()
+            if request.phase is not Phase.QUEUED:
+                continue
+            route = self._choose(strategy, request, available)
+            if route is None:
+                continue
+            request.phase = Phase.ASSIGNED
+            try:
+                route.channel.send_nowait(request)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # Our token count was stale: forget this node's tokens, retry later.
+                request.phase = Phase.QUEUED
+                pending.appendleft(request)
+                route.tokens = 0
+                continue
+            route.tokens -= 1
+            cand = route.candidate
+            cand.free = route.tokens
+            cand.in_flight += 1
+
+    def _choose(self, strategy: Any, request: Request, available: list[_Route]) -> _Route | None:
+        if len(available) > 1 and request.last_route is not None:
+            others = [r for r in available if r.id != request.last_route]
+            available = others or available
+        candidates = [r.candidate for r in available]
+        try:
+            chosen = strategy(candidates)
+        except Exception as exc:
+            request.fail(
+                StrategyError(f"balance strategy {strategy_name(strategy)} raised {exc!r}")
+            )
+            self.failed_unrouted += 1
+            return None
+        route = self._by_candidate.get(id(chosen))
+        if route is None or route not in available:
+            request.fail(
+                StrategyError(
+                    f"balance strategy {strategy_name(strategy)} returned {chosen!r}, "
+                    "which is not one of the candidates it was given"
+                )
+            )
+            self.failed_unrouted += 1
+            return None
+        return route
+
+    def _expire(self, now: float) -> None:
+        limit = self.config.acquire_timeout
+        pending = self._pending
+        while pending and pending[0].enqueued_at + limit <= now:
+            request = pending.popleft()
+            if request.fail(
+                AcquireTimeout(
+                    f"no free connection within acquire_timeout={limit}s "
+                    f"({self._describe()}); raise connections_per_node or acquire_timeout"
+                )
+            ):
+                self.failed_unrouted += 1
+
+    def _fail_if_hopeless(self) -> None:
+        if not self._pending or any(r.state.hopeful for r in self._routes.values()):
+            return
+        errors = self.node_errors()
+        while self._pending:
+            request = self._pending.popleft()
+            if request.fail(
+                NoNodesAvailable(
+                    "no node of the cluster is available" if errors else "no node is known yet",
+                    errors,
+                )
+            ):
+                self.failed_unrouted += 1
+
+    def node_errors(self) -> dict[str, str]:
+        """Each node's last error (or state), for messages."""
+        return {r.candidate.name: r.last_error or r.state.value for r in self._routes.values()}
+
+    def _describe(self) -> str:
+        return (
+            ", ".join(
+                f"{r.candidate.name} {r.state.value} in-flight {r.candidate.in_flight}"
+                for r in self._routes.values()
+            )
+            or "no nodes"
+        )
+
+    def has_routable(self) -> bool:
+        """Some node is up."""
+        return any(r.state is NodeState.UP for r in self._routes.values())
+
+    @property
+    def closed(self) -> bool:
+        """The dispatcher has stopped."""
+        return self._closed
+
+
+INFINITE = math.inf

@@ -1,0 +1,113 @@
+"""A request travelling through the actors, and its one-shot reply path.
+
+The caller parks with ``trio.lowlevel.wait_task_rescheduled``; whoever ends the
+request (dispatcher or worker) reschedules it exactly once with an outcome.
+:meth:`Request.finish` is the only way to end a request, so an answer can
+never be given twice; an abandoned request (its caller was cancelled) can
+no longer be answered at all.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+import outcome
+import trio
+
+from ._errors import ClusterClosed
+
+
+class Phase(enum.IntEnum):
+    """Where a request is. Only moves forward, except SENT/ASSIGNED -> QUEUED on a retry."""
+
+    QUEUED = 0  # waiting in the dispatcher
+    ASSIGNED = 1  # in a node's channel, not yet on the wire
+    SENT = 2  # a worker is running it: the server may have seen it
+    DONE = 3  # answered
+    ABANDONED = 4  # the caller gave up (cancelled); nobody will answer
+
+
+class Request:
+    """One query (or one pin of a connection) and its caller."""
+
+    __slots__ = (
+        "args",
+        "attempts",
+        "enqueued_at",
+        "errors",
+        "idempotent",
+        "last_route",
+        "method",
+        "phase",
+        "query",
+        "result",
+        "scope",
+        "task",
+    )
+
+    def __init__(
+        self, method: str, query: str, args: Sequence[Any], idempotent: bool, now: float
+    ) -> None:
+        self.method = method
+        self.query = query
+        self.args = args
+        self.idempotent = idempotent
+        self.phase = Phase.QUEUED
+        self.task: trio.lowlevel.Task | None = None
+        self.attempts = 0
+        self.last_route: int | None = None
+        self.scope: trio.CancelScope | None = None
+        self.enqueued_at = now
+        self.errors: list[str] = []
+        self.result: outcome.Outcome[Any] | None = None
+
+    @property
+    def open(self) -> bool:
+        """The request still waits for an answer."""
+        return self.phase < Phase.DONE
+
+    def finish(self, result: outcome.Outcome[Any]) -> bool:
+        """Answer the caller; ``False`` (and nothing happens) if already ended."""
+        if self.phase >= Phase.DONE:
+            return False
+        self.phase = Phase.DONE
+        if self.task is None:
+            # The caller has not parked yet (it is still handing the request
+            # over): keep the answer for :meth:`wait`.
+            self.result = result
+        else:
+            trio.lowlevel.reschedule(self.task, result)
+        return True
+
+    def fail(self, exc: BaseException) -> bool:
+        """Answer the caller with an exception."""
+        return self.finish(outcome.Error(exc))
+
+    def close(self, why: str = "the cluster was closed") -> None:
+        """Fail with :class:`ClusterClosed` if still open."""
+        self.fail(ClusterClosed(f"{why} before the request finished"))
+
+    def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        # The caller is cancelled: nobody will read an answer any more. A
+        # query on the wire cannot be cancelled on Picodata, so the worker's
+        # scope is cancelled: it drops that connection and opens a new one.
+        if self.phase >= Phase.DONE:  # pragma: no cover - trio never aborts a rescheduled task
+            return trio.lowlevel.Abort.FAILED
+        self.phase = Phase.ABANDONED
+        if self.scope is not None:
+            self.scope.cancel()
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def wait(self) -> Any:
+        """Park the current task until :meth:`finish`; return or raise its outcome.
+
+        If cancelled, the request is abandoned: it will not run if it has not
+        started, and its connection is dropped if it has.
+        """
+        if self.result is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self.result.unwrap()
+        self.task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(self._abort)

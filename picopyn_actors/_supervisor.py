@@ -1,0 +1,250 @@
+"""The supervisor actor: periodic discovery, and the node actors' lifecycle.
+
+Every ``discovery_interval`` it reads the catalog from any live node, falling
+back through every node it knows and then every seed host of the DSN, so one
+dead node (the seed included) never stops discovery. It diffs the result
+against the running node actors (:func:`~._topology.diff`, a pure function)
+and starts, drains, retires and wakes node actors accordingly. A node actor
+that crashes is logged and started again by the next discovery.
+
+Example (inside the library)::
+
+    supervisor = Supervisor(config, backend, dispatcher_send, hub, closing)
+    await nursery.start(supervisor.run)   # returns after the first discovery
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterable
+
+import attrs
+import trio
+
+from ._bridge import Backend, BackendBroken, BackendQueryError, Connection
+from ._config import ClusterConfig
+from ._dispatcher import Message
+from ._dsn import Address
+from ._errors import NoNodesAvailable
+from ._events import EventHub, NodeStatistics
+from ._node import NodeActor, Stop, UpdateInfo, Wake
+from ._topology import (
+    DISCOVERY_QUERY,
+    MASTERS_QUERY,
+    NodeInfo,
+    Role,
+    Topology,
+    build_topology,
+    check_tiers,
+    diff,
+)
+
+log = logging.getLogger(__name__)
+
+_UUID_FUNCTIONS = ("pico_instance_uuid", "instance_uuid")
+
+
+class DiscoveryFailed(Exception):
+    """Every known node and seed host failed; ``errors`` maps address to error."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{a}: {e}" for a, e in errors.items()))
+
+
+@attrs.define(eq=False)
+class Supervisor:
+    """Discovery and node actor lifecycle; see the module docstring."""
+
+    config: ClusterConfig
+    backend: Backend
+    dispatcher: trio.MemorySendChannel[Message]
+    hub: EventHub
+    closing: trio.Event
+
+    discovery_runs: int = attrs.field(init=False, default=0)
+    discovery_failures: int = attrs.field(init=False, default=0)
+    topology: Topology | None = attrs.field(init=False, default=None)
+    last_discovery_error: str | None = attrs.field(init=False, default=None)
+    _actors: dict[str, NodeActor] = attrs.field(init=False, factory=dict)
+    _leaving: set[NodeActor] = attrs.field(init=False, factory=set)
+    _retired_stats: list[NodeStatistics] = attrs.field(init=False, factory=list)
+    _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
+    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+    _uuid_function: str = attrs.field(init=False, default=_UUID_FUNCTIONS[0])
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def actors(self) -> list[NodeActor]:
+        """Running node actors, leaving ones included, by name."""
+        return sorted([*self._actors.values(), *self._leaving], key=lambda a: (a.name, a.route_id))
+
+    def retired_statistics(self) -> list[NodeStatistics]:
+        """Counters of node actors that have stopped."""
+        return list(self._retired_stats)
+
+    # -- the actor -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the first discovery, report started, then rediscover periodically.
+
+        Raises :class:`NoNodesAvailable` (before ``started``) when the first
+        discovery fails on every seed host within ``connect_timeout``, and
+        :class:`ConfigError` when a requested tier does not exist.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                topology = await self.discover()
+            except DiscoveryFailed as exc:
+                raise NoNodesAvailable(
+                    f"discovery failed on every seed host of {self.config.dsn}; check the "
+                    "DSN, the password and that the nodes are reachable",
+                    exc.errors,
+                ) from None
+            check_tiers(self.config.selector, topology)
+            await self.apply(topology)
+            task_status.started()
+            interval = self.config.discovery_interval
+            deadline = trio.current_time() + interval
+            while True:
+                await trio.sleep_until(deadline)
+                # Reschedule first, so that a slow or failing run never loses the beat.
+                deadline = max(deadline + interval, trio.current_time())
+                try:
+                    topology = await self.discover()
+                except DiscoveryFailed as exc:
+                    continue_message = str(exc)
+                    log.warning("discovery failed on every known node: %s", continue_message)
+                    continue
+                await self.apply(topology)
+
+    def _addresses(self) -> list[Address]:
+        """Where to ask, in order: nodes that are up, other known nodes, seeds."""
+        seen: set[Address] = set()
+        ordered: list[Address] = []
+
+        def add(addresses: Iterable[Address]) -> None:
+            for address in addresses:
+                if address not in seen:
+                    seen.add(address)
+                    ordered.append(address)
+
+        actors = self.actors()
+        add(a.info.address for a in actors if a.state.routable)
+        add(a.info.address for a in actors)
+        if self.topology is not None:
+            add(n.address for n in self.topology.nodes.values())
+        add(self.config.dsn.hosts)
+        return ordered
+
+    async def discover(self) -> Topology:
+        """One discovery run, trying every known address in turn."""
+        errors: dict[str, str] = {}
+        for address in self._addresses():
+            try:
+                topology = await self._discover_from(address)
+            except BackendBroken as exc:
+                errors[str(address)] = exc.message
+                continue
+            except BackendQueryError as exc:
+                errors[str(address)] = f"discovery query failed: {exc.message}"
+                continue
+            self.discovery_runs += 1
+            self.topology = topology
+            self.last_discovery_error = None
+            return topology
+        self.discovery_failures += 1
+        self.last_discovery_error = "; ".join(f"{a}: {e}" for a, e in errors.items())
+        raise DiscoveryFailed(errors)
+
+    async def _discover_from(self, address: Address) -> Topology:
+        timeout = self.config.connect_timeout
+        conn: Connection | None = None
+        try:
+            with trio.fail_after(timeout):
+                conn = await self.backend.connect(address)
+                source = await self._self_name(conn)
+                rows = await conn.run("fetch", DISCOVERY_QUERY, ())
+                masters: dict[str, str | None] = {}
+                if self.config.selector.role is not Role.ANY:
+                    masters = {
+                        str(r["name"]): r["current_master_name"]
+                        for r in await conn.run("fetch", MASTERS_QUERY, ())
+                    }
+        except trio.TooSlowError:
+            raise BackendBroken(f"discovery timed out after {timeout}s", sent=False) from None
+        finally:
+            if conn is not None:
+                conn.terminate()
+        topology = build_topology(rows, masters, source=source or str(address))
+        log.debug("discovery from %s: %d nodes", address, len(topology.nodes))
+        return topology
+
+    async def _self_name(self, conn: Connection) -> str | None:
+        """Which instance answered: ``pico_instance_uuid()``, else ``instance_uuid()``."""
+        for function in (self._uuid_function, *_UUID_FUNCTIONS):
+            try:
+                uuid = await conn.run("fetchval", f"SELECT {function}()", ())
+            except BackendQueryError:
+                continue
+            self._uuid_function = function
+            return str(uuid)
+        return None
+
+    async def apply(self, topology: Topology) -> None:
+        """Start, stop and wake node actors to match ``topology``."""
+        running = {name: actor.info for name, actor in self._actors.items()}
+        plan = diff(running, topology, self.config.selector)
+        for info in plan.update:
+            await self._actors[info.name].control.send(UpdateInfo(info))
+        for name in plan.wake:
+            await self._actors[name].control.send(Wake())
+        for name in plan.drain:
+            info = topology.nodes[name]
+            await self._stop(name, f"catalog: current {info.current}, target {info.target}")
+        for name in plan.retire:
+            info_or_none = topology.nodes.get(name)
+            reason = "expelled" if info_or_none is not None else "no longer in the catalog"
+            await self._stop(name, reason)
+        for info in plan.start:
+            await self._start(info)
+
+    async def _stop(self, name: str, reason: str) -> None:
+        actor = self._actors.pop(name, None)
+        if actor is None:
+            return
+        self._leaving.add(actor)
+        log.info("node %s: leaving (%s)", name, reason)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await actor.control.send(Stop(reason))
+
+    async def _start(self, info: NodeInfo) -> None:
+        assert self._nursery is not None
+        actor = NodeActor(
+            next(self._ids),
+            info,
+            self.config,
+            self.backend,
+            self.dispatcher,
+            self.hub,
+            self.closing,
+        )
+        self._actors[info.name] = actor
+        log.info("node %s: joining at %s (%s)", info.name, info.address, info.current)
+        await self._nursery.start(self._supervise, actor, name=f"node {info.name}")
+
+    async def _supervise(
+        self, actor: NodeActor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await actor.run(task_status=task_status)
+        except Exception:
+            log.exception("node %s: actor crashed; the next discovery starts it again", actor.name)
+        finally:
+            if self._actors.get(actor.name) is actor:
+                del self._actors[actor.name]
+            self._leaving.discard(actor)
+            self._retired_stats.append(actor.statistics())
