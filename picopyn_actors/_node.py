@@ -45,6 +45,7 @@ from ._topology import NodeInfo
 log = logging.getLogger(__name__)
 
 _EWMA = 0.2
+_RANDOM = random.Random()
 
 
 def backoff_delay(
@@ -57,7 +58,7 @@ def backoff_delay(
     never collapses to zero.
     """
     base = min(maximum, initial * (2 ** max(0, failures - 1)))
-    jitter: float = (rand or random).uniform(0, base / 2)
+    jitter = (rand or _RANDOM).uniform(0, base / 2)
     return base / 2 + jitter
 
 
