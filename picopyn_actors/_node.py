@@ -57,7 +57,7 @@ def backoff_delay(
     the upper half, so that clients do not reconnect in lockstep and the delay
     never collapses to zero.
     """
-    base = min(maximum, initial * (2 ** max(0, failures - 1)))
+    base = min(maximum, initial * 2.0 ** max(0, failures - 1))
     jitter = (rand or _RANDOM).uniform(0, base / 2)
     return base / 2 + jitter
 
