@@ -1,0 +1,26 @@
+"""A local stand-in for a Picodata cluster, for tests, demos and benchmarks.
+
+:class:`LocalCluster` runs N real PostgreSQL servers that impersonate
+Picodata nodes: the same system tables on every server, a per-server
+``pico_instance_uuid()``, and a governor that writes state changes to every
+live server. Linux only; needs the PostgreSQL 15 server binaries.
+
+Example::
+
+    from picopyn_actors.testing import LocalCluster
+
+    with LocalCluster(nodes=3) as lc:
+        lc.stop("i2")       # target Offline, then current Offline
+        lc.start("i2")      # Online again, incarnation raised
+
+The pytest plugin (``picopyn_actors.testing.pytest_plugin``) provides the
+``local_cluster``, ``shared_cluster`` and ``make_cluster`` fixtures.
+"""
+
+from ._catalog import NodeHandle as NodeHandle
+from ._catalog import StateName as StateName
+from ._cluster import LocalCluster as LocalCluster
+from ._errors import LocalClusterError as LocalClusterError
+from ._errors import UnknownNodeError as UnknownNodeError
+
+__all__ = ["LocalCluster", "LocalClusterError", "NodeHandle", "StateName", "UnknownNodeError"]

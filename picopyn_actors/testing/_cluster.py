@@ -1,0 +1,656 @@
+"""A local stand-in for a Picodata cluster, made of real PostgreSQL servers.
+
+Each node is one PostgreSQL server on a free loopback port that holds
+Picodata's system tables and answers ``pico_instance_uuid()`` with its own
+uuid. The harness plays Picodata's governor: it keeps the authoritative
+catalog in Python and writes it to every live server on each change.
+
+The API is synchronous, so that fixtures, scripts and benchmarks can use it
+directly; trio code calls it through :func:`trio.to_thread.run_sync`::
+
+    from picopyn_actors.testing import LocalCluster
+
+    with LocalCluster(nodes=3) as lc:
+        print(lc.dsn)           # the seed node's DSN
+        lc.kill("i2")           # a crash: the catalog still says Online
+        lc.start("i2")          # back, with its incarnation raised
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import quote
+
+import attrs
+
+from ._catalog import (
+    ADMIN_USER,
+    STATE_NAMES,
+    CatalogModel,
+    NodeHandle,
+    StateName,
+    identity_sql,
+    setup_sql,
+)
+from ._errors import LocalClusterError, UnknownNodeError
+from ._pg import (
+    PgBinaries,
+    RunAs,
+    children_of,
+    free_ports,
+    log_tail,
+    port_is_free,
+    remove_orphan_shared_memory,
+    signal_all,
+    tool_env,
+    wait_gone,
+)
+from ._template import copy_data_dirs, pristine_data_dir
+
+__all__ = ["LocalCluster"]
+
+logger = logging.getLogger(__name__)
+
+HOST: Final = "127.0.0.1"
+DATABASE: Final = "postgres"
+SUPERUSER: Final = "postgres"
+
+_READY_POLL_INTERVAL: Final = 0.01
+"""How often a starting server's ``postmaster.pid`` is read; PostgreSQL sends no event."""
+_SQL_TIMEOUT: Final = 30.0
+_SHUTDOWN_TIMEOUT: Final = 10.0
+
+
+@attrs.define(eq=False)
+class _Server:
+    """One PostgreSQL process and its directory (mutable, owned by the harness)."""
+
+    node: NodeHandle
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+    initialized: bool = False
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def live(self) -> bool:
+        return self.running() and not self.paused
+
+    def pids(self) -> list[int]:
+        if not self.running():
+            return []
+        assert self.process is not None
+        return [self.process.pid, *children_of(self.process.pid)]
+
+
+class LocalCluster:
+    """N PostgreSQL servers that impersonate the nodes of one Picodata cluster.
+
+    Args:
+        nodes: how many nodes start with the cluster (``i1`` ... ``iN``).
+        strict: make asyncpg misuse fail as on Picodata: the login role is not
+            a superuser, ``pg_type`` is unreadable and
+            ``pg_advisory_unlock_all()`` is not executable.
+        password: the login role's password; random when not given.
+        replication_factor: nodes per replicaset; the first member of each
+            replicaset is its master.
+        bindir: directory of the PostgreSQL binaries (default:
+            ``$PICOPYN_PG_BINDIR``, ``pg_config --bindir``, Debian's path).
+        startup_timeout: seconds a server may take to accept connections.
+
+    Use it as a context manager, or call :meth:`start_cluster` and
+    :meth:`close`. Every server and the temporary folder are gone when it
+    closes, whatever happened in between; an ``atexit`` hook is a safety net.
+    The methods are thread-safe (one operation at a time).
+    """
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        *,
+        strict: bool = True,
+        password: str | None = None,
+        replication_factor: int = 1,
+        bindir: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(nodes, int) or nodes < 1:
+            raise ValueError(f"nodes must be a positive integer, got {nodes!r}")
+        if not isinstance(replication_factor, int) or replication_factor < 1:
+            raise ValueError(
+                f"replication_factor must be a positive integer, got {replication_factor!r}"
+            )
+        if password is not None and (not isinstance(password, str) or not password):
+            raise ValueError("password must be a non-empty string")
+        if startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be positive, got {startup_timeout!r}")
+        self._initial_nodes = nodes
+        self._strict = strict
+        self._password = password if password is not None else secrets.token_urlsafe(18)
+        self._bindir = bindir
+        self._startup_timeout = startup_timeout
+        self._model = CatalogModel(replication_factor=replication_factor)
+        self._servers: dict[str, _Server] = {}
+        self._lock = threading.RLock()
+        self._base_dir: Path | None = None
+        self._socket_dir: Path | None = None
+        self._bins: PgBinaries | None = None
+        self._run_as = RunAs(uid=None, gid=None)
+        self._state = "new"
+
+    def __repr__(self) -> str:
+        running = sum(s.running() for s in self._servers.values())
+        return (
+            f"<LocalCluster {self._state} nodes={len(self._servers)} running={running} "
+            f"strict={self._strict}>"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Self:
+        return self.start_cluster()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start_cluster(self) -> Self:
+        """Create and start every node; return self.
+
+        Raises:
+            LocalClusterError: binaries missing, or a server failed to start
+                (the message holds the tail of its log). Nothing is left
+                running then.
+        """
+        with self._lock:
+            if self._state != "new":
+                raise LocalClusterError(
+                    f"start_cluster() called on a cluster that is {self._state}"
+                )
+            self._state = "starting"
+            atexit.register(self.close)
+            started = time.monotonic()
+            try:
+                self._bins = PgBinaries.find(self._bindir)
+                self._run_as = RunAs.detect()
+                self._base_dir = Path(tempfile.mkdtemp(prefix="picopyn-localcluster-"))
+                self._socket_dir = self._base_dir / "sockets"
+                self._socket_dir.mkdir()
+                (self._base_dir / "nodes").mkdir()
+                self._run_as.chown_tree(self._base_dir)
+                ports = free_ports(HOST, self._initial_nodes)
+                servers = self._new_servers(
+                    [self._model.add_instance(host=HOST, port=p, state="Online") for p in ports]
+                )
+                for server in servers:
+                    self._spawn(server)
+                for server in servers:
+                    self._wait_ready(server)
+                self._initialize(servers)
+            except BaseException:
+                self.close()
+                raise
+            self._state = "running"
+            logger.info(
+                "local cluster of %d nodes up in %.2f s in %s",
+                len(servers),
+                time.monotonic() - started,
+                self._base_dir,
+            )
+        return self
+
+    def close(self) -> None:
+        """Stop every server and remove the temporary folder. Idempotent.
+
+        Paused servers are resumed first; servers that do not stop within a
+        few seconds are killed.
+        """
+        with self._lock:
+            if self._state == "closed":
+                return
+            try:
+                self._shutdown_all()
+            finally:
+                if self._base_dir is not None:
+                    shutil.rmtree(self._base_dir, ignore_errors=True)
+                self._state = "closed"
+                atexit.unregister(self.close)
+
+    def _shutdown_all(self) -> None:
+        servers = [s for s in self._servers.values() if s.running()]
+        for server in servers:
+            if server.paused:
+                self._signal_server(server, signal.SIGCONT)
+                server.paused = False
+        # SIGQUIT is PostgreSQL's immediate shutdown: no checkpoint, but the
+        # postmaster still waits for its backends and removes its shared memory.
+        for server in servers:
+            assert server.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                server.process.send_signal(signal.SIGQUIT)
+        deadline = time.monotonic() + _SHUTDOWN_TIMEOUT
+        for server in servers:
+            assert server.process is not None
+            try:
+                server.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("node %s did not shut down; killing it", server.node.name)
+                self._kill_server(server)
+        for server in self._servers.values():
+            if server.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.process.wait(timeout=_SHUTDOWN_TIMEOUT)
+            remove_orphan_shared_memory(server.data_dir)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def user(self) -> str:
+        """The login role clients use."""
+        return ADMIN_USER
+
+    @property
+    def password(self) -> str:
+        """The login role's password."""
+        return self._password
+
+    @property
+    def strict(self) -> bool:
+        return self._strict
+
+    @property
+    def nodes(self) -> list[NodeHandle]:
+        """Every node that ever joined, in join order (expelled ones included)."""
+        with self._lock:
+            return self._model.nodes()
+
+    @property
+    def dsn(self) -> str:
+        """DSN of the first node, the seed."""
+        return self.dsn_for(self.nodes[0].name)
+
+    @property
+    def dsns(self) -> list[str]:
+        """DSNs of every node, in join order."""
+        return [self.dsn_for(n.name) for n in self.nodes]
+
+    @property
+    def base_dir(self) -> Path:
+        """The temporary folder that holds every node's data (gone after close)."""
+        if self._base_dir is None:
+            raise LocalClusterError("the cluster has not been started")
+        return self._base_dir
+
+    def node(self, name: str) -> NodeHandle:
+        """The handle of node *name*.
+
+        Raises:
+            UnknownNodeError: no such node (the message lists the known ones).
+        """
+        return self._server(name).node
+
+    def dsn_for(self, name: str) -> str:
+        """``postgresql://admin:<password>@127.0.0.1:<port>/postgres`` for one node."""
+        node = self.node(name)
+        secret = quote(self._password, safe="")
+        return f"postgresql://{ADMIN_USER}:{secret}@{node.host}:{node.port}/{DATABASE}"
+
+    def is_running(self, name: str) -> bool:
+        """Whether node *name*'s server process exists (paused or not)."""
+        return self._server(name).running()
+
+    def is_paused(self, name: str) -> bool:
+        server = self._server(name)
+        return server.running() and server.paused
+
+    def server_pids(self, name: str) -> list[int]:
+        """Process ids of node *name*'s postmaster and its backends (empty when down)."""
+        with self._lock:
+            return self._server(name).pids()
+
+    def log_path(self, name: str) -> Path:
+        """The server log of node *name* (gone after close)."""
+        return self._server(name).log_path
+
+    def catalog_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """The authoritative catalog: table name -> rows, valued as asyncpg returns them.
+
+        JSON columns are ``str`` (``'["Online",1]'``), timestamps aware
+        datetimes. Every live server holds exactly these rows.
+        """
+        with self._lock:
+            return self._model.rows()
+
+    def states(self, name: str) -> tuple[tuple[str, int], tuple[str, int]]:
+        """``(current_state, target_state)`` of node *name*, e.g. ``(("Online", 2), ...)``."""
+        with self._lock:
+            self._server(name)
+            return self._model.states(name)
+
+    def execute_everywhere(self, sql: str) -> None:
+        """Run *sql* on every live server as the login role (``admin``).
+
+        Picodata's tables are global; the stand-in's are per server. Tests
+        that need a table on every node create it with this.
+
+        Raises:
+            LocalClusterError: a server rejected the SQL (the message holds its error).
+        """
+        with self._lock:
+            self._check_open()
+            script = f"SET ROLE {ADMIN_USER};\n{sql}\n"
+            self._run_sql([(s, script) for s in self._servers.values() if s.live()])
+
+    # ------------------------------------------------------------------ faults and governor
+
+    def kill(self, name: str) -> None:
+        """Crash node *name*: SIGKILL its postmaster and every backend.
+
+        The catalog does not change (Picodata notices a dead node only after
+        30 s); clients must find out themselves.
+        """
+        with self._lock:
+            server = self._running_server(name, "kill")
+            self._kill_server(server)
+            logger.info("node %s killed", name)
+
+    def stop(self, name: str) -> None:
+        """Shut node *name* down cleanly (fast mode), as an operator would.
+
+        The governor first writes the target state Offline, then the server
+        stops, then the current state becomes Offline; the incarnation stays.
+        """
+        with self._lock:
+            server = self._running_server(name, "stop")
+            self._model.set_target(name, "Offline", "shutdown")
+            self._sync_catalog()
+            if server.paused:
+                self._signal_server(server, signal.SIGCONT)
+                server.paused = False
+            assert server.process is not None
+            server.process.send_signal(signal.SIGINT)
+            try:
+                server.process.wait(timeout=_SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                logger.warning("node %s did not shut down in time; killing it", name)
+                self._kill_server(server)
+            self._model.apply_target(name)
+            self._sync_catalog()
+            logger.info("node %s stopped", name)
+
+    def start(self, name: str) -> None:
+        """Start node *name* again, on the same port with the same data.
+
+        The catalog is written into it, then the governor sets the target
+        state Online (incarnation + 1), then the current state. An expelled
+        node starts but stays Expelled in the catalog.
+
+        Raises:
+            LocalClusterError: the node is running, its port is taken, or the
+                server failed to start.
+        """
+        with self._lock:
+            server = self._server(name)
+            self._check_open()
+            if server.running():
+                raise LocalClusterError(f"node {name} is already running")
+            if not port_is_free(HOST, server.node.port):
+                raise LocalClusterError(
+                    f"cannot start node {name}: port {server.node.port} on {HOST} is taken "
+                    "by another process"
+                )
+            self._spawn(server)
+            self._wait_ready(server)
+            self._initialize([server])
+            if self._model.states(name)[1][0] != "Expelled":
+                self._governor(name, "Online", "restart")
+            logger.info("node %s started", name)
+
+    def pause(self, name: str) -> None:
+        """Hang node *name*: SIGSTOP every process; sockets stay open, nothing answers."""
+        with self._lock:
+            server = self._running_server(name, "pause")
+            if server.paused:
+                return
+            self._signal_server(server, signal.SIGSTOP)
+            server.paused = True
+            logger.info("node %s paused", name)
+
+    def resume(self, name: str) -> None:
+        """Undo :meth:`pause` (SIGCONT) and write the catalog it missed."""
+        with self._lock:
+            server = self._running_server(name, "resume")
+            if not server.paused:
+                return
+            self._signal_server(server, signal.SIGCONT)
+            server.paused = False
+            self._sync_catalog([server])
+            logger.info("node %s resumed", name)
+
+    def set_state(self, name: str, state: StateName) -> None:
+        """Change node *name*'s state in the catalog, as the governor does.
+
+        The target state changes first, then the current state; ``Online``
+        raises the incarnation. The server process is not touched.
+        """
+        if state not in STATE_NAMES:
+            raise ValueError(f"state must be one of {', '.join(STATE_NAMES)}, got {state!r}")
+        with self._lock:
+            self._server(name)
+            self._check_open()
+            self._governor(name, state, "set_state")
+
+    def add_node(self) -> NodeHandle:
+        """Start a new node and let it join.
+
+        The catalog first lists it as ``["Offline",0]``, then its target state
+        becomes ``["Online",1]``, then its current state.
+        """
+        with self._lock:
+            self._check_open()
+            (port,) = free_ports(HOST, 1)
+            (server,) = self._new_servers([self._model.add_instance(host=HOST, port=port)])
+            self._spawn(server)
+            self._wait_ready(server)
+            self._initialize([server])
+            self._sync_catalog()
+            self._governor(server.node.name, "Online", "join")
+            logger.info("node %s joined on port %d", server.node.name, port)
+            return server.node
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._state != "running":
+            raise LocalClusterError(f"the cluster is {self._state}")
+
+    def _server(self, name: str) -> _Server:
+        server = self._servers.get(name)
+        if server is None:
+            raise UnknownNodeError(name, list(self._servers))
+        return server
+
+    def _running_server(self, name: str, action: str) -> _Server:
+        server = self._server(name)
+        self._check_open()
+        if not server.running():
+            raise LocalClusterError(f"cannot {action} node {name}: it is not running")
+        return server
+
+    def _governor(self, name: str, state: StateName, reason: str) -> None:
+        self._model.set_target(name, state, reason)
+        self._sync_catalog()
+        self._model.apply_target(name)
+        self._sync_catalog()
+
+    def _new_servers(self, nodes: Sequence[NodeHandle]) -> list[_Server]:
+        """Give each node a folder with a copy of the pristine data directory."""
+        assert self._bins is not None
+        pristine = pristine_data_dir(self._bins, self._run_as)
+        servers = []
+        for node in nodes:
+            node_dir = self.base_dir / "nodes" / node.name
+            node_dir.mkdir()
+            self._run_as.chown(node_dir)
+            server = _Server(
+                node=node, data_dir=node_dir / "data", log_path=node_dir / "postgres.log"
+            )
+            self._servers[node.name] = server
+            servers.append(server)
+        copy_data_dirs(pristine, [s.data_dir for s in servers], self._run_as, self.base_dir)
+        return servers
+
+    def _spawn(self, server: _Server) -> None:
+        assert self._bins is not None and self._socket_dir is not None
+        args = [
+            str(self._bins.postgres),
+            "-D", str(server.data_dir),
+            "-p", str(server.node.port),
+            "-k", str(self._socket_dir),
+        ]  # fmt: skip
+        with open(server.log_path, "ab") as log:
+            server.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self._base_dir,
+                env=tool_env(self.base_dir),
+                start_new_session=True,
+                **self._run_as.popen_kwargs(),
+            )
+        server.paused = False
+
+    def _wait_ready(self, server: _Server) -> None:
+        """Wait until the postmaster says it accepts connections."""
+        assert server.process is not None
+        pid_file = server.data_dir / "postmaster.pid"
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            with contextlib.suppress(OSError):
+                lines = pid_file.read_text().splitlines()
+                # Line 1 is the pid (a stale file may remain after a kill), line 8 the status.
+                if (
+                    len(lines) >= 8
+                    and lines[0] == str(server.process.pid)
+                    and lines[7].strip() == "ready"
+                ):
+                    break
+            if server.process.poll() is not None:
+                raise LocalClusterError(
+                    f"node {server.node.name} failed to start (exit {server.process.returncode}); "
+                    f"end of its log:\n{log_tail(server.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                self._kill_server(server)
+                raise LocalClusterError(
+                    f"node {server.node.name} did not accept connections within "
+                    f"{self._startup_timeout} s; end of its log:\n{log_tail(server.log_path)}"
+                )
+            time.sleep(_READY_POLL_INTERVAL)
+
+    def _initialize(self, servers: Sequence[_Server]) -> None:
+        """Write the catalog into freshly started servers, after the first-start set-up."""
+        catalog = self._model.sync_sql()
+        scripts = []
+        for server in servers:
+            sql = catalog
+            if not server.initialized:
+                sql = "\n".join(
+                    [
+                        setup_sql(password=self._password, strict=self._strict),
+                        identity_sql(server.node, leader_raft_id=self._model.leader_raft_id),
+                        catalog,
+                    ]
+                )
+            scripts.append((server, sql))
+        self._run_sql(scripts)
+        for server in servers:
+            server.initialized = True
+
+    def _sync_catalog(self, servers: Sequence[_Server] | None = None) -> None:
+        """Write the model into *servers* (default: every live server)."""
+        candidates = self._servers.values() if servers is None else servers
+        catalog = self._model.sync_sql()
+        self._run_sql([(s, catalog) for s in candidates if s.live()])
+
+    def _run_sql(self, scripts: Sequence[tuple[_Server, str]]) -> None:
+        """Run each script with ``psql`` as superuser over its server's unix socket, in parallel."""
+        assert self._bins is not None and self._socket_dir is not None
+        procs = []
+        for server, sql in scripts:
+            args = [
+                str(self._bins.psql), "-X", "-q", "-w",
+                "-v", "ON_ERROR_STOP=1",
+                "-h", str(self._socket_dir),
+                "-p", str(server.node.port),
+                "-U", SUPERUSER,
+                "-d", DATABASE,
+                "-f", "-",
+            ]  # fmt: skip
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=self._base_dir,
+                env={**tool_env(self.base_dir), "PGCONNECT_TIMEOUT": "10"},
+                **self._run_as.popen_kwargs(),
+            )
+            procs.append((server, sql, proc))
+        failures = []
+        for server, sql, proc in procs:
+            try:
+                _, err = proc.communicate(sql.encode(), timeout=_SQL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                failures.append(f"node {server.node.name}: psql timed out")
+                continue
+            if proc.returncode != 0:
+                message = err.decode("utf-8", "replace").replace(self._password, "***").strip()
+                failures.append(f"node {server.node.name}: {message}")
+        if failures:
+            raise LocalClusterError("psql failed:\n" + "\n".join(failures))
+
+    def _signal_server(self, server: _Server, sig: signal.Signals) -> None:
+        """Signal the postmaster and its backends (each backend is its own session)."""
+        assert server.process is not None
+        pid = server.process.pid
+        if sig == signal.SIGCONT:
+            signal_all([*children_of(pid), pid], sig)
+        else:
+            # Stop the postmaster first so that it forks nothing we would miss.
+            signal_all([pid], signal.SIGSTOP)
+            signal_all([*children_of(pid), pid], sig)
+
+    def _kill_server(self, server: _Server) -> None:
+        assert server.process is not None
+        pid = server.process.pid
+        signal_all([pid], signal.SIGSTOP)
+        backends = children_of(pid)
+        signal_all([*backends, pid], signal.SIGKILL)
+        server.process.wait()
+        server.paused = False
+        if not wait_gone(backends, timeout=5.0):
+            logger.warning("backends of node %s outlived SIGKILL", server.node.name)
