@@ -30,13 +30,13 @@ DISCOVERY = (
 
 
 def _state(raw: str) -> str:
-    """``'["Online",1]'`` or ``'{"Online": 1}'`` -> ``Online/1``."""
+    """``'["Online",1]'`` or ``'{"Online": 1}'`` -> ``Online:1``."""
     value = json.loads(raw)
     if isinstance(value, dict):
         ((variant, incarnation),) = value.items()
     else:
         variant, incarnation = value
-    return f"{variant}/{incarnation}"
+    return f"{variant}:{incarnation}"
 
 
 async def discover(dsn: str) -> tuple[str, list[dict[str, Any]]]:
