@@ -28,7 +28,7 @@ from ._config import ClusterConfig
 from ._dispatcher import Message
 from ._dsn import Address
 from ._errors import NoNodesAvailable
-from ._events import EventHub, NodeStatistics
+from ._events import EventHub, NodeState, NodeStatistics
 from ._node import NodeActor, Stop, UpdateInfo, Wake
 from ._topology import (
     DISCOVERY_QUERY,
@@ -78,8 +78,12 @@ class Supervisor:
     # -- snapshots -----------------------------------------------------------------
 
     def actors(self) -> list[NodeActor]:
-        """Running node actors, leaving ones included, by name."""
-        return sorted([*self._actors.values(), *self._leaving], key=lambda a: (a.name, a.route_id))
+        """Running node actors, leaving ones included (retired ones not), by name."""
+        actors = [*self._actors.values(), *self._leaving]
+        return sorted(
+            (a for a in actors if a.state is not NodeState.RETIRED),
+            key=lambda a: (a.name, a.route_id),
+        )
 
     def retired_statistics(self) -> list[NodeStatistics]:
         """Counters of node actors that have stopped."""

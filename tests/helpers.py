@@ -1,0 +1,65 @@
+"""Shared helpers for the integration tests (real stand-in cluster, real clock)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+import picopyn_actors as pa
+from picopyn_actors.testing import LocalCluster
+
+# Short intervals: the tests heal in well under a second per step.
+FAST = {
+    "discovery_interval": 0.3,
+    "health_interval": 0.2,
+    "probe_timeout": 0.5,
+    "connect_timeout": 3.0,
+    "backoff_initial": 0.05,
+    "backoff_max": 0.3,
+}
+
+
+def uuid_names(lc: LocalCluster) -> dict[str, str]:
+    """uuid -> node name."""
+    return {n.uuid: n.name for n in lc.nodes}
+
+
+async def spread(
+    cluster: pa.Cluster, lc: LocalCluster, count: int, concurrency: int = 10
+) -> Counter[str]:
+    """Run ``count`` idempotent ``SELECT pico_instance_uuid()``; count answers per node name."""
+    names = uuid_names(lc)
+    seen: Counter[str] = Counter()
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            uuid = await cluster.fetchval("SELECT pico_instance_uuid()", idempotent=True)
+            seen[names.get(uuid, uuid)] += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return seen
+
+
+def state_of(cluster: pa.Cluster, name: str) -> pa.NodeState | None:
+    """The client state of node ``name`` (the newest actor), or ``None``."""
+    states = [n.state for n in cluster.nodes() if n.name == name]
+    return states[-1] if states else None
+
+
+async def wait_for(events: trio.MemoryReceiveChannel[Any], check: Callable[[], bool]) -> None:
+    """Wait, driven by node events (no polling), until ``check()`` holds."""
+    while not check():
+        await events.receive()
+
+
+async def blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking LocalCluster call in a thread."""
+    return await trio.to_thread.run_sync(fn, *args)
