@@ -287,7 +287,10 @@ class LocalCluster:
     @property
     def dsn(self) -> str:
         """DSN of the first node, the seed."""
-        return self.dsn_for(self.nodes[0].name)
+        nodes = self.nodes
+        if not nodes:
+            raise LocalClusterError("the cluster has not been started")
+        return self.dsn_for(nodes[0].name)
 
     @property
     def dsns(self) -> list[str]:
@@ -559,13 +562,13 @@ class LocalCluster:
             if server.process.poll() is not None:
                 raise LocalClusterError(
                     f"node {server.node.name} failed to start (exit {server.process.returncode}); "
-                    f"end of its log:\n{log_tail(server.log_path)}"
+                    f"end of its log:\n{self._log_tail(server)}"
                 )
             if time.monotonic() > deadline:
                 self._kill_server(server)
                 raise LocalClusterError(
                     f"node {server.node.name} did not accept connections within "
-                    f"{self._startup_timeout} s; end of its log:\n{log_tail(server.log_path)}"
+                    f"{self._startup_timeout} s; end of its log:\n{self._log_tail(server)}"
                 )
             time.sleep(_READY_POLL_INTERVAL)
 
@@ -628,10 +631,17 @@ class LocalCluster:
                 failures.append(f"node {server.node.name}: psql timed out")
                 continue
             if proc.returncode != 0:
-                message = err.decode("utf-8", "replace").replace(self._password, "***").strip()
+                message = self._redact(err.decode("utf-8", "replace").strip())
                 failures.append(f"node {server.node.name}: {message}")
         if failures:
             raise LocalClusterError("psql failed:\n" + "\n".join(failures))
+
+    def _redact(self, text: str) -> str:
+        """*text* with the password blanked out (a failed statement may quote it)."""
+        return text.replace(self._password, "***")
+
+    def _log_tail(self, server: _Server) -> str:
+        return self._redact(log_tail(server.log_path))
 
     def _signal_server(self, server: _Server, sig: signal.Signals) -> None:
         """Signal the postmaster and its backends (each backend is its own session)."""
