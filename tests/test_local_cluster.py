@@ -51,7 +51,10 @@ def run(fn: Callable[[asyncpg.Connection], Awaitable[T]], dsn: str, timeout: flo
         finally:
             conn.terminate()
 
-    return asyncio.run(main())
+    # Explicitly a plain asyncio loop: once trio_asyncio is imported,
+    # asyncio.run() would run on trio-asyncio's loop instead.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(main())
 
 
 def query(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:

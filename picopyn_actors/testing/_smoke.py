@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with LocalCluster(nodes=args.nodes) as cluster:
         up = time.monotonic() - started
-        seed_uuid, rows = asyncio.run(discover(cluster.dsn))
+        # A plain asyncio loop, even when trio_asyncio (which replaces asyncio.run's) is loaded.
+        with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+            seed_uuid, rows = runner.run(discover(cluster.dsn))
         print(f"Local stand-in cluster: {len(cluster.nodes)} nodes up in {up:.2f} s.")
         print(f"Discovery through the seed {cluster.nodes[0].address} (marked *) found:\n")
         print(format_table(rows, seed_uuid))
