@@ -475,8 +475,10 @@ class LocalCluster:
             (server,) = self._new_servers([self._model.add_instance(host=HOST, port=port)])
             self._spawn(server)
             self._wait_ready(server)
-            self._initialize([server])
-            self._sync_catalog()
+            self._initialize([server])  # it holds the catalog that lists it Offline ...
+            self._sync_catalog(
+                [s for s in self._servers.values() if s is not server]
+            )  # ... so do all
             self._governor(server.node.name, "Online", "join")
             logger.info("node %s joined on port %d", server.node.name, port)
             return server.node
