@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -211,7 +212,8 @@ def share_rows(
     Returns the node names and, per bucket, ``(label, answers, {node: percent})``.
     """
     names = sorted(answers, key=_node_key)
-    count = max(1, int((end - origin) / bucket + 0.999))
+    # A last sliver shorter than 5% of a bucket (the run ends a few ms late) is dropped.
+    count = max(1, math.ceil((end - origin) / bucket - 0.05))
     rows = []
     for index in range(count):
         lo = origin + index * bucket
@@ -334,25 +336,29 @@ def summary(recorder: Recorder, options: DemoOptions, final: Sequence[str]) -> l
     ]
 
     requests = Table(title="Requests", title_justify="left")
-    for column in ("", "sent", "answered", "failed", "failures by kind"):
+    for column in ("", "sent", "answered", "failed", "cut off at the end", "failures by kind"):
         requests.add_column(
             column, justify="left" if column in ("", "failures by kind") else "right"
         )
     ops = [op for op in ("read", "write") if recorder.sent[op]]
     for op in ops:
         kinds = {kind: n for (o, kind), n in recorder.failed.items() if o == op}
+        failed = sum(kinds.values())
         requests.add_row(
             op,
             str(recorder.sent[op]),
             str(recorder.answered[op]),
-            str(sum(kinds.values())),
+            str(failed),
+            str(recorder.sent[op] - recorder.answered[op] - failed),
             _kinds_text(kinds),
         )
+    sent, answered = sum(recorder.sent.values()), sum(recorder.answered.values())
     requests.add_row(
         "total",
-        str(sum(recorder.sent.values())),
-        str(sum(recorder.answered.values())),
+        str(sent),
+        str(answered),
         str(recorder.total_failed),
+        str(sent - answered - recorder.total_failed),
         _kinds_text(recorder.failure_kinds()),
         style="bold",
     )
@@ -539,6 +545,7 @@ class _Demo:
 
     async def _live(self) -> None:
         rate = _Rate()
+        rate.update(trio.current_time(), sum(self.recorder.answered.values()))
         with Live(
             self._render(0.0),
             console=self.console,
@@ -560,6 +567,7 @@ class _Demo:
         """Without the live view: a counters line every 5 seconds."""
         rate = _Rate(window=5.0)
         deadline = trio.current_time()
+        rate.update(deadline, sum(self.recorder.answered.values()))
         while True:
             deadline += 5.0
             await trio.sleep_until(deadline)
