@@ -1,0 +1,347 @@
+"""The command line: ``python -m picopyn_actors monitor|demo``.
+
+Integration tests run the CLI as a subprocess against the stand-in cluster;
+unit tests cover the pure parts (the chaos plan, the report, the view).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from picopyn_actors import NodeState, NodeStatus
+from picopyn_actors._cli import build_parser
+from picopyn_actors._cli.demo import (
+    DemoOptions,
+    Fault,
+    Recorder,
+    Step,
+    chaos_plan,
+    heal_rows,
+    share_rows,
+    summary,
+)
+from picopyn_actors._cli.view import CatalogNode, format_age, node_json, not_up
+from picopyn_actors._events import NodeEvent
+from picopyn_actors.testing import LocalCluster
+
+CLI = [sys.executable, "-m", "picopyn_actors"]
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *secrets: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("picopyn-actors: error: "), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    for secret in secrets:
+        assert secret not in result.stderr + result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- monitor against the shared cluster (read-only) --------------------------------------
+
+
+def test_monitor_once_shows_every_node(shared_cluster: LocalCluster) -> None:
+    result = run_cli("monitor", "--once", shared_cluster.dsn)
+    assert result.returncode == 0, result.stderr
+    for node in shared_cluster.nodes:
+        assert node.name in result.stdout
+        assert node.address in result.stdout
+    assert "up" in result.stdout
+    assert shared_cluster.password not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_monitor_check_passes_when_every_node_is_up(shared_cluster: LocalCluster) -> None:
+    result = run_cli("monitor", "--check", shared_cluster.dsn)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check passed" in result.stdout
+
+
+def test_monitor_json_streams_events_and_snapshots(shared_cluster: LocalCluster) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "monitor", "--json", "--refresh", "0.2", shared_cluster.dsn],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    watchdog = threading.Timer(30.0, proc.kill)
+    watchdog.start()
+    names = {n.name for n in shared_cluster.nodes}
+    objects: list[dict[str, Any]] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            obj = json.loads(line)
+            assert isinstance(obj, dict) and "type" in obj
+            objects.append(obj)
+            snapshots = [o for o in objects if o["type"] == "snapshot"]
+            if len(snapshots) >= 3:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert objects[0]["type"] == "connected"
+    assert shared_cluster.password not in json.dumps(objects)
+    snapshots = [o for o in objects if o["type"] == "snapshot"]
+    assert len(snapshots) >= 3
+    last = snapshots[-1]
+    assert {n["name"] for n in last["nodes"]} == names
+    assert all(n["state"] == "up" for n in last["nodes"])
+    for node in last["nodes"]:
+        assert set(node) >= {"address", "catalog_state", "in_flight", "latency_ms", "errors"}
+
+
+def test_monitor_once_json(shared_cluster: LocalCluster) -> None:
+    result = run_cli("monitor", "--once", "--json", shared_cluster.dsn)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    snapshot = json.loads(lines[0])
+    assert snapshot["type"] == "snapshot"
+    assert {n["name"] for n in snapshot["nodes"]} == {n.name for n in shared_cluster.nodes}
+
+
+def test_wrong_password_is_one_line_without_the_password(shared_cluster: LocalCluster) -> None:
+    node = shared_cluster.nodes[0]
+    wrong = "Wr0ng-Passw0rd-xyz"
+    dsn = f"postgresql://{shared_cluster.user}:{wrong}@{node.address}/postgres"
+    result = run_cli("monitor", "--once", dsn)
+    assert_one_line_error(result, wrong, shared_cluster.password)
+    assert "authentication" in result.stderr or "password" in result.stderr
+
+
+# -- errors without a cluster ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "mysql://admin:s3cret-pw@127.0.0.1:4327",
+        "postgresql://admin:s3cret-pw@127.0.0.1:99999/db",
+        "postgresql://admin:s3cret-pw@127.0.0.1:4327/db?bogus=1",
+        "postgresql://:s3cret-pw@127.0.0.1:4327",
+    ],
+)
+def test_bad_dsn_is_one_line_error(dsn: str) -> None:
+    result = run_cli("monitor", "--check", dsn)
+    assert_one_line_error(result, "s3cret-pw")
+    assert "DSN" in result.stderr or "dsn" in result.stderr
+
+
+def test_unreachable_seed_is_one_line_error() -> None:
+    dsn = f"postgresql://admin:s3cret-pw@127.0.0.1:{free_port()}/postgres"
+    result = run_cli("monitor", "--once", dsn)
+    assert_one_line_error(result, "s3cret-pw")
+
+
+def test_usage_errors_exit_2() -> None:
+    result = run_cli("demo", "--duration", "0")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    result = run_cli("monitor")
+    assert result.returncode == 2
+
+
+def test_console_script_is_the_same_command() -> None:
+    script = Path(sys.executable).with_name("picopyn-actors")
+    if not script.exists():
+        pytest.skip("the console script is not installed next to this interpreter")
+    a = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    b = run_cli("--help")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout
+
+
+# -- a broken cluster -----------------------------------------------------------------------
+
+
+def test_monitor_check_fails_with_a_dead_node(local_cluster: LocalCluster) -> None:
+    local_cluster.kill("i2")
+    result = run_cli("monitor", "--check", "--interval", "0.5", local_cluster.dsn)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "check failed" in result.stdout
+    failing = [line for line in result.stdout.splitlines() if line.strip().startswith("i2 (")]
+    assert failing and "down" in failing[0], result.stdout
+    assert "Traceback" not in result.stderr
+    result = run_cli("monitor", "--check", "--json", "--interval", "0.5", local_cluster.dsn)
+    assert result.returncode == 2
+    snapshot = json.loads(result.stdout.strip().splitlines()[-1])
+    assert snapshot["check"]["ok"] is False
+    assert any(p.startswith("i2 ") for p in snapshot["check"]["problems"])
+    assert local_cluster.password not in result.stdout + result.stderr
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def test_demo_short_run_prints_a_summary() -> None:
+    started = time.monotonic()
+    result = run_cli("demo", "--duration", "20", "--no-live", timeout=90)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "Traceback" not in result.stderr
+    for text in ("Summary", "Requests", "Share of read answers", "Faults and healing"):
+        assert text in out
+    for fault in ("kill i2", "restart i2", "hang i3", "resume i3", "add a node", "expel i1"):
+        assert f"chaos: {fault}" in out
+        assert fault in out.split("Faults and healing", 1)[1]
+    assert "i4 joined" in out
+    assert time.monotonic() - started < 80
+
+
+# -- unit tests of the pure parts --------------------------------------------------------------
+
+
+def test_chaos_plan_scales_with_the_duration() -> None:
+    plan = chaos_plan(60, ["i1", "i2", "i3"])
+    assert [(s.action, s.node) for s in plan] == [
+        ("kill", "i2"),
+        ("restart", "i2"),
+        ("pause", "i3"),
+        ("resume", "i3"),
+        ("add", None),
+        ("expel", "i1"),
+    ]
+    assert plan[0].at == 6.0 and plan[-1].at == 48.0
+    assert [s.at for s in chaos_plan(20, ["a", "b", "c"])] == [2.0, 5.0, 8.0, 10.4, 13.0, 16.0]
+    with pytest.raises(ValueError):
+        chaos_plan(60, ["i1", "i2"])
+
+
+def test_share_rows_per_bucket() -> None:
+    answers = {"i1": [0.5, 1.0, 6.0], "i2": [2.0, 7.0, 8.0, 9.0], "i10": [9.5]}
+    names, rows = share_rows(answers, origin=0.0, end=10.01, bucket=5.0)
+    assert names == ["i1", "i2", "i10"]
+    assert len(rows) == 2  # the 10 ms sliver at the end is no bucket of its own
+    label, total, shares = rows[0]
+    assert (label, total) == ("0-5s", 3)
+    assert shares["i1"] == pytest.approx(200 / 3)
+    label, total, shares = rows[1]
+    assert total == 5 and shares["i2"] == pytest.approx(60.0) and shares["i10"] == 20.0
+
+
+def _event(node: str, old: NodeState, new: NodeState, at: float) -> NodeEvent:
+    return NodeEvent(node, old, new, "why", at)
+
+
+def test_heal_rows() -> None:
+    rec = Recorder(origin=100.0)
+    rec.faults = [
+        Fault(Step(2, "kill", "i2"), "i2", started=102.0, done=102.1),
+        Fault(Step(5, "restart", "i2"), "i2", started=105.0, done=105.5),
+        Fault(Step(8, "pause", "i3"), "i3", started=108.0, done=108.0),
+        Fault(Step(13, "add", None), "i4", started=113.0, done=114.0),
+        Fault(Step(16, "expel", "i1"), "i1", started=116.0, done=116.2, error="boom"),
+    ]
+    rec.events = [
+        _event("i2", NodeState.UP, NodeState.SUSPECT, 102.05),
+        _event("i2", NodeState.SUSPECT, NodeState.DOWN, 102.06),
+        _event("i3", NodeState.UP, NodeState.SUSPECT, 108.2),
+        _event("i3", NodeState.SUSPECT, NodeState.DOWN, 108.9),
+    ]
+    rec.answers = {"i2": [101.0, 105.2, 105.8, 106.0], "i4": [114.25]}
+    rows = heal_rows(rec)
+    got = [
+        (r.fault.step.action, r.what, None if r.after is None else round(r.after, 2)) for r in rows
+    ]
+    assert got == [
+        ("kill", "no new requests to i2", 0.05),
+        ("restart", "i2 answers again", 0.3),
+        ("pause", "no new requests to i3", 0.2),
+        ("pause", "i3 marked down", 0.9),
+        ("add", "i4 answers", 0.25),
+        ("expel", "the operation failed", None),
+    ]
+    rec.end = 120.0
+    rec.sent.update(read=10, write=2)
+    rec.answered.update(read=8, write=1)
+    rec.failure("read", "NoNodesAvailable", 102.1)
+    rec.failure("write", "OutcomeUnknown", 102.1)
+    assert rec.failure_kinds() == {"NoNodesAvailable": 1, "OutcomeUnknown": 1}
+    assert summary(rec, DemoOptions(duration=20), ["i2 up"])  # renders without error
+
+
+def _status(name: str, state: NodeState, **kw: Any) -> NodeStatus:
+    fields: dict[str, Any] = {
+        "name": name,
+        "uuid": f"uuid-{name}",
+        "address": "127.0.0.1:1",
+        "tier": "default",
+        "replicaset": "r1",
+        "catalog_state": "Online(1)",
+        "state": state,
+        "connections": 1,
+        "in_flight": 0,
+        "latency": None,
+        "errors": 0,
+        "last_error": None,
+        "since": 0.0,
+    }
+    fields.update(kw)
+    return NodeStatus(**fields)
+
+
+def test_not_up_lists_down_and_offline_nodes_but_not_expelled_ones() -> None:
+    nodes = [
+        _status("i1", NodeState.UP),
+        _status("i2", NodeState.DOWN, last_error="connection refused"),
+    ]
+    catalog = [
+        CatalogNode("i3", "h:3", "default", "r3", "Offline(1)", "Offline(1)", False, True),
+        CatalogNode("i4", "h:4", "default", "r4", "Expelled(1)", "Expelled(1)", True, False),
+        CatalogNode("i1", "h:1", "default", "r1", "Online(1)", "Online(1)", False, False),
+    ]
+    problems = not_up(nodes, catalog)
+    assert len(problems) == 2
+    assert problems[0].startswith("i2 ") and "down: connection refused" in problems[0]
+    assert problems[1].startswith("i3 ") and "Offline(1)" in problems[1]
+
+
+def test_view_helpers() -> None:
+    assert format_age(4.24) == "4.2s"
+    assert format_age(185) == "3m05s"
+    assert format_age(7300) == "2h01m"
+    obj = node_json(_status("i1", NodeState.UP, latency=0.0123, since=10.0), now=12.5)
+    assert obj["latency_ms"] == 12.3 and obj["since_change_s"] == 2.5 and obj["state"] == "up"
+
+
+def test_parser_defaults() -> None:
+    args = build_parser().parse_args(["demo"])
+    assert (args.duration, args.nodes, args.no_live) == (60.0, 3, False)
+    args = build_parser().parse_args(["monitor", "--check", "-v", "postgresql://a@h"])
+    assert args.check and args.verbose == 1 and args.connections == 1
