@@ -228,6 +228,22 @@ class AsyncpgBackend:
         return _AsyncpgConnection(conn, self._loop)
 
 
+def _log_loop_error(loop: Any, context: dict[str, Any]) -> None:
+    # asyncpg leaves futures behind when a connect is cut short (for example
+    # its SSL negotiation with a hung node). trio-asyncio's default handler
+    # re-raises such errors into the loop's nursery, which would tear down the
+    # whole cluster for an error nobody is waiting for: log it instead.
+    exc = context.get("exception")
+    log.debug(
+        "asyncio: %s%s", redact(str(context.get("message", ""))), f" ({exc!r})" if exc else ""
+    )
+
+
+def _install_handler(loop: Any) -> None:
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_log_loop_error)
+
+
 @asynccontextmanager
 async def open_backend(
     dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any]
@@ -235,7 +251,9 @@ async def open_backend(
     """Yield a backend on the running trio-asyncio loop, or on a new one."""
     loop = trio_asyncio.current_loop.get()
     if loop is not None:
+        _install_handler(loop)
         yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, loop)
         return
     async with trio_asyncio.open_loop() as new_loop:
+        _install_handler(new_loop)
         yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, new_loop)

@@ -358,15 +358,16 @@ async def open_cluster(
         health_interval=health_interval,
         **options,
     )
-    if backend is not None:
-        async with _run_cluster(config, backend) as cluster:
+    with unwrap_single_error():
+        if backend is not None:
+            async with _run_cluster(config, backend) as cluster:
+                yield cluster
+            return
+        async with (
+            open_backend(config.dsn, config.connect_timeout, config.connect_kwargs) as real,
+            _run_cluster(config, real) as cluster,
+        ):
             yield cluster
-        return
-    async with (
-        open_backend(config.dsn, config.connect_timeout, config.connect_kwargs) as real,
-        _run_cluster(config, real) as cluster,
-    ):
-        yield cluster
 
 
 @asynccontextmanager
@@ -377,10 +378,9 @@ async def _run_cluster(config: ClusterConfig, backend: Backend) -> AsyncIterator
     dispatcher = Dispatcher(config, receive)
     supervisor = Supervisor(config, backend, send, hub, closing)
     cluster = Cluster(config, backend, send, dispatcher, supervisor, hub, closing)
-    with unwrap_single_error():
-        async with trio.open_nursery() as nursery, _lifetime(cluster, nursery, closing, hub):
-            await _start(config, cluster, nursery, dispatcher, supervisor)
-            yield cluster
+    async with trio.open_nursery() as nursery, _lifetime(cluster, nursery, closing, hub):
+        await _start(config, cluster, nursery, dispatcher, supervisor)
+        yield cluster
 
 
 @asynccontextmanager

@@ -29,7 +29,7 @@ from ._dispatcher import Message
 from ._dsn import Address
 from ._errors import NoNodesAvailable
 from ._events import EventHub, NodeState, NodeStatistics
-from ._node import NodeActor, Stop, UpdateInfo, Wake
+from ._node import NodeActor, Stop, UpdateInfo, Wake, backoff_delay
 from ._topology import (
     DISCOVERY_QUERY,
     MASTERS_QUERY,
@@ -113,6 +113,7 @@ class Supervisor:
             task_status.started()
             interval = self.config.discovery_interval
             deadline = trio.current_time() + interval
+            failures = 0
             while True:
                 await trio.sleep_until(deadline)
                 # Reschedule first, so that a slow or failing run never loses the beat.
@@ -120,9 +121,18 @@ class Supervisor:
                 try:
                     topology = await self.discover()
                 except DiscoveryFailed as exc:
-                    continue_message = str(exc)
-                    log.warning("discovery failed on every known node: %s", continue_message)
+                    # Every node refused: back off like the node actors do,
+                    # so that a dead cluster is not hammered.
+                    failures += 1
+                    pause = backoff_delay(
+                        failures, interval, max(interval, self.config.backoff_max)
+                    )
+                    deadline = trio.current_time() + pause
+                    log.warning(
+                        "discovery failed on every known node (next try in %.2fs): %s", pause, exc
+                    )
                     continue
+                failures = 0
                 await self.apply(topology)
 
     def _addresses(self) -> list[Address]:
