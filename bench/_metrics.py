@@ -1,0 +1,261 @@
+"""Pure functions that turn what the peers sent into the numbers of the report."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# -- throughput ---------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted sequence (``q`` in 0..100)."""
+    if not sorted_values:
+        return None
+    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge one peer's rounds of one case: median rps and CPU, pooled latencies."""
+    latencies = sorted(v for r in rounds for v in r["latencies_us"])
+    cpus = [r["cpu_us_per_request"] for r in rounds if r["cpu_us_per_request"] is not None]
+    errors: Counter[str] = Counter()
+    for r in rounds:
+        errors.update(r.get("errors", {}))
+    return {
+        "rounds": len(rounds),
+        "tasks": rounds[0].get("tasks") if rounds else None,
+        "rps": statistics.median(r["rps"] for r in rounds) if rounds else 0.0,
+        "rps_rounds": [round(r["rps"], 1) for r in rounds],
+        "p50_us": percentile(latencies, 50),
+        "p99_us": percentile(latencies, 99),
+        "p999_us": percentile(latencies, 99.9),
+        "max_us": latencies[-1] if latencies else None,
+        "cpu_us_per_request": statistics.median(cpus) if cpus else None,
+        "user_us_per_request": _median(r.get("user_us_per_request") for r in rounds),
+        "system_us_per_request": _median(r.get("system_us_per_request") for r in rounds),
+        "starved_tasks": max((r.get("starved_tasks", 0) for r in rounds), default=0),
+        "oldest_in_flight_us": max((r.get("oldest_in_flight_us", 0) for r in rounds), default=0),
+        "failed": sum(r.get("failed", 0) for r in rounds),
+        "errors": dict(errors.most_common(5)),
+    }
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def ratios(
+    peer_rounds: list[dict[str, Any]], base_rounds: list[dict[str, Any]]
+) -> dict[str, float | None]:
+    """Throughput relative to the baseline: ratio of medians, and the per-round spread
+    (round ``i`` of the peer against round ``i`` of the baseline, run back to back)."""
+    if not peer_rounds or not base_rounds:
+        return {"ratio": None, "ratio_min": None, "ratio_max": None}
+    base = statistics.median(r["rps"] for r in base_rounds)
+    mine = statistics.median(r["rps"] for r in peer_rounds)
+    pairs = [
+        p["rps"] / b["rps"] for p, b in zip(peer_rounds, base_rounds, strict=False) if b["rps"] > 0
+    ]
+    return {
+        "ratio": mine / base if base else None,
+        "ratio_min": min(pairs) if pairs else None,
+        "ratio_max": max(pairs) if pairs else None,
+    }
+
+
+# -- timelines ------------------------------------------------------------------------
+
+
+def timeline_metrics(
+    data: dict[str, Any],
+    *,
+    names: dict[str, str],
+    victim: str,
+    fault_at: float,
+    restore_begin: float,
+    restore_end: float,
+    duration: float,
+    kind: str,
+) -> dict[str, Any]:
+    """Per-second table and the headline numbers of one failover or hang run.
+
+    ``fault_at``, ``restore_*`` are seconds since t0 as the parent measured
+    them. ``kind`` is ``"kill"`` or ``"pause"``.
+    """
+    width = float(data["bin"])
+    ok: list[dict[str, int]] = [{names.get(k, k): v for k, v in b.items()} for b in data["ok"]]
+    failed: list[int] = data["failed"]
+    n_bins = min(len(ok), round(duration / width))
+    every = sorted({name for b in ok for name in b} | set(names.values()))
+
+    per_second = []
+    per_bin = round(1 / width)
+    for s in range(int(duration)):
+        lo, hi = s * per_bin, min(n_bins, (s + 1) * per_bin)
+        counts: Counter[str] = Counter()
+        for b in ok[lo:hi]:
+            counts.update(b)
+        total = sum(counts.values())
+        per_second.append(
+            {
+                "second": s,
+                "ok": total,
+                "failed": sum(failed[lo:hi]),
+                "share": {n: (counts[n] / total if total else 0.0) for n in every},
+                "max_latency": max(data["max_latency"][lo:hi], default=0.0),
+            }
+        )
+
+    def bin_start(i: int) -> float:
+        return i * width
+
+    fault_bin = int(fault_at / width)
+    restore_bin = int(restore_begin / width)
+    failed_after_fault = [i for i in range(fault_bin, len(failed)) if failed[i]]
+    failed_before_restore = [i for i in failed_after_fault if i < restore_bin]
+
+    # When did the victim stop getting requests? From the client's own events if
+    # it has them (picopyn_actors); else from the last failure before the restore.
+    out_of_rotation: float | None = None
+    how = "last failure"
+    events = data.get("events") or []
+    for at, node, _old, new, _reason in events:
+        if node == victim and at >= fault_at - width and new != "up":
+            out_of_rotation = max(0.0, at - fault_at)
+            how = f"client event ({new})"
+            break
+    if out_of_rotation is None and failed_before_restore:
+        last = failed_before_restore[-1]
+        if bin_start(last + 1) < restore_begin - 1.0:
+            out_of_rotation = bin_start(last + 1) - fault_at
+        else:
+            how = "never (failing until the restore)"
+    elif out_of_rotation is None:
+        how = "no failures seen"
+        out_of_rotation = 0.0 if kind == "kill" else None
+
+    # Back to a third: the first bin after the restore from which the victim's
+    # share stays >= 0.3 for 0.5 s (or until the end of the run).
+    back: float | None = None
+    hold = max(1, round(0.5 / width))
+    restore_end_bin = int(restore_end / width)
+    for i in range(restore_end_bin, n_bins):
+        window = ok[i : min(n_bins, i + hold)]
+        if window and all(b and b.get(victim, 0) / sum(b.values()) >= 0.3 for b in window):
+            back = max(0.0, bin_start(i) - restore_end)
+            break
+
+    fault_window = [
+        data["max_latency"][i] for i in range(fault_bin, min(len(failed), restore_bin + 1))
+    ]
+    return {
+        "ok_total": sum(sum(b.values()) for b in ok[:n_bins]),
+        "failed_total": sum(failed),
+        "failed_after_restore": sum(failed[restore_bin:]),
+        "out_of_rotation_s": out_of_rotation,
+        "out_of_rotation_how": how,
+        "back_to_third_s": back,
+        "max_latency_s": data.get("worst_latency"),
+        "max_latency_fault_window_s": max(fault_window, default=0.0),
+        "unfinished": data.get("unfinished", 0),
+        "errors": data.get("errors", {}),
+        "per_second": per_second,
+        "retried_total": (data.get("retried") or [[0, 0]])[-1][1],
+        "events": events,
+    }
+
+
+# -- sampling profiles --------------------------------------------------------------------
+
+#: Parts of a stack that own the time spent below them, as (name, substrings of
+#: a frame's file). A sample is charged to the innermost owning frame, so trio's
+#: channel code run by the dispatcher counts as the dispatcher's, and asyncio's
+#: transport code run by asyncpg counts as socket I/O.
+OWNERS: list[tuple[str, tuple[str, ...]]] = [
+    ("socket I/O (asyncio transport, syscalls)", ("asyncio/selector_events.py",)),
+    ("asyncpg (driver)", ("asyncpg/",)),
+    ("dispatcher", ("picopyn_actors/_dispatcher.py", "picopyn_actors/_strategies.py")),
+    ("node worker", ("picopyn_actors/_node.py",)),
+    ("bridge: _bridge.py", ("picopyn_actors/_bridge.py",)),
+    (
+        "caller side: _cluster.py, _request.py",
+        ("picopyn_actors/_cluster.py", "picopyn_actors/_request.py"),
+    ),
+    ("bridge: trio-asyncio loop", ("trio_asyncio/",)),
+    ("picopyn pool", ("picopyn/",)),
+    (
+        "bench loop",
+        (
+            "_harness.py",
+            "_aio.py",
+            "actors.py:",
+            "picopyn_seed.py",
+            "picopyn3.py",
+            "asyncpg_pool.py",
+            "asyncpg_raw.py",
+        ),
+    ),
+]
+#: What is left when no owner is on the stack.
+GENERIC: list[tuple[str, tuple[str, ...]]] = [
+    ("trio scheduler (run loop, epoll)", ("trio/",)),
+    ("asyncio event loop", ("asyncio/",)),
+]
+
+
+def _frame_file(frame: str) -> str:
+    # py-spy raw frames look like "function (path/to/file.py:123)".
+    start = frame.rfind("(")
+    return frame[start + 1 :] if start >= 0 else frame
+
+
+def _match(where: str, table: list[tuple[str, tuple[str, ...]]]) -> str | None:
+    for name, needles in table:
+        if any(needle in where for needle in needles):
+            return name
+    return None
+
+
+def categorize_stacks(lines: Iterable[str]) -> dict[str, int]:
+    """Samples per part from py-spy ``--format raw`` lines (``root;...;leaf count``)."""
+    counts: Counter[str] = Counter()
+    for line in lines:
+        stack, _, n = line.strip().rpartition(" ")
+        if not stack:
+            continue
+        try:
+            samples = int(n)
+        except ValueError:
+            continue
+        files = [_frame_file(f) for f in stack.split(";")]
+        category = None
+        for where in reversed(files):
+            category = _match(where, OWNERS)
+            if category:
+                break
+        if category is None:
+            for where in reversed(files):
+                category = _match(where, GENERIC)
+                if category:
+                    break
+        counts[category or "other"] += samples
+    return dict(counts)
+
+
+def leaf_functions(lines: Iterable[str], top: int = 25) -> list[tuple[str, int]]:
+    """The most sampled innermost frames (self time)."""
+    counts: Counter[str] = Counter()
+    for line in lines:
+        stack, _, n = line.strip().rpartition(" ")
+        if not stack:
+            continue
+        try:
+            counts[stack.split(";")[-1]] += int(n)
+        except ValueError:
+            continue
+    return counts.most_common(top)

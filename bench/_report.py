@@ -1,0 +1,344 @@
+"""Markdown tables and the timeline plots, from a results dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _us(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 10_000:
+        return f"{value / 1000:.0f} ms"
+    if value >= 1000:
+        return f"{value / 1000:.1f} ms"
+    return f"{value:.0f} µs"
+
+
+def throughput_table(results: dict[str, Any]) -> str:
+    tp = results.get("throughput")
+    if not tp:
+        return ""
+    base = tp["baseline"]
+    lines = [
+        f"Throughput relative to **{base}** measured in the same run "
+        f"({tp['rounds']} alternating rounds of {tp['duration']:g} s per peer and case, "
+        f"{tp['connections']} connections over {tp['nodes']} nodes). Latencies pooled over "
+        "the rounds; CPU is the client process's CPU time per request. Ratio range: "
+        "slowest..fastest round against the baseline's round run just before or after it.",
+        "",
+        "| query | tasks | client | req/s | ratio | ratio range | p50 | p99 | p99.9 "
+        "| p99/p50 | CPU/req | failed |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in tp["cases"]:
+        for peer, row in case["peers"].items():
+            p50, p99 = row["p50_us"], row["p99_us"]
+            spread = (
+                f"{row['ratio_min']:.2f}..{row['ratio_max']:.2f}"
+                if row.get("ratio_min") is not None
+                else "n/a"
+            )
+            tasks = f"{case['concurrency']}" + (
+                f" ({row['tasks']})" if row.get("tasks") != case["concurrency"] else ""
+            )
+            lines.append(
+                f"| {case['query']} | {tasks} | {peer} | {row['rps']:.0f} | "
+                f"{_f(row.get('ratio'))}x | {spread} | {_us(p50)} | {_us(p99)} | "
+                f"{_us(row['p999_us'])} | {_f(p99 / p50 if p50 and p99 else None, 1)} | "
+                f"{_us(row['cpu_us_per_request'])} | {row['failed']} |"
+            )
+    return "\n".join(lines)
+
+
+def timeline_table(results: dict[str, Any], key: str) -> str:
+    tl = results.get(key)
+    if not tl:
+        return ""
+    what = "killed (SIGKILL)" if key == "failover" else "paused (SIGSTOP)"
+    back = "started" if key == "failover" else "resumed"
+    lines = [
+        f"Node {tl['victim']} {what} at t={tl['fault_at']:g} s and {back} at "
+        f"t={tl['restore_at']:g} s; {tl['concurrency']} tasks run "
+        f"`SELECT pico_instance_uuid()` for {tl['duration']:g} s.",
+        "",
+        "| client | ok | failed | dead node out of rotation | back to 1/3 of traffic "
+        "| max latency | max latency during fault | retried (client) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for peer, m in tl["peers"].items():
+        if "error" in m:
+            lines.append(f"| {peer} | error: {m['error']} |||||||")
+            continue
+        oor = m["out_of_rotation_s"]
+        oor_text = (
+            f"{oor:.2f} s ({m['out_of_rotation_how']})"
+            if oor is not None
+            else (m["out_of_rotation_how"])
+        )
+        lines.append(
+            f"| {peer} | {m['ok_total']} | {m['failed_total']} | {oor_text} | "
+            f"{_f(m['back_to_third_s'], 2, ' s') if m['back_to_third_s'] is not None else 'never'}"
+            f" | {_f(m['max_latency_s'], 2, ' s')} | {_f(m['max_latency_fault_window_s'], 2, ' s')}"
+            f" | {m.get('retried_total', 'n/a')} |"
+        )
+    lines += ["", "Per second (ok / failed, share of the victim):", ""]
+    peers = list(tl["peers"])
+    header = "| t (s) | " + " | ".join(peers) + " |"
+    lines += [header, "|---:|" + "---|" * len(peers)]
+    seconds = max((len(m.get("per_second", [])) for m in tl["peers"].values()), default=0)
+    for s in range(seconds):
+        cells = []
+        for peer in peers:
+            rows = tl["peers"][peer].get("per_second", [])
+            if s >= len(rows):
+                cells.append("")
+                continue
+            r = rows[s]
+            share = r["share"].get(tl["victim"], 0.0)
+            cells.append(f"{r['ok']} / {r['failed']}, {share:.0%}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scale_table(results: dict[str, Any]) -> str:
+    sc = results.get("scale")
+    if not sc:
+        return ""
+    lines = [
+        f"picopyn_actors (RoundRobin) on the in-bench fake backend: every query answers at "
+        f"once, so this is the client's own cost. {sc['connections_per_node']} connections "
+        f"per node, {sc['concurrency']} tasks, `SELECT 1`, {sc['rounds']} alternating rounds.",
+        "",
+        "| nodes | req/s | CPU/req | CPU/req vs 3 nodes | p50 | p99 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = None
+    for row in sc["rows"]:
+        cpu = row["cpu_us_per_request"]
+        if base is None:
+            base = cpu
+        lines.append(
+            f"| {row['nodes']} | {row['rps']:.0f} | {_us(cpu)} | "
+            f"{_f(cpu / base if cpu and base else None)}x | {_us(row['p50_us'])} | "
+            f"{_us(row['p99_us'])} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_table(results: dict[str, Any]) -> str:
+    pr = results.get("profile")
+    if not pr:
+        return ""
+    lines = [
+        "Sampling profile (py-spy, non-idle samples), `SELECT 1`. Each sample is charged to the "
+        "innermost frame that belongs to a known part; µs/request = share x the CPU per "
+        "request measured in the same window.",
+        "",
+    ]
+    for entry in pr["runs"]:
+        lines += [
+            f"**{entry['peer']}, {entry['concurrency']} tasks**: {entry['rps']:.0f} req/s, "
+            f"{_us(entry['cpu_us_per_request'])} CPU per request, {entry['samples']} samples.",
+            "",
+            "| part | share | µs/request |",
+            "|---|---:|---:|",
+        ]
+        for part, share, us in entry["breakdown"]:
+            lines.append(f"| {part} | {share:.1%} | {us:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    parts = [
+        f"Run {meta['started']} on {meta['cpu']} ({meta['cores']} cores), Python "
+        f"{meta['python']}, {meta['platform']}; commit {meta['commit']}.",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    sections = [
+        ("Throughput and latency", throughput_table(results)),
+        ("Failover (node killed, then restarted)", timeline_table(results, "failover")),
+        ("Hung node (paused, then resumed)", timeline_table(results, "hang")),
+        ("Scale: client cost per request vs node count", scale_table(results)),
+        ("Where the time goes", profile_table(results)),
+        ("Targets", targets_table(results)),
+    ]
+    for title, body in sections:
+        if body:
+            parts += [f"### {title}", "", body, ""]
+    return "\n".join(parts)
+
+
+# -- targets ------------------------------------------------------------------------------
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, holds) for RoundRobin, as the issue states them."""
+    out: list[tuple[str, str, bool | None]] = []
+    tp = results.get("throughput")
+    rr = "actors-rr"
+    if tp:
+        for case in tp["cases"]:
+            peers = case["peers"]
+            row = peers.get(rr)
+            if row is None:
+                continue
+            label = f"{case['query']}, {case['concurrency']} tasks"
+            r = row.get("ratio")
+            out.append(
+                (
+                    f"throughput >= 0.8x picopyn 0.2.0 ({label})",
+                    f"{_f(r)}x",
+                    None if r is None else r >= 0.8,
+                )
+            )
+            new = peers.get("picopyn-3")
+            if new and new["rps"]:
+                r3 = row["rps"] / new["rps"]
+                out.append((f"throughput >= 1.5x picopyn 3.x ({label})", f"{r3:.2f}x", r3 >= 1.5))
+            if case["concurrency"] >= 100 and row["p50_us"]:
+                q = row["p99_us"] / row["p50_us"]
+                out.append((f"p99 <= 3x p50 ({label})", f"{q:.1f}x", q <= 3.0))
+    fo = (results.get("failover") or {}).get("peers", {}).get(rr)
+    if fo and "error" not in fo:
+        out.append(
+            (
+                "0 failed idempotent reads in failover",
+                str(fo["failed_total"]),
+                fo["failed_total"] == 0,
+            )
+        )
+        oor = fo["out_of_rotation_s"]
+        out.append(
+            (
+                "dead node out of rotation within 1 s",
+                _f(oor, 2, " s"),
+                None if oor is None else oor <= 1.0,
+            )
+        )
+        back = fo["back_to_third_s"]
+        out.append(
+            (
+                "restarted node back to 1/3 of traffic within 1 s",
+                _f(back, 2, " s") if back is not None else "never",
+                back is not None and back <= 1.0,
+            )
+        )
+    hang = (results.get("hang") or {}).get("peers", {}).get(rr)
+    if hang and "error" not in hang:
+        worst = hang["max_latency_s"]
+        out.append(("max latency < 3 s in a 4 s hang", _f(worst, 2, " s"), worst < 3.0))
+    sc = results.get("scale")
+    if sc and len(sc["rows"]) > 1:
+        first, last = sc["rows"][0], sc["rows"][-1]
+        if first["cpu_us_per_request"] and last["cpu_us_per_request"]:
+            g = last["cpu_us_per_request"] / first["cpu_us_per_request"]
+            out.append(
+                (
+                    f"CPU/request flat from {first['nodes']} to {last['nodes']} nodes "
+                    "(within 1.2x)",
+                    f"{g:.2f}x",
+                    g <= 1.2,
+                )
+            )
+    return out
+
+
+def targets_table(results: dict[str, Any]) -> str:
+    rows = targets(results)
+    if not rows:
+        return ""
+    lines = ["| target (RoundRobin) | measured | holds |", "|---|---:|---|"]
+    for name, value, ok in rows:
+        mark = "n/a" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {name} | {value} | {mark} |")
+    return "\n".join(lines)
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def plot_timeline(results: dict[str, Any], key: str, path: Path) -> Path | None:
+    """Stacked successes per node and failures per bin, one panel per client."""
+    tl = results.get(key)
+    if not tl:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = [p for p, m in tl["peers"].items() if "bins" in m]
+    if not peers:
+        return None
+    names = tl["node_names"]
+    colors = {
+        n: c for n, c in zip(names, ["#4c72b0", "#dd8452", "#55a868", "#8172b3"], strict=False)
+    }
+    fig, axes = plt.subplots(
+        len(peers), 1, figsize=(10, 2.6 * len(peers)), sharex=True, squeeze=False
+    )
+    for ax, peer in zip(axes[:, 0], peers, strict=True):
+        bins = tl["peers"][peer]["bins"]
+        width = bins["bin"]
+        n = round(tl["duration"] / width)
+        xs = [i * width for i in range(n)]
+        bottom = [0.0] * n
+        for name in names:
+            ys = [bins["ok"][i].get(name, 0) / width for i in range(n)]
+            ax.bar(
+                xs,
+                ys,
+                width=width,
+                bottom=bottom,
+                align="edge",
+                color=colors.get(name),
+                label=f"ok via {name}",
+                linewidth=0,
+            )
+            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+        fails = [bins["failed"][i] / width for i in range(n)]
+        ax.bar(
+            xs,
+            fails,
+            width=width,
+            bottom=bottom,
+            align="edge",
+            color="#c44e52",
+            label="failed",
+            linewidth=0,
+        )
+        ax.axvline(tl["fault_at_measured"], color="black", linestyle="--", linewidth=1)
+        ax.axvline(tl["restore_at_measured"], color="black", linestyle=":", linewidth=1)
+        ax.set_ylabel("requests/s")
+        ax.set_title(peer, loc="left", fontsize=10)
+        lat = ax.twinx()
+        lat.plot(
+            [x + width / 2 for x in xs],
+            bins["max_latency"][:n],
+            color="#333333",
+            linewidth=0.8,
+            label="max latency",
+        )
+        lat.set_ylabel("max latency (s)", fontsize=8)
+        lat.set_ylim(bottom=0)
+    fault = "kill" if key == "failover" else "pause"
+    restore = "start" if key == "failover" else "resume"
+    axes[-1, 0].set_xlabel(f"seconds (dashed: {fault} {tl['victim']}, dotted: {restore})")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,710 @@
+#!/usr/bin/env python3
+"""Benchmark picopyn_actors against its peers on one stand-in cluster, in one run.
+
+    python bench/run.py                 # everything (about 15 minutes)
+    python bench/run.py --quick         # a smoke run (about 3 minutes)
+    python bench/run.py --only throughput --peers picopyn-0.2.0,actors-rr
+    python bench/run.py --docs          # also refresh docs/benchmarks.md and docs/img/
+
+It builds one virtual environment per peer under bench/.venvs/ (pinned, reused
+while the pins are unchanged), re-runs itself in the ``bench`` environment
+(the project's dependencies, matplotlib, py-spy; picopyn_actors itself comes
+from this checkout through PYTHONPATH), starts a 3-node
+``LocalCluster(strict=True)`` and drives every peer as a subprocess that gets
+the cluster as JSON on its command line and answers JSON lines (see
+bench/peers/_harness.py). Results go to bench/results/<timestamp>.json, a
+markdown report next to it, and the timeline plots.
+
+Workloads (``--only``): ``throughput``, ``failover``, ``hang``, ``scale``,
+``profile``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import _envs  # noqa: E402
+
+WORKLOADS = ("throughput", "failover", "hang", "scale", "profile")
+BASELINE = "picopyn-0.2.0"
+
+
+class Peer:
+    """A client under test: where it runs and with what config."""
+
+    def __init__(self, name: str, env: str, script: str, **config: Any) -> None:
+        self.name = name
+        self.env = env
+        self.script = script
+        self.config = config
+
+
+PEERS = [
+    Peer("asyncpg", "asyncpg", "asyncpg_raw.py"),
+    Peer("asyncpg-pool", "asyncpg", "asyncpg_pool.py"),
+    Peer(BASELINE, "picopyn-0.2.0", "picopyn_seed.py"),
+    Peer("picopyn-3", "picopyn-3", "picopyn3.py"),
+    Peer("actors-rr", "bench", "actors.py", strategy="RoundRobin"),
+    Peer("actors-random", "bench", "actors.py", strategy="Random"),
+    Peer("actors-lif", "bench", "actors.py", strategy="LeastInFlight"),
+    Peer("actors-fastest", "bench", "actors.py", strategy="Fastest"),
+]
+PEER_BY_NAME = {p.name: p for p in PEERS}
+
+#: Failover and hang runs: the clients and their refresh options.
+TIMELINE_PEERS = ["actors-rr", "picopyn-3", BASELINE]
+TIMELINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "actors-rr": {"discovery_interval": 1.0, "health_interval": 0.5},
+    "picopyn-3": {"topology_update_interval": 1.0},  # its minimum
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- the environment -----------------------------------------------------------------
+
+
+def in_bench_env() -> bool:
+    return Path(sys.prefix).resolve() == (_envs.VENVS / "bench").resolve()
+
+
+def reexec_in_bench_env(args: argparse.Namespace) -> None:
+    """Build the bench environment and run this script again inside it."""
+    python = _envs.ensure("bench", rebuild=args.rebuild_envs, log=log)
+    env = dict(os.environ, BENCH_ENV_READY="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    os.execve(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]], env)
+
+
+# -- peers as subprocesses -------------------------------------------------------------
+
+
+class PeerProcess:
+    """One running peer: JSON commands in on stdin, JSON lines out on stdout."""
+
+    def __init__(
+        self, peer: Peer, cluster: dict[str, Any], logdir: Path, tag: str, **extra: Any
+    ) -> None:
+        self.peer = peer
+        cfg = {**cluster, **peer.config, **extra}
+        env = dict(os.environ)
+        paths = [str(BENCH / "peers")]
+        if peer.env == "bench":
+            paths.append(str(REPO))
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env.pop("PYTHONSTARTUP", None)
+        self.log_path = logdir / f"{tag}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [str(_envs.python(peer.env)), str(BENCH / "peers" / peer.script), json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+            cwd=BENCH,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def read(self, timeout: float) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(
+                f"{self.peer.name}: no answer within {timeout:.0f} s (log: {self.log_path})"
+            ) from None
+        if line is None:
+            raise RuntimeError(f"{self.peer.name} exited; see {self.log_path}")
+        data: dict[str, Any] = json.loads(line)
+        if "error" in data:
+            raise RuntimeError(f"{self.peer.name}: {data['error']}")
+        return data
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def request(self, cmd: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self.send(cmd)
+        return self.read(timeout)
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.send({"cmd": "quit"})
+                self.proc.stdin.close()  # type: ignore[union-attr]
+                self.proc.wait(timeout=15)
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self._log.close()
+
+
+@contextmanager
+def running(
+    peers: list[Peer], cluster: dict[str, Any], logdir: Path, suffix: str = "", **extra: Any
+) -> Iterator[dict[str, PeerProcess]]:
+    procs: dict[str, PeerProcess] = {}
+    try:
+        for peer in peers:
+            procs[peer.name] = PeerProcess(peer, cluster, logdir, peer.name + suffix, **extra)
+        for name, proc in procs.items():
+            ready = proc.read(timeout=90)
+            log(f"  {name} ready {ready}")
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.close()
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+
+def run_throughput(
+    args: argparse.Namespace, cluster: dict[str, Any], peers: list[Peer], logdir: Path
+) -> dict[str, Any]:
+    from _metrics import ratios, summarize_rounds
+
+    cases = [(q, c) for q in args.queries for c in args.concurrency]
+    raw: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {
+        case: {p.name: [] for p in peers} for case in cases
+    }
+    total = args.rounds * len(cases) * len(peers)
+    step = 0
+    with running(peers, cluster, logdir, "-throughput") as procs:
+        for r in range(args.rounds):
+            for ci, (query, concurrency) in enumerate(cases):
+                # Rotate the order each round so no peer always runs first or last.
+                shift = (r + ci) % len(peers)
+                order = peers[shift:] + peers[:shift]
+                for peer in order:
+                    step += 1
+                    cmd = {
+                        "cmd": "throughput",
+                        "query": query,
+                        "concurrency": concurrency,
+                        "warmup": args.warmup,
+                        "duration": args.duration,
+                    }
+                    res = procs[peer.name].request(cmd, timeout=args.warmup + args.duration + 60)
+                    raw[(query, concurrency)][peer.name].append(res)
+                    log(
+                        f"  [{step}/{total}] round {r + 1} {query} c={concurrency} "
+                        f"{peer.name}: {res['rps']:.0f} req/s, "
+                        f"{res['cpu_us_per_request'] or 0:.0f} µs CPU/req"
+                    )
+    out_cases = []
+    for (query, concurrency), by_peer in raw.items():
+        base = by_peer.get(BASELINE, [])
+        rows = {}
+        for name, rounds in by_peer.items():
+            rows[name] = {**summarize_rounds(rounds), **ratios(rounds, base)}
+        out_cases.append({"query": query, "concurrency": concurrency, "peers": rows})
+    return {
+        "baseline": BASELINE if any(p.name == BASELINE for p in peers) else None,
+        "rounds": args.rounds,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "connections": cluster["connections"],
+        "nodes": len(cluster["nodes"]),
+        "cases": out_cases,
+    }
+
+
+def run_timeline(
+    kind: str,
+    args: argparse.Namespace,
+    lc: Any,
+    cluster: dict[str, Any],
+    peers: list[Peer],
+    logdir: Path,
+) -> dict[str, Any]:
+    """Failover (kill/start) or hang (pause/resume) of one node under steady load."""
+    from _metrics import timeline_metrics
+
+    victim = args.victim
+    names = {n["uuid"]: n["name"] for n in cluster["nodes"]}
+    fault, restore = (lc.kill, lc.start) if kind == "failover" else (lc.pause, lc.resume)
+    result: dict[str, Any] = {
+        "victim": victim,
+        "fault_at": args.fault_at,
+        "restore_at": args.restore_at,
+        "duration": args.timeline_duration,
+        "concurrency": args.timeline_concurrency,
+        "node_names": [n["name"] for n in cluster["nodes"]],
+        "peers": {},
+    }
+    for peer in peers:
+        log(f"  {kind}: {peer.name}")
+        options = TIMELINE_OPTIONS.get(peer.name, {})
+        marks: dict[str, float] = {}
+        try:
+            with running([peer], cluster, logdir, f"-{kind}", options=options) as procs:
+                proc = procs[peer.name]
+                t0 = time.monotonic() + 1.0
+                proc.send(
+                    {
+                        "cmd": "timeline",
+                        "query": "uuid",
+                        "concurrency": args.timeline_concurrency,
+                        "t0": t0,
+                        "duration": args.timeline_duration,
+                        "bin": 0.1,
+                        "grace": 5.0,
+                    }
+                )
+                time.sleep(max(0.0, t0 + args.fault_at - time.monotonic()))
+                marks["fault"] = time.monotonic() - t0
+                fault(victim)
+                marks["fault_done"] = time.monotonic() - t0
+                time.sleep(max(0.0, t0 + args.restore_at - time.monotonic()))
+                marks["restore"] = time.monotonic() - t0
+                restore(victim)
+                marks["restore_done"] = time.monotonic() - t0
+                data = proc.read(timeout=args.timeline_duration + 30)
+        except Exception as exc:  # one broken peer must not stop the run
+            log(f"  {peer.name}: {exc}")
+            result["peers"][peer.name] = {"error": str(exc)}
+            data = None
+        finally:
+            heal(lc, victim)
+        if data is None:
+            continue
+        metrics = timeline_metrics(
+            data,
+            names=names,
+            victim=victim,
+            fault_at=marks["fault"],
+            restore_begin=marks["restore"],
+            restore_end=marks["restore_done"],
+            duration=args.timeline_duration,
+            kind="kill" if kind == "failover" else "pause",
+        )
+        metrics["marks"] = marks
+        metrics["bins"] = {
+            "bin": data["bin"],
+            "ok": [{names.get(k, k): v for k, v in b.items()} for b in data["ok"]],
+            "failed": data["failed"],
+            "max_latency": data["max_latency"],
+        }
+        result["peers"][peer.name] = metrics
+        result["fault_at_measured"] = marks["fault"]
+        result["restore_at_measured"] = marks["restore"]
+        log(
+            f"    ok={metrics['ok_total']} failed={metrics['failed_total']} "
+            f"out={metrics['out_of_rotation_s']} ({metrics['out_of_rotation_how']}) "
+            f"back={metrics['back_to_third_s']} max_lat={metrics['max_latency_s']:.2f}s"
+        )
+        time.sleep(1.0)
+    return result
+
+
+def heal(lc: Any, name: str) -> None:
+    """Leave node ``name`` running and unpaused, whatever happened."""
+    try:
+        if lc.is_paused(name):
+            lc.resume(name)
+        if not lc.is_running(name):
+            lc.start(name)
+    except Exception as exc:
+        log(f"  could not heal {name}: {exc}")
+
+
+def run_scale(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
+    """picopyn_actors on the fake backend with 3, 10, 30 nodes: the client's own cost."""
+    from _metrics import summarize_rounds
+
+    peer = PEER_BY_NAME["actors-rr"]
+    counts = args.scale_nodes
+    raw: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+    procs: dict[int, PeerProcess] = {}
+    try:
+        for n in counts:
+            procs[n] = PeerProcess(
+                peer,
+                {"connections": 3 * n, "nodes": []},
+                logdir,
+                f"scale-{n}",
+                fake=n,
+                connections_per_node=3,
+            )
+        for n, proc in procs.items():
+            log(f"  scale {n} nodes ready {proc.read(timeout=90)}")
+        for r in range(args.rounds):
+            shift = r % len(counts)
+            for n in counts[shift:] + counts[:shift]:
+                cmd = {
+                    "cmd": "throughput",
+                    "query": "select1",
+                    "concurrency": args.scale_tasks,
+                    "warmup": args.warmup,
+                    "duration": args.duration,
+                }
+                res = procs[n].request(cmd, timeout=args.warmup + args.duration + 60)
+                raw[n].append(res)
+                log(
+                    f"  round {r + 1} {n} nodes: {res['rps']:.0f} req/s, "
+                    f"{res['cpu_us_per_request']:.1f} µs CPU/req"
+                )
+    finally:
+        for proc in procs.values():
+            proc.close()
+    rows = [{"nodes": n, **summarize_rounds(raw[n])} for n in counts]
+    return {
+        "connections_per_node": 3,
+        "concurrency": args.scale_tasks,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+
+
+def run_profile(args: argparse.Namespace, cluster: dict[str, Any], logdir: Path) -> dict[str, Any]:
+    """py-spy samples of picopyn_actors (RoundRobin) and the baseline under load, plus
+    exact call counts per request from cProfile for picopyn_actors."""
+    from _metrics import categorize_stacks, leaf_functions
+
+    py_spy = _envs.VENVS / "bench" / "bin" / "py-spy"
+    runs = []
+    seconds = max(3.0, args.duration)
+    for name in args.profile_peers:
+        peer = PEER_BY_NAME[name]
+        with running([peer], cluster, logdir, "-profile") as procs:
+            proc = procs[name]
+            for concurrency in args.concurrency:
+                out = logdir / f"profile-{name}-c{concurrency}.txt"
+                cmd = {
+                    "cmd": "throughput",
+                    "query": "select1",
+                    "concurrency": concurrency,
+                    "warmup": args.warmup + 0.5,
+                    "duration": seconds,
+                }
+                proc.send(cmd)
+                time.sleep(args.warmup + 0.5)
+                spy = subprocess.run(
+                    [
+                        str(py_spy),
+                        "record",
+                        "--pid",
+                        str(proc.pid),
+                        "--duration",
+                        str(int(seconds)),
+                        "--rate",
+                        "250",
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(out),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
+                res = proc.read(timeout=seconds + 60)
+                if spy.returncode != 0 or not out.exists():
+                    log(f"  py-spy failed: {spy.stderr.strip()[-300:]}")
+                    continue
+                lines = out.read_text().splitlines()
+                counts = categorize_stacks(lines)
+                total = sum(counts.values()) or 1
+                cpu = res["cpu_us_per_request"] or 0.0
+                breakdown = sorted(
+                    ((part, n / total, n / total * cpu) for part, n in counts.items()),
+                    key=lambda row: row[1],
+                    reverse=True,
+                )
+                runs.append(
+                    {
+                        "peer": name,
+                        "concurrency": concurrency,
+                        "rps": res["rps"],
+                        "cpu_us_per_request": cpu,
+                        "samples": total,
+                        "breakdown": breakdown,
+                        "leaves": leaf_functions(lines),
+                    }
+                )
+                log(
+                    f"  profile {name} c={concurrency}: {res['rps']:.0f} req/s, "
+                    + ", ".join(f"{p} {s:.0%}" for p, s, _ in breakdown[:6])
+                )
+            if name.startswith("actors"):
+                # Exact call counts per request (cProfile slows things down: counts only).
+                for concurrency in args.concurrency:
+                    cmd = {
+                        "cmd": "throughput",
+                        "query": "select1",
+                        "concurrency": concurrency,
+                        "warmup": args.warmup,
+                        "duration": min(seconds, 2.0),
+                        "cprofile": True,
+                    }
+                    res = proc.request(cmd, timeout=120)
+                    runs.append(
+                        {
+                            "peer": name,
+                            "concurrency": concurrency,
+                            "cprofile": True,
+                            "requests": res["requests"],
+                            "functions": res["cprofile"],
+                        }
+                    )
+    return {
+        "runs": [r for r in runs if not r.get("cprofile")],
+        "cprofile": [r for r in runs if r.get("cprofile")],
+    }
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "picopyn_actors"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if dirty:
+            commit += " (picopyn_actors modified)"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.release()}",
+        "commit": commit,
+        "load_at_start": load,
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="short rounds, fewer of them, no profile: a smoke run"
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help=f"workloads to run, comma-separated (default: all of {', '.join(WORKLOADS)})",
+    )
+    p.add_argument(
+        "--peers",
+        default=",".join(p.name for p in PEERS),
+        help="peers for the throughput workload, comma-separated",
+    )
+    p.add_argument("--duration", type=float, help="seconds measured per round (default 3)")
+    p.add_argument("--rounds", type=int, help="alternating rounds per case (default 5)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
+    p.add_argument("--concurrency", default="10,100", help="task counts (default 10,100)")
+    p.add_argument("--queries", default="select1,row", help="select1 and/or row")
+    p.add_argument("--timeline-duration", type=float, default=10.0)
+    p.add_argument("--timeline-concurrency", type=int, default=20)
+    p.add_argument("--fault-at", type=float, default=3.0)
+    p.add_argument("--restore-at", type=float, default=7.0)
+    p.add_argument("--victim", default="i2", help="the node killed or paused (default i2)")
+    p.add_argument("--scale-nodes", default="3,10,30")
+    p.add_argument("--scale-tasks", type=int, default=100)
+    p.add_argument("--profile-peers", default=f"actors-rr,{BASELINE}")
+    p.add_argument("--connections", type=int, default=9, help="connections in total (default 9)")
+    p.add_argument("--rebuild-envs", action="store_true", help="rebuild bench/.venvs/*")
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="also write docs/benchmarks.md's results section and docs/img/*.png",
+    )
+    p.add_argument("--out", type=Path, default=BENCH / "results")
+    args = p.parse_args()
+    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = set(args.only) - set(WORKLOADS)
+    if unknown:
+        p.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    for name in args.peers:
+        if name not in PEER_BY_NAME:
+            p.error(f"unknown peer {name}; known: {', '.join(PEER_BY_NAME)}")
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    args.queries = [x.strip() for x in args.queries.split(",") if x.strip()]
+    args.scale_nodes = [int(x) for x in args.scale_nodes.split(",")]
+    args.profile_peers = [x.strip() for x in args.profile_peers.split(",") if x.strip()]
+    if args.quick:
+        args.duration = args.duration or 1.0
+        args.rounds = args.rounds or 2
+        args.warmup = 0.3 if args.warmup is None else args.warmup
+        if "--only" not in " ".join(sys.argv):
+            args.only = [w for w in args.only if w != "profile"]
+    args.duration = args.duration or 3.0
+    args.rounds = args.rounds or 5
+    args.warmup = 0.5 if args.warmup is None else args.warmup
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if not in_bench_env():
+        reexec_in_bench_env(args)
+    sys.path.insert(0, str(REPO))
+    from _report import markdown, plot_timeline, targets
+
+    from picopyn_actors.testing import LocalCluster
+
+    started = datetime.datetime.now()
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logdir = args.out / stamp
+    logdir.mkdir()
+    needed = {PEER_BY_NAME[n].env for n in args.peers} | {"bench"}
+    if {"failover", "hang"} & set(args.only):
+        needed |= {PEER_BY_NAME[n].env for n in TIMELINE_PEERS}
+    if "profile" in args.only:
+        needed |= {PEER_BY_NAME[n].env for n in args.profile_peers}
+    for env in sorted(needed):
+        if env != "bench":
+            _envs.ensure(env, rebuild=args.rebuild_envs, log=log)
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    results: dict[str, Any] = {
+        "meta": {
+            **machine(),
+            "started": started.isoformat(timespec="seconds"),
+            "command": command.strip(),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "environments": {env: _envs.freeze(env) for env in sorted(needed)},
+        }
+    }
+    log(
+        f"machine: {results['meta']['cpu']}, {results['meta']['cores']} cores, "
+        f"load {results['meta']['load_at_start']}"
+    )
+
+    if set(args.only) - {"scale"}:
+        log("starting a 3-node LocalCluster(strict=True)")
+        with LocalCluster(nodes=3, strict=True) as lc:
+            lc.execute_everywhere(
+                "CREATE TABLE bench_items (id int PRIMARY KEY, name text NOT NULL, "
+                "value float8 NOT NULL);\n"
+                "INSERT INTO bench_items SELECT g, 'item-' || g, g * 0.5 "
+                "FROM generate_series(1, 1000) g;\nANALYZE bench_items;"
+            )
+            cluster = {
+                "dsn": lc.dsn,
+                "dsns": lc.dsns,
+                "user": lc.user,
+                "password": lc.password,
+                "database": "postgres",
+                "connections": args.connections,
+                "nodes": [
+                    {"name": n.name, "uuid": n.uuid, "host": n.host, "port": n.port}
+                    for n in lc.nodes
+                ],
+            }
+            if "throughput" in args.only:
+                log("throughput")
+                peers = [PEER_BY_NAME[n] for n in args.peers]
+                results["throughput"] = run_throughput(args, cluster, peers, logdir)
+            for kind, fault in (("failover", "kill/start"), ("hang", "pause/resume")):
+                if kind in args.only:
+                    log(f"{kind} ({fault} {args.victim})")
+                    peers = [PEER_BY_NAME[n] for n in TIMELINE_PEERS]
+                    results[kind] = run_timeline(kind, args, lc, cluster, peers, logdir)
+            if "profile" in args.only:
+                log("profile")
+                results["profile"] = run_profile(args, cluster, logdir)
+    if "scale" in args.only:
+        log("scale (fake backend)")
+        results["scale"] = run_scale(args, logdir)
+
+    results["targets"] = [
+        {"target": t, "measured": m, "holds": ok} for t, m, ok in targets(results)
+    ]
+    json_path = args.out / f"{stamp}.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str))
+    report = markdown(results)
+    md_path = args.out / f"{stamp}.md"
+    plots = []
+    for key in ("failover", "hang"):
+        path = plot_timeline(results, key, logdir / f"{key}.png")
+        if path is not None:
+            plots.append(path)
+            report += f"\n![{key} timeline]({path.relative_to(args.out)})\n"
+    md_path.write_text(report)
+    print(report)
+    log(f"wrote {json_path}, {md_path}" + "".join(f", {p}" for p in plots))
+    if args.docs:
+        write_docs(report, plots)
+    return 0
+
+
+def write_docs(report: str, plots: list[Path]) -> None:
+    """Replace the generated section of docs/benchmarks.md; copy the plots to docs/img/."""
+    docs = REPO / "docs" / "benchmarks.md"
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    img = REPO / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    body = report.split("\n![")[0].rstrip()
+    for path in plots:
+        shutil.copy(path, img / path.name)
+        body += f"\n\n![{path.stem} timeline](img/{path.name})"
+    text = docs.read_text() if docs.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    docs.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    log(f"updated {docs}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
