@@ -1,0 +1,420 @@
+"""Actor tests on the fake backend in virtual time: opening, discovery and the
+catalog (drain, expel, join, seed failures, tiers and roles).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import trio
+import trio.testing
+from fakes import (
+    PASSWORD,
+    FakeCluster,
+    Outcomes,
+    bound_every_test,
+    drain_events,
+    state_of,
+    wait_all_states,
+    wait_gone,
+    wait_state,
+)
+
+from picopyn_actors import (
+    Address,
+    ConfigError,
+    NodeEvent,
+    NodeState,
+    NoNodesAvailable,
+    open_cluster,
+)
+
+UP = NodeState.UP
+DOWN = NodeState.DOWN
+EPS = 1e-6
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+async def test_open_returns_once_a_node_is_up(autojump_clock: object) -> None:
+    fake = FakeCluster(3, connect_time=0.2)
+    async with fake.open() as cluster:
+        opened_at = trio.current_time()
+        assert any(s.state is UP for s in cluster.nodes())
+        assert cluster.statistics().discovery_runs == 1
+    # Discovery connect, then the probe connect, then a worker connect.
+    assert opened_at == pytest.approx(0.6)
+
+
+async def test_open_fails_with_no_nodes_available_when_every_seed_is_down(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(2)
+    for node in fake.nodes.values():
+        node.down()
+    with trio.fail_after(60):
+        start = trio.current_time()
+        with pytest.raises(NoNodesAvailable) as info:
+            async with open_cluster(fake.dsn("i1", "i2"), backend=fake):
+                pytest.fail("opened")  # pragma: no cover
+    assert trio.current_time() - start < 0.01  # refused at once: no waiting
+    error = info.value
+    assert set(error.node_errors) == {"10.0.0.1:4327", "10.0.0.2:4327"}
+    assert all("refused" in e for e in error.node_errors.values())
+    assert "discovery failed on every seed host" in str(error)
+    assert PASSWORD not in str(error)
+
+
+async def test_open_fails_with_no_nodes_available_when_no_node_comes_up(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(0)
+    fake.add_node(tier="router")  # i1: answers discovery, but is not selected
+    fake.add_node(tier="storage").down()  # i2
+    fake.add_node(tier="storage").down()  # i3
+    with trio.fail_after(60):
+        start = trio.current_time()
+        with pytest.raises(NoNodesAvailable) as info:
+            async with open_cluster(
+                fake.dsn(), backend=fake, tiers=["storage"], connect_timeout=3.0
+            ):
+                pytest.fail("opened")  # pragma: no cover
+    assert trio.current_time() - start == pytest.approx(3.0)
+    error = info.value
+    assert set(error.node_errors) == {"i2", "i3"}
+    assert all("refused" in e for e in error.node_errors.values())
+    assert "connect_timeout=3.0" in str(error)
+    assert fake["i1"].queries == 0
+    assert fake.open_connections() == {"i1": 0, "i2": 0, "i3": 0}
+
+
+async def test_unknown_tier_is_a_config_error(autojump_clock: object) -> None:
+    fake = FakeCluster(0)
+    fake.add_node(tier="router")
+    fake.add_node(tier="storage")
+    with trio.fail_after(60), pytest.raises(ConfigError) as info:
+        async with open_cluster(fake.dsn(), backend=fake, tiers=["storage", "nope"]):
+            pytest.fail("opened")  # pragma: no cover
+    assert "nope" in str(info.value)
+    assert "router, storage" in str(info.value)
+    assert fake.open_connections() == {"i1": 0, "i2": 0}
+
+
+async def test_discovery_falls_back_from_a_dead_seed_to_the_next(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    fake["i1"].down()
+    async with fake.open("i1", "i2") as cluster:
+        await wait_all_states(cluster, ["i2", "i3"], UP)
+        assert state_of(cluster, "i1") in {DOWN, NodeState.CONNECTING}
+        names = {await cluster.fetchval("whoami") for _ in range(6)}
+    assert names == {"i2", "i3"}
+    assert fake["i2"].discovery_queries >= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_cluster._start waits connect_timeout in total for the first discovery and a "
+    "first usable node, while Supervisor._discover_from gives a single seed the same "
+    "connect_timeout: a hung first seed uses up the whole budget, the healthy second seed "
+    "is never tried, and open_cluster raises NoNodesAvailable (with 'discovery: None')",
+)
+async def test_open_survives_a_hung_first_seed(autojump_clock: object) -> None:
+    fake = FakeCluster(2)
+    fake["i1"].hang()
+    async with fake.open("i1", "i2", connect_timeout=2.0) as cluster:
+        assert state_of(cluster, "i2") is UP
+
+
+async def test_open_with_a_hung_seed_names_it_in_the_error(autojump_clock: object) -> None:
+    fake = FakeCluster(1)
+    fake["i1"].hang()
+    with trio.fail_after(60), pytest.raises(NoNodesAvailable) as info:
+        async with open_cluster(fake.dsn(), backend=fake, connect_timeout=2.0):
+            pytest.fail("opened")  # pragma: no cover
+    assert trio.current_time() == pytest.approx(2.0)
+    assert "connect_timeout=2.0" in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_cluster._start: when the connect_timeout scope cancels the first discovery, "
+    "Supervisor.last_discovery_error is still None and node_errors is empty, so the "
+    "NoNodesAvailable message ends in 'discovery: None' instead of naming the seed "
+    "host and its error (the docstring promises each seed host's last error)",
+)
+async def test_open_with_a_hung_seed_error_names_the_seed(autojump_clock: object) -> None:
+    fake = FakeCluster(1)
+    fake["i1"].hang()
+    with trio.fail_after(60), pytest.raises(NoNodesAvailable) as info:
+        async with open_cluster(fake.dsn(), backend=fake, connect_timeout=2.0):
+            pytest.fail("opened")  # pragma: no cover
+    assert "10.0.0.1:4327" in str(info.value).split("became usable")[1]
+
+
+@pytest.mark.parametrize("encoding", ["list", "dict"])
+async def test_discovery_reads_both_state_encodings(autojump_clock: object, encoding: str) -> None:
+    fake = FakeCluster(2, state_encoding=encoding)
+    async with fake.open() as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        assert [s.catalog_state for s in cluster.nodes()] == ["Online(1)", "Online(1)"]
+
+
+async def test_discovery_falls_back_to_instance_uuid(autojump_clock: object) -> None:
+    fake = FakeCluster(2)
+    fake.has_pico_instance_uuid = False
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake.add_node()
+        await wait_state(cluster, "i3", UP)
+        stats = cluster.statistics()
+    assert stats.discovery_runs >= 2
+    assert stats.discovery_failures == 0
+
+
+# -- the catalog changes ------------------------------------------------------------------
+
+
+async def test_target_offline_drains_without_failing_in_flight_requests(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(3)
+    fake["i2"].service_time = 3.0
+    out = Outcomes()
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        async with cluster.events() as events:
+            async with trio.open_nursery() as nursery:
+                for k in range(6):  # not idempotent: nothing may be cut off
+                    nursery.start_soon(out.call, k, cluster.execute, "INSERT INTO t VALUES (1)")
+                await trio.testing.wait_all_tasks_blocked()
+                assert fake["i2"].in_flight == 2
+                await trio.sleep(0.5)
+                fake["i2"].set_state(target="Offline")
+                draining_at = await wait_state(cluster, "i2", NodeState.DRAINING)
+                assert draining_at <= 1.0 + EPS  # the next discovery
+                assert fake["i2"].in_flight == 2  # still running
+                names = Counter([await cluster.fetchval("whoami") for _ in range(6)])
+            await wait_gone(cluster, "i2")
+            gone_at = trio.current_time()
+            received = [e for e in drain_events(events) if isinstance(e, NodeEvent)]
+        stats = cluster.statistics()
+    out.assert_each_ended_once(6)
+    assert out.errors == []
+    assert out.results == ["INSERT 0 1"] * 6
+    assert fake["i2"].executed["INSERT INTO t VALUES (1)"] == 2  # finished on i2
+    assert names == {"i1": 3, "i3": 3}
+    assert gone_at == pytest.approx(3.0, abs=0.01)
+    assert fake["i2"].open_connections == 0
+    drain = [e for e in received if e.node == "i2" and e.new is NodeState.DRAINING]
+    assert "Offline" in drain[0].reason
+    assert [e.new for e in received if e.node == "i2"][-1] is NodeState.RETIRED
+    assert stats.requests_ok == 12 and stats.requests_failed == 0
+    assert stats.requests_retried == 0
+
+
+async def test_drain_timeout_bounds_a_slow_drain(autojump_clock: object) -> None:
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=1.0, drain_timeout=2.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        results: list[object] = []
+
+        async def read() -> None:
+            results.append(await cluster.fetchval("sleep:100", idempotent=True))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            fake["i2"].set_state(target="Offline")
+            draining_at = await wait_state(cluster, "i2", NodeState.DRAINING)
+            await wait_gone(cluster, "i2")
+            assert trio.current_time() == pytest.approx(draining_at + 2.0)
+    # The read cut off on i2 ran again on i1.
+    assert results == ["i1", "i1"]
+
+
+async def test_expelled_node_is_retired_and_its_connections_closed(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        async with cluster.events() as events:
+            fake["i3"].set_state("Expelled", "Expelled")
+            await wait_gone(cluster, "i3")
+            received = [e for e in drain_events(events) if isinstance(e, NodeEvent)]
+        names = Counter([await cluster.fetchval("whoami") for _ in range(6)])
+        retired_stats = cluster.statistics()
+    assert fake["i3"].open_connections == 0
+    assert names == {"i1": 3, "i2": 3}
+    assert "expelled" in received[0].reason and received[0].node == "i3"
+    assert [e.new for e in received if e.node == "i3"][-1] is NodeState.RETIRED
+    assert "i3" not in retired_stats.nodes
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_supervisor.Supervisor.actors() hides RETIRED actors, but their counters "
+    "reach retired_statistics() only when _supervise's finally runs, after the actor's "
+    "nursery has wound down: in between, Cluster.statistics() totals drop (requests_ok "
+    "goes backwards) although the docs say totals include retired nodes",
+)
+async def test_statistics_never_go_backwards_while_a_node_retires(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        for _ in range(10):
+            await cluster.fetchval("whoami")
+        assert cluster.statistics().requests_ok == 10
+        seen: list[int] = []
+        async with cluster.events() as events:
+            fake["i2"].set_state(target="Offline")
+            async for event in events:
+                seen.append(cluster.statistics().requests_ok)
+                if isinstance(event, NodeEvent) and event.new is NodeState.RETIRED:
+                    break
+        await wait_gone(cluster, "i2")
+        seen.append(cluster.statistics().requests_ok)
+    assert seen == [10] * len(seen)
+
+
+async def test_node_that_left_the_catalog_is_retired(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i2"].in_catalog = False
+        await wait_gone(cluster, "i2")
+        names = {await cluster.fetchval("whoami") for _ in range(6)}
+    assert names == {"i1", "i3"}
+    assert fake["i2"].open_connections == 0
+
+
+async def test_node_added_to_the_catalog_gets_traffic_after_discovery(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=2.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        await trio.sleep(0.5)
+        added_at = trio.current_time()
+        fake.add_node()
+        up_at = await wait_state(cluster, "i3", UP)
+        names = Counter([await cluster.fetchval("whoami") for _ in range(30)])
+    assert up_at - added_at <= 2.0 + EPS
+    assert names == {"i1": 10, "i2": 10, "i3": 10}
+
+
+async def test_node_back_online_after_offline_gets_a_new_actor(autojump_clock: object) -> None:
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i2"].set_state("Offline", "Offline")
+        fake["i2"].down()
+        await wait_gone(cluster, "i2")
+        fake["i2"].up()
+        fake["i2"].set_state("Online", "Online", incarnation=2)
+        await wait_state(cluster, "i2", UP)
+        names = {await cluster.fetchval("whoami") for _ in range(4)}
+    assert names == {"i1", "i2"}
+
+
+async def test_seed_node_dying_does_not_stop_discovery(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    async with fake.open("i1", discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i1"].down()
+        await wait_state(cluster, "i1", DOWN)
+        runs = cluster.statistics().discovery_runs
+        fake.add_node()  # i4
+        await wait_state(cluster, "i4", UP)
+        names = {await cluster.fetchval("whoami") for _ in range(6)}
+        stats = cluster.statistics()
+    assert names == {"i2", "i3", "i4"}
+    assert stats.discovery_runs > runs
+    assert stats.discovery_failures == 0
+    assert fake["i2"].discovery_queries + fake["i3"].discovery_queries >= 1
+
+
+async def test_discovery_failing_everywhere_backs_off_and_resumes(
+    autojump_clock: object,
+) -> None:
+    interval, backoff_max = 1.0, 8.0
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=interval, backoff_max=backoff_max) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        for node in fake.nodes.values():
+            node.down()
+        await trio.sleep(20)
+        failures = cluster.statistics().discovery_failures
+        # Not every second (about 20), but backing off up to backoff_max (at least 3).
+        assert 3 <= failures <= 8, failures
+        for node in fake.nodes.values():
+            node.up()
+        fake.add_node()
+        back_at = trio.current_time()
+        up_at = await wait_state(cluster, "i3", UP)
+        assert up_at - back_at <= backoff_max + EPS
+        assert cluster.statistics().discovery_failures == failures
+        # Healthy again: back to the normal beat.
+        runs = cluster.statistics().discovery_runs
+        await trio.sleep(5 * interval + EPS)
+        assert cluster.statistics().discovery_runs - runs == 5
+
+
+async def test_node_with_a_new_address_is_replaced(autojump_clock: object) -> None:
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake.move("i2", 9)
+        await trio.sleep(1.5)
+        await wait_state(cluster, "i2", UP)
+        (status,) = [s for s in cluster.nodes() if s.name == "i2"]
+        names = {await cluster.fetchval("whoami") for _ in range(4)}
+    assert status.address == "10.0.0.9:4327"
+    assert fake["i2"].address == Address("10.0.0.9", 4327)
+    assert names == {"i1", "i2"}
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"), [("leader", {"i1", "i3"}), ("replica", {"i2", "i4"})]
+)
+async def test_role_selects_masters_or_replicas(
+    autojump_clock: object, role: str, expected: set[str]
+) -> None:
+    fake = FakeCluster(0)
+    fake.add_node(replicaset="r1", master=True)  # i1
+    fake.add_node(replicaset="r1", master=False)  # i2
+    fake.add_node(replicaset="r2", master=True)  # i3
+    fake.add_node(replicaset="r2", master=False)  # i4
+    async with fake.open(role=role) as cluster:
+        await wait_all_states(cluster, expected, UP)
+        assert {s.name for s in cluster.nodes()} == expected
+        names = {await cluster.fetchval("whoami") for _ in range(8)}
+        # A switchover in r1: the old master leaves the selection.
+        fake.masters["r1"] = "i2"
+        await trio.sleep(1.5)
+        after = {s.name for s in cluster.nodes() if s.state is UP}
+    assert names == expected
+    flipped = {"leader": {"i2", "i3"}, "replica": {"i1", "i4"}}[role]
+    assert after == flipped
+
+
+async def test_tiers_select_nodes(autojump_clock: object) -> None:
+    fake = FakeCluster(0)
+    fake.add_node(tier="router")
+    fake.add_node(tier="storage")
+    fake.add_node(tier="storage")
+    async with fake.open(tiers="storage") as cluster:
+        await wait_all_states(cluster, ["i2", "i3"], UP)
+        names = {await cluster.fetchval("whoami") for _ in range(6)}
+        assert {s.name for s in cluster.nodes()} == {"i2", "i3"}
+    assert names == {"i2", "i3"}
+    assert fake["i1"].queries == 0
+
+
+# Every test above runs on a mock clock: bound each one in virtual time.
+bound_every_test(globals())
