@@ -12,6 +12,8 @@ Every fake node lives at ``Address("10.0.0.N", 4327)`` and can be
   ``BackendBroken(..., sent=True)``;
 * hung: ``connect`` and queries block until the node is resumed (or goes down).
 
+``drop_connections()`` resets every open connection while the node stays up.
+
 The catalog that discovery reads is a model the tests change: each node has a
 current and a target state, stored as JSON text such as ``'["Online",1]'``,
 and may be left out of the catalog altogether.
@@ -144,6 +146,11 @@ class FakeNode:
         """Accept connections again (a restarted server: old connections stay broken)."""
         self.status = Status.UP
         self._resumed.set()
+
+    def drop_connections(self) -> None:
+        """Reset every open connection, but keep accepting new ones (a network blip)."""
+        for conn in list(self.connections):
+            conn._break()
 
     def hang(self) -> None:
         """Keep sockets open but answer nothing: connects and queries block."""

@@ -533,5 +533,85 @@ async def test_statistics_count_each_outcome_once(autojump_clock: object) -> Non
     assert sum(s.requests_ok for s in stats.nodes.values()) == ok
 
 
+async def test_idempotent_retries_are_bounded_by_max_attempts(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(
+        connections_per_node=1, max_attempts=2, discovery_interval=1000.0
+    ) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        killed: list[str] = []
+
+        async def kill_twice() -> None:
+            for _ in range(2):
+                await trio.sleep(1)
+                (victim,) = [n for n in fake.nodes.values() if n.in_flight]
+                killed.append(victim.name)
+                victim.down()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_twice)
+            with pytest.raises(NoNodesAvailable) as info:
+                await cluster.fetchval("sleep:10", idempotent=True)
+        stats = cluster.statistics()
+    assert trio.current_time() == pytest.approx(2.0, abs=0.01)
+    assert "max_attempts=2" in str(info.value)
+    assert set(info.value.node_errors) == set(killed)
+    (spared,) = set(fake.nodes) - set(killed)
+    assert fake[spared].executed["sleep:10"] == 0
+    assert stats.requests_retried == 1
+    assert stats.requests_failed == 1
+
+
+async def test_requests_on_silently_reset_connections_are_retried_even_if_not_idempotent(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(2)
+    async with fake.open(
+        connections_per_node=2, health_interval=100.0, discovery_interval=1000.0
+    ) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i2"].drop_connections()  # every idle connection of i2 is now dead
+        results = [await cluster.execute("INSERT INTO t VALUES (1)") for _ in range(6)]
+        await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.statistics()
+        states = {s.name: s.state for s in cluster.nodes()}
+        # Both workers reopened theirs (the probe's is still dead: no probe ran).
+        assert fake["i2"].open_connections == 2
+    # The server never saw them: a retry is safe, whatever idempotent says.
+    assert results == ["INSERT 0 1"] * 6
+    assert stats.requests_failed == 0
+    assert stats.requests_retried == 2
+    assert states == {"i1": UP, "i2": UP}
+    assert fake["i2"].executed["INSERT INTO t VALUES (1)"] >= 1
+
+
+async def test_fastest_prefers_the_faster_node(autojump_clock: object) -> None:
+    from picopyn_actors import Fastest
+
+    fake = FakeCluster(2)
+    fake["i1"].service_time = 0.05
+    fake["i2"].service_time = 0.01
+    async with fake.open(strategy=Fastest(), discovery_interval=1000.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        names = Counter([await cluster.fetchval("whoami") for _ in range(50)])
+    assert names["i2"] >= 45, names
+    assert names["i1"] >= 1  # measured at least once
+
+
+async def test_pinning_times_out_when_every_connection_is_busy(autojump_clock: object) -> None:
+    fake = FakeCluster(1)
+    async with fake.open(connections_per_node=1, discovery_interval=1000.0) as cluster:
+        await wait_state(cluster, "i1", UP)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cluster.fetchval, "sleep:5")
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.TooSlowError):
+                async with cluster.connection(timeout=1.0):
+                    pytest.fail("pinned")  # pragma: no cover
+        # The abandoned pin does not hold the worker: queries flow again.
+        assert await cluster.fetchval("whoami") == "i1"
+        assert await cluster.fetchval("whoami") == "i1"
+
+
 # Every test above runs on a mock clock: bound each one in virtual time.
 bound_every_test(globals())
