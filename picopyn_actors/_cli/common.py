@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TextIO
 
@@ -69,15 +69,15 @@ def setup_logging(verbosity: int) -> None:
 
 
 @asynccontextmanager
-async def cancel_on_signals(scope: trio.CancelScope) -> AsyncIterator[None]:
-    """Cancel ``scope`` on SIGINT (Ctrl-C) or SIGTERM, instead of raising
-    KeyboardInterrupt somewhere inside the actors. Main thread only."""
+async def on_signals(action: Callable[[], object]) -> AsyncIterator[None]:
+    """Call ``action`` (typically ``scope.cancel``) on SIGINT (Ctrl-C) or SIGTERM,
+    instead of raising KeyboardInterrupt somewhere inside the actors. Main thread only."""
 
     async def watch() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.debug("signal %d: stopping", signum)
-                scope.cancel()
+                action()
                 return
 
     async with trio.open_nursery() as nursery:

@@ -40,7 +40,7 @@ from .._errors import PicodataError
 from .._events import EventsDropped, NodeEvent, NodeState
 from .._util import unwrap_single_error
 from ..testing import LocalCluster, NodeHandle
-from .common import cancel_on_signals, fetch_catalog, make_console
+from .common import fetch_catalog, make_console, on_signals
 from .view import CatalogNode, event_text, format_event, node_table, relative_stamp
 
 DEMO_TABLE = "picopyn_demo"
@@ -365,10 +365,8 @@ def summary(recorder: Recorder, options: DemoOptions, final: Sequence[str]) -> l
     out.append(requests)
 
     names, rows = share_rows(recorder.answers, origin, end, options.bucket)
-    shares = Table(
-        title=f"Share of read answers per node, per {options.bucket:g} s", title_justify="left"
-    )
-    shares.add_column("time")
+    shares = Table(title="Share of read answers per node", title_justify="left")
+    shares.add_column(f"time ({options.bucket:g} s)")
     shares.add_column("answers", justify="right")
     for name in names:
         shares.add_column(name, justify="right")
@@ -456,21 +454,30 @@ class _Demo:
         options = self.options
         self.recorder = Recorder(trio.current_time())
         final: list[str] = []
+        run_scope = trio.CancelScope()
+        interrupted = False
         with trio.CancelScope() as scope, unwrap_single_error():
+
+            def stop() -> None:
+                # Before the cluster is open, give up; after, stop the workload
+                # only, so that the summary still sees every node.
+                nonlocal interrupted
+                interrupted = True
+                (run_scope if self.cluster is not None else scope).cancel()
+
             async with (
-                cancel_on_signals(scope),
+                on_signals(stop),
                 open_cluster(
                     dsn, connections_per_node=options.connections, **CLUSTER_OPTIONS
                 ) as cluster,
             ):
                 self.cluster = cluster
                 self.recorder = Recorder(trio.current_time())
-                try:
+                with run_scope:
                     await self._run(cluster, names)
-                finally:
-                    self.recorder.end = trio.current_time()
-                    final = [f"{n.name} {n.state.value}" for n in cluster.nodes()]
-        if scope.cancelled_caught:
+                self.recorder.end = trio.current_time()
+                final = [f"{n.name} {n.state.value}" for n in cluster.nodes()]
+        if interrupted:
             self.console.print("demo: interrupted, stopped early", style="yellow", markup=False)
         if self.cluster is None:
             return 0

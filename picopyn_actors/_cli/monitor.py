@@ -27,7 +27,7 @@ from rich.text import Text
 from .._cluster import Cluster, open_cluster
 from .._events import EventsDropped, NodeEvent, NodeState
 from .._util import unwrap_single_error
-from .common import cancel_on_signals, fetch_catalog, make_console
+from .common import fetch_catalog, make_console, on_signals
 from .view import (
     CatalogNode,
     catalog_only,
@@ -85,7 +85,7 @@ async def run(options: MonitorOptions, out: TextIO) -> int:
     """Run the command; return the exit code. Ctrl-C or SIGTERM end it with 0."""
     code = 0
     with trio.CancelScope() as scope, unwrap_single_error():
-        async with cancel_on_signals(scope):
+        async with on_signals(scope.cancel):
             code = await _monitor(options, out)
     return code
 
