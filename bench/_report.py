@@ -30,13 +30,18 @@ def throughput_table(results: dict[str, Any]) -> str:
     lines = [
         f"Throughput relative to **{base}** measured in the same run "
         f"({tp['rounds']} alternating rounds of {tp['duration']:g} s per peer and case, "
-        f"{tp['connections']} connections over {tp['nodes']} nodes). Latencies pooled over "
-        "the rounds; CPU is the client process's CPU time per request. Ratio range: "
-        "slowest..fastest round against the baseline's round run just before or after it.",
+        f"{tp['connections']} connections over {tp['nodes']} nodes). Ratio: median over the "
+        "rounds of the peer's throughput divided by the baseline's at the same moment "
+        "(interpolated between the baseline's rounds just before and after); range: "
+        "lowest..highest of these. req/s: median of the rounds. Latencies pooled over the "
+        "rounds; CPU/req: the client process's CPU time per request (median). "
+        "A request still waiting when a window closed counts with the age it had then; "
+        "*starved*: tasks (most in any round) that completed no request in a whole window. "
+        "Raw asyncpg runs one task per connection (the number in brackets).",
         "",
         "| query | tasks | client | req/s | ratio | ratio range | p50 | p99 | p99.9 "
-        "| p99/p50 | CPU/req | failed |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p99/p50 | CPU/req | starved | failed |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in tp["cases"]:
         for peer, row in case["peers"].items():
@@ -53,7 +58,8 @@ def throughput_table(results: dict[str, Any]) -> str:
                 f"| {case['query']} | {tasks} | {peer} | {row['rps']:.0f} | "
                 f"{_f(row.get('ratio'))}x | {spread} | {_us(p50)} | {_us(p99)} | "
                 f"{_us(row['p999_us'])} | {_f(p99 / p50 if p50 and p99 else None, 1)} | "
-                f"{_us(row['cpu_us_per_request'])} | {row['failed']} |"
+                f"{_us(row['cpu_us_per_request'])} | {row.get('starved_tasks', 0)} | "
+                f"{row['failed']} |"
             )
     return "\n".join(lines)
 
@@ -138,21 +144,45 @@ def profile_table(results: dict[str, Any]) -> str:
     if not pr:
         return ""
     lines = [
-        "Sampling profile (py-spy, non-idle samples), `SELECT 1`. Each sample is charged to the "
-        "innermost frame that belongs to a known part; µs/request = share x the CPU per "
-        "request measured in the same window.",
+        "Sampling profile (py-spy `--gil`: only while Python runs), `SELECT 1`. Each sample "
+        "is charged to the innermost frame that belongs to a known part (trio's channel code "
+        "run by the dispatcher is the dispatcher's; asyncio's transport code run by asyncpg "
+        "is socket I/O). The samples split the user CPU per request; the kernel row is the "
+        "system CPU per request, both from `os.times()` over the same window.",
         "",
     ]
     for entry in pr["runs"]:
+        user, system = entry.get("user_us_per_request"), entry.get("system_us_per_request")
+        split = f" (user {_us(user)}, system {_us(system)})" if user is not None else ""
         lines += [
             f"**{entry['peer']}, {entry['concurrency']} tasks**: {entry['rps']:.0f} req/s, "
-            f"{_us(entry['cpu_us_per_request'])} CPU per request, {entry['samples']} samples.",
+            f"{_us(entry['cpu_us_per_request'])} CPU per request{split}, "
+            f"{entry['samples']} samples.",
             "",
             "| part | share | µs/request |",
             "|---|---:|---:|",
         ]
         for part, share, us in entry["breakdown"]:
             lines.append(f"| {part} | {share:.1%} | {us:.1f} |")
+        lines.append("")
+    counted = pr.get("cprofile") or []
+    if counted:
+        lines += [
+            "Exact counts per request (cProfile, `SELECT 1`; warm-up included; a coroutine "
+            "counts one call per resumption):",
+            "",
+            "| per request | "
+            + " | ".join(f"{c['peer']} c={c['concurrency']}" for c in counted)
+            + " |",
+            "|---|" + "---:|" * len(counted),
+            "| Python function calls | "
+            + " | ".join(f"{c['python_calls_per_request']:.0f}" for c in counted)
+            + " |",
+        ]
+        for label in counted[0]["events_per_request"]:
+            values = [c["events_per_request"].get(label, 0.0) for c in counted]
+            if any(v >= 0.05 for v in values):
+                lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -202,9 +232,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     None if r is None else r >= 0.8,
                 )
             )
-            new = peers.get("picopyn-3")
-            if new and new["rps"]:
-                r3 = row["rps"] / new["rps"]
+            r3 = row.get("ratio_vs_picopyn3")
+            if r3 is not None and "picopyn-3" in peers:
                 out.append((f"throughput >= 1.5x picopyn 3.x ({label})", f"{r3:.2f}x", r3 >= 1.5))
             if case["concurrency"] >= 100 and row["p50_us"]:
                 q = row["p99_us"] / row["p50_us"]
@@ -286,7 +315,7 @@ def plot_timeline(results: dict[str, Any], key: str, path: Path) -> Path | None:
         n: c for n, c in zip(names, ["#4c72b0", "#dd8452", "#55a868", "#8172b3"], strict=False)
     }
     fig, axes = plt.subplots(
-        len(peers), 1, figsize=(10, 2.6 * len(peers)), sharex=True, squeeze=False
+        len(peers), 1, figsize=(10, 2.6 * len(peers)), sharex=True, sharey=True, squeeze=False
     )
     for ax, peer in zip(axes[:, 0], peers, strict=True):
         bins = tl["peers"][peer]["bins"]

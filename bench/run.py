@@ -220,6 +220,7 @@ def run_throughput(
                         "duration": args.duration,
                     }
                     res = procs[peer.name].request(cmd, timeout=args.warmup + args.duration + 60)
+                    res["at"] = time.monotonic() - args.duration / 2  # the window's middle
                     raw[(query, concurrency)][peer.name].append(res)
                     log(
                         f"  [{step}/{total}] round {r + 1} {query} c={concurrency} "
@@ -232,6 +233,9 @@ def run_throughput(
         rows = {}
         for name, rounds in by_peer.items():
             rows[name] = {**summarize_rounds(rounds), **ratios(rounds, base)}
+            if "picopyn-3" in by_peer:
+                vs3 = ratios(rounds, by_peer["picopyn-3"])
+                rows[name]["ratio_vs_picopyn3"] = vs3["ratio"]
         out_cases.append({"query": query, "concurrency": concurrency, "peers": rows})
     return {
         "baseline": BASELINE if any(p.name == BASELINE for p in peers) else None,
@@ -400,9 +404,14 @@ def run_profile(args: argparse.Namespace, cluster: dict[str, Any], logdir: Path)
     runs = []
     seconds = max(3.0, args.duration)
     for name in args.profile_peers:
-        peer = PEER_BY_NAME[name]
-        with running([peer], cluster, logdir, "-profile") as procs:
-            proc = procs[name]
+        fake = name.endswith("-fake")
+        peer = PEER_BY_NAME[name.removesuffix("-fake")]
+        target = {"connections": 9, "nodes": []} if fake else cluster
+        extra = {"fake": 3, "connections_per_node": 3} if fake else {}
+        with running(
+            [peer], target, logdir, f"-profile{'-fake' if fake else ''}", **extra
+        ) as procs:
+            proc = procs[peer.name]
             for concurrency in args.concurrency:
                 out = logdir / f"profile-{name}-c{concurrency}.txt"
                 cmd = {
@@ -425,6 +434,7 @@ def run_profile(args: argparse.Namespace, cluster: dict[str, Any], logdir: Path)
                         "--rate",
                         "250",
                         "--nonblocking",
+                        "--gil",
                         "--format",
                         "raw",
                         "--output",
@@ -441,10 +451,30 @@ def run_profile(args: argparse.Namespace, cluster: dict[str, Any], logdir: Path)
                 counts = categorize_stacks(lines)
                 total = sum(counts.values()) or 1
                 cpu = res["cpu_us_per_request"] or 0.0
+                # Samples are taken only while Python holds the GIL, so they split the
+                # user CPU; the kernel's share (system CPU: syscalls, loopback TCP) is
+                # measured apart.
+                user = res.get("user_us_per_request") or cpu
+                system = res.get("system_us_per_request") or 0.0
+                scale = cpu / (user + system) if user + system else 1.0
                 breakdown = sorted(
-                    ((part, n / total, n / total * cpu) for part, n in counts.items()),
+                    (
+                        (
+                            part,
+                            n / total * user * scale / cpu if cpu else 0.0,
+                            n / total * user * scale,
+                        )
+                        for part, n in counts.items()
+                    ),
                     key=lambda row: row[1],
                     reverse=True,
+                )
+                breakdown.append(
+                    (
+                        "kernel (system CPU: syscalls, loopback TCP)",
+                        system * scale / cpu if cpu else 0.0,
+                        system * scale,
+                    )
                 )
                 runs.append(
                     {
@@ -452,6 +482,8 @@ def run_profile(args: argparse.Namespace, cluster: dict[str, Any], logdir: Path)
                         "concurrency": concurrency,
                         "rps": res["rps"],
                         "cpu_us_per_request": cpu,
+                        "user_us_per_request": res.get("user_us_per_request"),
+                        "system_us_per_request": res.get("system_us_per_request"),
                         "samples": total,
                         "breakdown": breakdown,
                         "leaves": leaf_functions(lines),
@@ -461,27 +493,26 @@ def run_profile(args: argparse.Namespace, cluster: dict[str, Any], logdir: Path)
                     f"  profile {name} c={concurrency}: {res['rps']:.0f} req/s, "
                     + ", ".join(f"{p} {s:.0%}" for p, s, _ in breakdown[:6])
                 )
-            if name.startswith("actors"):
-                # Exact call counts per request (cProfile slows things down: counts only).
-                for concurrency in args.concurrency:
-                    cmd = {
-                        "cmd": "throughput",
-                        "query": "select1",
+            # Exact call counts per request (cProfile slows things down: counts only).
+            for concurrency in args.concurrency:
+                cmd = {
+                    "cmd": "throughput",
+                    "query": "select1",
+                    "concurrency": concurrency,
+                    "warmup": args.warmup,
+                    "duration": min(seconds, 2.0),
+                    "cprofile": True,
+                }
+                res = proc.request(cmd, timeout=120)
+                runs.append(
+                    {
+                        "peer": name,
                         "concurrency": concurrency,
-                        "warmup": args.warmup,
-                        "duration": min(seconds, 2.0),
                         "cprofile": True,
+                        "requests": res["cprofile_requests"],
+                        **res["cprofile"],
                     }
-                    res = proc.request(cmd, timeout=120)
-                    runs.append(
-                        {
-                            "peer": name,
-                            "concurrency": concurrency,
-                            "cprofile": True,
-                            "requests": res["requests"],
-                            "functions": res["cprofile"],
-                        }
-                    )
+                )
     return {
         "runs": [r for r in runs if not r.get("cprofile")],
         "cprofile": [r for r in runs if r.get("cprofile")],
@@ -558,7 +589,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--victim", default="i2", help="the node killed or paused (default i2)")
     p.add_argument("--scale-nodes", default="3,10,30")
     p.add_argument("--scale-tasks", type=int, default=100)
-    p.add_argument("--profile-peers", default=f"actors-rr,{BASELINE}")
+    p.add_argument(
+        "--profile-peers",
+        default=f"actors-rr,{BASELINE},actors-rr-fake",
+        help="peers to profile; NAME-fake runs picopyn_actors on the fake backend",
+    )
     p.add_argument("--connections", type=int, default=9, help="connections in total (default 9)")
     p.add_argument("--rebuild-envs", action="store_true", help="rebuild bench/.venvs/*")
     p.add_argument(
@@ -610,7 +645,7 @@ def main() -> int:
     if {"failover", "hang"} & set(args.only):
         needed |= {PEER_BY_NAME[n].env for n in TIMELINE_PEERS}
     if "profile" in args.only:
-        needed |= {PEER_BY_NAME[n].env for n in args.profile_peers}
+        needed |= {PEER_BY_NAME[n.removesuffix("-fake")].env for n in args.profile_peers}
     for env in sorted(needed):
         if env != "bench":
             _envs.ensure(env, rebuild=args.rebuild_envs, log=log)

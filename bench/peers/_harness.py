@@ -206,8 +206,23 @@ async def run_throughput(
         call = make_call(i)
         return lambda: rec.worker(i, call, query, make_args, sleep)
 
-    await run_tasks([clock, *(make(i) for i in range(count))])
-    out = rec.result(snaps[0], snaps[1])
+    fns = [clock, *(make(i) for i in range(count))]
+    if cmd.get("cprofile"):
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            await run_tasks(fns)
+        finally:
+            prof.disable()
+        out = rec.result(snaps[0], snaps[1])
+        out["cprofile"] = cprofile_summary(prof, rec.done)
+        out["cprofile_requests"] = rec.done
+        del out["latencies_us"]
+    else:
+        await run_tasks(fns)
+        out = rec.result(snaps[0], snaps[1])
     out["tasks"] = count
     return out
 
@@ -342,27 +357,56 @@ async def serve(
 # -- deterministic profile (call counts) ------------------------------------------------
 
 
-def cprofile_summary(prof: Any, requests: int, top: int = 45) -> list[dict[str, Any]]:
-    """The ``top`` functions by own time: calls and own/cumulative microseconds per request.
+#: Per-request counts worth comparing between clients: (label, substrings that
+#: must all be in cProfile's "file:line(function)" key).
+EVENT_COUNTS: list[tuple[str, tuple[str, ...]]] = [
+    ("epoll/select polls", ("of 'select.epoll' objects",)),
+    ("socket send() calls", ("'send' of '_socket.socket'",)),
+    ("socket recv() calls", ("'recv' of '_socket.socket'",)),
+    ("trio task reschedules", ("trio/_core/_run.py", "(reschedule)")),
+    ("trio cancel scopes entered", ("trio/_core/_run.py", "(__enter__)")),
+    ("trio channel send_nowait", ("trio/_channel.py", "(send_nowait)")),
+    ("trio-asyncio loop iterations", ("trio_asyncio/_base.py", "(_main_loop_one)")),
+    ("asyncio callbacks run", ("asyncio/events.py", "(_run)")),
+    ("asyncio call_soon", ("(call_soon)",)),
+    ("asyncio tasks created", ("(create_task)",)),
+]
+
+
+def cprofile_summary(prof: Any, requests: int, top: int = 60) -> dict[str, Any]:
+    """The ``top`` functions by own time (calls and own/cumulative microseconds per
+    request), selected event counts per request and all Python calls per request, over
+    every request completed while the profiler ran (warm-up included).
 
     cProfile slows everything down several times, so its times are only
-    relative; its call counts are exact.
+    relative. Its call counts are exact; a coroutine or generator counts one
+    call per resumption.
     """
     import pstats
 
+    n = max(1, requests)
     stats = pstats.Stats(prof)
     rows = []
+    events = dict.fromkeys((label for label, _ in EVENT_COUNTS), 0.0)
     for (path, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        key = f"{_short(path)}:{line}({func})"
+        for label, needles in EVENT_COUNTS:
+            if all(needle in key for needle in needles):
+                events[label] += ncalls / n
         rows.append(
             {
-                "function": f"{_short(path)}:{line}({func})",
-                "calls_per_request": ncalls / max(1, requests),
-                "own_us_per_request": tottime * 1e6 / max(1, requests),
-                "cum_us_per_request": cumtime * 1e6 / max(1, requests),
+                "function": key,
+                "calls_per_request": ncalls / n,
+                "own_us_per_request": tottime * 1e6 / n,
+                "cum_us_per_request": cumtime * 1e6 / n,
             }
         )
     rows.sort(key=lambda r: r["own_us_per_request"], reverse=True)
-    return rows[:top]
+    return {
+        "python_calls_per_request": stats.total_calls / n,  # type: ignore[attr-defined]
+        "events_per_request": events,
+        "functions": rows[:top],
+    }
 
 
 def _short(path: str) -> str:

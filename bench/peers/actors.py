@@ -11,7 +11,6 @@ measures the client's own cost per request, without any I/O.
 
 from __future__ import annotations
 
-import cProfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +20,6 @@ from _harness import (
     Call,
     Timeline,
     config,
-    cprofile_summary,
     emit,
     read_command,
     run_throughput,
@@ -86,17 +84,7 @@ async def amain(cfg: dict[str, Any]) -> None:
             return call
 
         async def throughput(cmd: dict[str, Any]) -> dict[str, Any]:
-            if not cmd.get("cprofile"):
-                return await run_throughput(cmd, make_call, trio.sleep, run_tasks)
-            prof = cProfile.Profile()
-            prof.enable()
-            try:
-                out = await run_throughput(cmd, make_call, trio.sleep, run_tasks)
-            finally:
-                prof.disable()
-            out["cprofile"] = cprofile_summary(prof, out["requests"])
-            out.pop("latencies_us")
-            return out
+            return await run_throughput(cmd, make_call, trio.sleep, run_tasks)
 
         async def side(tl: Timeline) -> None:
             """Record node state changes and the retry counter, relative to t0."""
