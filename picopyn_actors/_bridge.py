@@ -15,12 +15,17 @@ Errors are classified here, once:
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from typing import Any, Protocol
 
 import asyncpg
+import outcome
 import trio
 import trio_asyncio
 
@@ -34,6 +39,7 @@ __all__ = [
     "BackendBroken",
     "BackendQueryError",
     "Connection",
+    "ThreadBackend",
     "open_backend",
 ]
 
@@ -188,36 +194,36 @@ class _AsyncpgConnection:
         return bool(self._conn.is_closed())
 
 
+def _connect_options(
+    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """The connect timeout and ``asyncpg.connect`` keyword arguments for a DSN."""
+    kwargs: dict[str, Any] = dict(connect_kwargs)
+    params = dict(dsn.params)
+    if "sslmode" in params:
+        kwargs.setdefault("ssl", params["sslmode"])
+    if "connect_timeout" in params:
+        connect_timeout = float(params["connect_timeout"])
+    if "application_name" in params:
+        settings = dict(kwargs.get("server_settings") or {})
+        settings.setdefault("application_name", params["application_name"])
+        kwargs["server_settings"] = settings
+    kwargs.update(user=dsn.user, password=dsn.password, database=dsn.database)
+    return connect_timeout, kwargs
+
+
 class AsyncpgBackend:
-    """Opens asyncpg connections with the DSN's credentials and ``connect_kwargs``."""
+    """asyncpg on a trio-asyncio loop: the integration for services already using it."""
 
     def __init__(
         self, dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any], loop: Any
     ) -> None:
-        self._dsn = dsn
-        self._timeout = connect_timeout
+        self._timeout, self._kwargs = _connect_options(dsn, connect_timeout, connect_kwargs)
         self._loop = loop
-        kwargs: dict[str, Any] = dict(connect_kwargs)
-        params = dict(dsn.params)
-        if "sslmode" in params:
-            kwargs.setdefault("ssl", params["sslmode"])
-        if "connect_timeout" in params:
-            self._timeout = float(params["connect_timeout"])
-        if "application_name" in params:
-            settings = dict(kwargs.get("server_settings") or {})
-            settings.setdefault("application_name", params["application_name"])
-            kwargs["server_settings"] = settings
-        self._kwargs = kwargs
 
     async def connect(self, address: Address) -> Connection:
         coro = asyncpg.connect(
-            host=address.host,
-            port=address.port,
-            user=self._dsn.user,
-            password=self._dsn.password,
-            database=self._dsn.database,
-            timeout=self._timeout,
-            **self._kwargs,
+            host=address.host, port=address.port, timeout=self._timeout, **self._kwargs
         )
         try:
             conn = await self._loop.run_aio_coroutine(coro)
@@ -226,6 +232,238 @@ class AsyncpgBackend:
         except Exception as exc:
             raise classify(exc, sent=False) from exc
         return _AsyncpgConnection(conn, self._loop)
+
+
+# -- the thread bridge -----------------------------------------------------------
+#
+# A plain asyncio loop runs in a thread of its own and owns every asyncpg
+# connection. Work crosses between the threads in batches: the trio side
+# appends jobs to a deque and wakes the asyncio loop once per batch
+# (call_soon_threadsafe); the asyncio side appends finished jobs to another
+# deque and wakes trio once per batch (TrioToken.run_sync_soon), which
+# reschedules each waiting task directly. A job's waiter never gives up on
+# it: cancelling a job cancels its asyncio task, and the waiter wakes when
+# the asyncio side says it is over, so a connection is never used by two
+# operations at once.
+
+
+class _Job:
+    __slots__ = ("aio_task", "coro_factory", "outcome", "raise_cancel", "task")
+
+    def __init__(self, coro_factory: Any, task: trio.lowlevel.Task) -> None:
+        self.coro_factory = coro_factory
+        self.task = task
+        self.aio_task: asyncio.Task[Any] | None = None
+        self.outcome: outcome.Outcome[Any] | None = None
+        self.raise_cancel: Any = None
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread, with batched hand-offs both ways."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._loop = asyncio.SelectorEventLoop()  # plain asyncio, whatever policy is installed
+        self._loop.set_exception_handler(_log_loop_error)
+        self._to_aio: deque[_Job | _Cancel | Callable[[], object]] = deque()
+        self._to_trio: deque[_Job] = deque()
+        self._aio_wakeup = False
+        self._trio_wakeup = False
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name="picopyn_actors asyncio bridge", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    # trio side -------------------------------------------------------------------
+
+    def post(self, item: _Job | _Cancel | Callable[[], object]) -> None:
+        """Queue a job (or a plain callable) for the asyncio thread."""
+        if self._closed:
+            raise BackendBroken("the bridge is closed", sent=False)
+        self._to_aio.append(item)
+        if not self._aio_wakeup:
+            self._aio_wakeup = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+    async def call(self, coro_factory: Any) -> Any:
+        """Run ``coro_factory()`` on the asyncio loop; wait for its outcome.
+
+        Cancellation cancels the asyncio task and waits for it to end.
+        """
+        job = _Job(coro_factory, trio.lowlevel.current_task())
+        self.post(job)
+
+        def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            job.raise_cancel = raise_cancel
+            self.post(_Cancel(job))
+            return trio.lowlevel.Abort.FAILED
+
+        result = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    def _deliver(self) -> None:
+        # Runs in trio, once per batch of finished jobs.
+        self._trio_wakeup = False
+        queue = self._to_trio
+        reschedule = trio.lowlevel.reschedule
+        while queue:
+            job = queue.popleft()
+            result = job.outcome
+            assert result is not None
+            if (
+                job.raise_cancel is not None
+                and isinstance(result, outcome.Error)
+                and isinstance(result.error, asyncio.CancelledError)
+            ):
+                result = outcome.capture(job.raise_cancel)
+            reschedule(job.task, result)
+
+    # asyncio side ----------------------------------------------------------------
+
+    def _drain(self) -> None:
+        self._aio_wakeup = False
+        queue = self._to_aio
+        create_task = self._loop.create_task
+        while queue:
+            item = queue.popleft()
+            if isinstance(item, _Job):
+                item.aio_task = task = create_task(item.coro_factory())
+                task.add_done_callback(functools.partial(self._done, item))
+            elif isinstance(item, _Cancel):
+                aio_task = item.job.aio_task
+                if aio_task is not None:
+                    aio_task.cancel()
+            else:
+                item()
+
+    def _done(self, job: _Job, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            job.outcome = outcome.Error(asyncio.CancelledError())
+        else:
+            exc = task.exception()
+            job.outcome = outcome.Value(task.result()) if exc is None else outcome.Error(exc)
+        self._to_trio.append(job)
+        if not self._trio_wakeup:
+            self._trio_wakeup = True
+            with suppress(trio.RunFinishedError):  # trio is gone: nobody waits
+                self._token.run_sync_soon(self._deliver)
+
+    async def aclose(self) -> None:
+        """Cancel what runs on the loop, stop it and join the thread."""
+        if self._closed:
+            return
+
+        def shutdown() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.call_soon(self._loop.stop)
+
+        self.post(shutdown)
+        self._closed = True
+        await trio.to_thread.run_sync(self._thread.join)
+
+
+class _Cancel:
+    __slots__ = ("job",)
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+
+
+class _ThreadConnection:
+    """An asyncpg connection owned by the bridge thread."""
+
+    __slots__ = ("_bridge", "_conn")
+
+    def __init__(self, conn: Any, bridge: _LoopThread) -> None:
+        self._conn = conn
+        self._bridge = bridge
+
+    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        conn = self._conn
+        if conn.is_closed():
+            raise BackendBroken("connection is closed", sent=False)
+        bound = getattr(conn, method)
+        try:
+            return await self._bridge.call(lambda: bound(query, *args))
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise classify(exc, sent=True) from exc
+
+    async def probe(self) -> None:
+        await self.run("fetchval", "SELECT 1", ())
+
+    async def prepare(self, query: str) -> Any:
+        return await self.run("prepare", query, ())
+
+    async def run_prepared(self, handle: Any, method: str, args: Sequence[Any]) -> Any:
+        if self._conn.is_closed():
+            raise BackendBroken("connection is closed", sent=False)
+        bound = getattr(handle, method)
+        try:
+            return await self._bridge.call(lambda: bound(*args))
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise classify(exc, sent=True) from exc
+
+    def terminate(self) -> None:
+        conn = self._conn
+        if not conn.is_closed():
+            with suppress(BackendBroken):
+                self._bridge.post(conn.terminate)
+
+    async def close(self) -> None:
+        if self._conn.is_closed():
+            return
+        try:
+            with trio.move_on_after(1.0) as scope:
+                await self._bridge.call(lambda: self._conn.close(timeout=1.0))
+            if scope.cancelled_caught:
+                self.terminate()
+        except Exception:
+            self.terminate()
+
+    def is_closed(self) -> bool:
+        return bool(self._conn.is_closed())
+
+
+class ThreadBackend:
+    """asyncpg on a plain asyncio loop in a thread of its own: the fast bridge."""
+
+    def __init__(
+        self,
+        dsn: Dsn,
+        connect_timeout: float,
+        connect_kwargs: Mapping[str, Any],
+        bridge: _LoopThread,
+    ) -> None:
+        self._timeout, self._kwargs = _connect_options(dsn, connect_timeout, connect_kwargs)
+        self._bridge = bridge
+
+    async def connect(self, address: Address) -> Connection:
+        kwargs = self._kwargs
+        timeout = self._timeout
+        try:
+            conn = await self._bridge.call(
+                lambda: asyncpg.connect(
+                    host=address.host, port=address.port, timeout=timeout, **kwargs
+                )
+            )
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise classify(exc, sent=False) from exc
+        return _ThreadConnection(conn, self._bridge)
 
 
 def _log_loop_error(loop: Any, context: dict[str, Any]) -> None:
@@ -246,9 +484,21 @@ def _install_handler(loop: Any) -> None:
 
 @asynccontextmanager
 async def open_backend(
-    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any]
-) -> AsyncIterator[AsyncpgBackend]:
-    """Yield a backend on the running trio-asyncio loop, or on a new one."""
+    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any], kind: str = "trio-asyncio"
+) -> AsyncIterator[Backend]:
+    """Yield a backend of the given kind.
+
+    ``"trio-asyncio"`` uses the running trio-asyncio loop, or opens one;
+    ``"thread"`` runs a plain asyncio loop in a thread of its own.
+    """
+    if kind == "thread":
+        bridge = _LoopThread(trio.lowlevel.current_trio_token())
+        try:
+            yield ThreadBackend(dsn, connect_timeout, connect_kwargs, bridge)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.aclose()
+        return
     loop = trio_asyncio.current_loop.get()
     if loop is not None:
         _install_handler(loop)

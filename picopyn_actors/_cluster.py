@@ -364,7 +364,9 @@ async def open_cluster(
                 yield cluster
             return
         async with (
-            open_backend(config.dsn, config.connect_timeout, config.connect_kwargs) as real,
+            open_backend(
+                config.dsn, config.connect_timeout, config.connect_kwargs, config.bridge
+            ) as real,
             _run_cluster(config, real) as cluster,
         ):
             yield cluster

@@ -44,6 +44,19 @@ def _count(minimum: int) -> Any:
     return check
 
 
+#: How trio reaches asyncpg; see :class:`ClusterConfig`.
+BRIDGES = ("trio-asyncio", "thread")
+
+
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{attribute.name} must be one of {allowed}, got {value!r}")
+
+    return check
+
+
 def _callable(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not callable(value):
         raise ConfigError(
@@ -74,6 +87,9 @@ class ClusterConfig:
         max_attempts: how many nodes one request may be tried on.
         drain_timeout: how long a drained node's in-flight requests may take.
         events_buffer: events kept per slow ``events()`` subscriber.
+        bridge: how trio reaches asyncpg: ``"trio-asyncio"`` (the running
+            trio-asyncio loop, or a new one) or ``"thread"`` (a plain asyncio
+            loop in a thread of its own, with batched hand-offs; faster).
         connect_kwargs: extra keyword arguments for ``asyncpg.connect``.
     """
 
@@ -94,6 +110,7 @@ class ClusterConfig:
     max_attempts: int = attrs.field(default=3, validator=_count(1))
     drain_timeout: float = attrs.field(default=10.0, validator=_positive)
     events_buffer: int = attrs.field(default=256, validator=_count(1))
+    bridge: str = attrs.field(default="trio-asyncio", validator=_one_of(BRIDGES))
     connect_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:

@@ -524,35 +524,25 @@ class NodeActor:
     async def _execute(self, conn: Connection, request: Request, generation: int) -> bool:
         """Run one request. Returns ``False`` when the connection must be replaced."""
         request.phase = Phase.SENT
-        request.scope = scope = trio.CancelScope()
+        request.conn = conn  # a caller that gives up terminates it: see Request._abort
         self.in_flight += 1
         start = trio.current_time()
         try:
-            with scope:
-                try:
-                    result = await conn.run(request.method, request.query, request.args)
-                except BackendQueryError as exc:
-                    self.failed += 1
-                    self.errors += 1
-                    error = QueryError(exc.message, sqlstate=exc.sqlstate, node=self.name)
-                    error.__cause__ = exc.__cause__
-                    request.fail(error)
-                    await self.dispatcher.send(Idle(self.route_id, generation, True, 0.0))
-                    return True
-                except BackendBroken as exc:
-                    self._report(_WorkerBroken(generation, exc.message))
-                    self._lost(request, exc.message, sent=exc.sent)
-                    return False
-                latency = trio.current_time() - start
-                self.ok += 1
-                request.finish(outcome.Value(result))
-                old = self.latency
-                self.latency = latency if old is None else old + _EWMA * (latency - old)
-                await self.dispatcher.send(Idle(self.route_id, generation, True, latency))
-                return True
-            # Only our own scope's cancel lands here: the caller was cancelled
-            # mid-query. Picodata cannot cancel a query, so drop the connection.
-            log.debug("node %s: caller cancelled a query; replacing its connection", self.name)
+            result = await conn.run(request.method, request.query, request.args)
+        except BackendQueryError as exc:
+            self.failed += 1
+            self.errors += 1
+            error = QueryError(exc.message, sqlstate=exc.sqlstate, node=self.name)
+            error.__cause__ = exc.__cause__
+            request.fail(error)
+            await self._idle(generation, 0.0)
+            return request.phase is not Phase.ABANDONED
+        except BackendBroken as exc:
+            if request.phase is Phase.ABANDONED:
+                log.debug("node %s: caller gave up mid-query; replacing the connection", self.name)
+                return False
+            self._report(_WorkerBroken(generation, exc.message))
+            self._lost(request, exc.message, sent=exc.sent)
             return False
         except trio.Cancelled:
             # The session ended (node down, drain deadline) or the cluster is closing.
@@ -560,7 +550,26 @@ class NodeActor:
             raise
         finally:
             self.in_flight -= 1
-            request.scope = None
+            request.conn = None
+        if request.phase is Phase.ABANDONED:
+            # The caller gave up while the answer was on its way: Picodata
+            # cannot cancel, so its connection was terminated; open a new one.
+            return False
+        latency = trio.current_time() - start
+        self.ok += 1
+        request.finish(outcome.Value(result))
+        old = self.latency
+        self.latency = latency if old is None else old + _EWMA * (latency - old)
+        await self._idle(generation, latency)
+        return True
+
+    async def _idle(self, generation: int, latency: float) -> None:
+        """Give the dispatcher a token for this worker, without a checkpoint when possible."""
+        message = Idle(self.route_id, generation, True, latency)
+        try:
+            self.dispatcher.send_nowait(message)
+        except trio.WouldBlock:
+            await self.dispatcher.send(message)
 
     async def _lend(self, conn: Connection, request: Request) -> bool:
         """Hand ``conn`` to a ``cluster.connection()`` caller until it gives it back."""

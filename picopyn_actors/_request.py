@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import outcome
 import trio
 
 from ._errors import ClusterClosed
+
+
+class Terminable(Protocol):
+    """What a request needs of the connection it runs on."""
+
+    def terminate(self) -> None:
+        """Drop the connection at once."""
 
 
 class Phase(enum.IntEnum):
@@ -35,6 +42,7 @@ class Request:
     __slots__ = (
         "args",
         "attempts",
+        "conn",
         "enqueued_at",
         "errors",
         "idempotent",
@@ -43,7 +51,6 @@ class Request:
         "phase",
         "query",
         "result",
-        "scope",
         "task",
     )
 
@@ -58,7 +65,7 @@ class Request:
         self.task: trio.lowlevel.Task | None = None
         self.attempts = 0
         self.last_route: int | None = None
-        self.scope: trio.CancelScope | None = None
+        self.conn: Terminable | None = None
         self.enqueued_at = now
         self.errors: list[str] = []
         self.result: outcome.Outcome[Any] | None = None
@@ -91,13 +98,13 @@ class Request:
 
     def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         # The caller is cancelled: nobody will read an answer any more. A
-        # query on the wire cannot be cancelled on Picodata, so the worker's
-        # scope is cancelled: it drops that connection and opens a new one.
+        # query on the wire cannot be cancelled on Picodata, so its connection
+        # is terminated: the worker sees it break, and opens a new one.
         if self.phase >= Phase.DONE:  # pragma: no cover - trio never aborts a rescheduled task
             return trio.lowlevel.Abort.FAILED
         self.phase = Phase.ABANDONED
-        if self.scope is not None:
-            self.scope.cancel()
+        if self.conn is not None:
+            self.conn.terminate()
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def wait(self) -> Any:
