@@ -16,6 +16,7 @@ from typing import TextIO
 
 import trio
 
+from .._config import BRIDGES
 from .._dsn import parse_dsn, redact
 from .._errors import ConfigError, PicodataError
 from .common import one_line, setup_logging
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--events", type=_count(1), default=10, metavar="N", help="recent events shown (default 10)"
     )
+    _bridge(monitor)
     _verbosity(monitor)
 
     demo = commands.add_parser(
@@ -164,8 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="width of the per-node share buckets in the summary (default 5)",
     )
+    _bridge(demo)
     _verbosity(demo)
     return parser
+
+
+def _bridge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bridge",
+        choices=BRIDGES,
+        help="how trio reaches asyncpg (default: the library's default)",
+    )
 
 
 def _verbosity(parser: argparse.ArgumentParser) -> None:
@@ -257,6 +268,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             refresh=args.refresh,
             grace=args.grace,
             events=args.events,
+            bridge=args.bridge,
         )
         # Validate before any I/O: a bad DSN is an error line, not a traceback.
         parse_dsn(options.dsn)
@@ -272,5 +284,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         writers=args.writers,
         connections=args.connections,
         bucket=args.bucket,
+        bridge=args.bridge,
     )
     return run_demo(options_demo, sys.stdout)

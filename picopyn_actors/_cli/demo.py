@@ -81,6 +81,14 @@ class DemoOptions:
     writers: int = 2
     connections: int = 2
     bucket: float = 5.0
+    bridge: str | None = None
+
+    def cluster_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`open_cluster`."""
+        options = dict(CLUSTER_OPTIONS, connections_per_node=self.connections)
+        if self.bridge is not None:
+            options["bridge"] = self.bridge
+        return options
 
 
 # -- the chaos script -----------------------------------------------------------------
@@ -467,9 +475,7 @@ class _Demo:
 
             async with (
                 on_signals(stop),
-                open_cluster(
-                    dsn, connections_per_node=options.connections, **CLUSTER_OPTIONS
-                ) as cluster,
+                open_cluster(dsn, **options.cluster_options()) as cluster,
             ):
                 self.cluster = cluster
                 self.recorder = Recorder(trio.current_time())

@@ -63,6 +63,7 @@ class MonitorOptions:
     refresh: float | None = None
     grace: float | None = None
     events: int = 10
+    bridge: str | None = None
 
     def cluster_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`open_cluster`."""
@@ -70,6 +71,8 @@ class MonitorOptions:
         if self.interval is not None:
             options["discovery_interval"] = self.interval
             options["health_interval"] = self.interval
+        if self.bridge is not None:
+            options["bridge"] = self.bridge
         return options
 
 
