@@ -344,4 +344,6 @@ def test_parser_defaults() -> None:
     args = build_parser().parse_args(["demo"])
     assert (args.duration, args.nodes, args.no_live) == (60.0, 3, False)
     args = build_parser().parse_args(["monitor", "--check", "-v", "postgresql://a@h"])
-    assert args.check and args.verbose == 1 and args.connections == 1
+    assert args.check and args.verbose == 1 and args.connections == 1 and args.bridge is None
+    args = build_parser().parse_args(["demo", "--bridge", "thread", "--duration", "30"])
+    assert args.bridge == "thread" and args.duration == 30.0
