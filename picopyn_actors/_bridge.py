@@ -41,6 +41,7 @@ __all__ = [
     "Connection",
     "ThreadBackend",
     "open_backend",
+    "submit",
 ]
 
 # SQLSTATE classes and codes that mean "this connection is finished".
@@ -151,6 +152,21 @@ class _AsyncpgConnection:
         except Exception as exc:
             raise classify(exc, sent=True) from exc
 
+    def submit(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        conn = self._conn
+        if conn.is_closed():
+            on_done(outcome.Error(BackendBroken("connection is closed", sent=False)))
+            return
+        task = self._loop.create_task(getattr(conn, method)(query, *args))
+        # Done callbacks run on the trio-asyncio loop, that is, in trio.
+        task.add_done_callback(lambda t: _call_back(on_done, _task_outcome(t)))
+
     async def probe(self) -> None:
         await self.run("fetchval", "SELECT 1", ())
 
@@ -248,11 +264,19 @@ class AsyncpgBackend:
 
 
 class _Job:
-    __slots__ = ("aio_task", "coro_factory", "outcome", "raise_cancel", "task")
+    """A coroutine to run on the asyncio side, and who to tell: a parked task or a callback."""
 
-    def __init__(self, coro_factory: Any, task: trio.lowlevel.Task) -> None:
+    __slots__ = ("aio_task", "callback", "coro_factory", "outcome", "raise_cancel", "task")
+
+    def __init__(
+        self,
+        coro_factory: Any,
+        task: trio.lowlevel.Task | None = None,
+        callback: Callable[[outcome.Outcome[Any]], None] | None = None,
+    ) -> None:
         self.coro_factory = coro_factory
         self.task = task
+        self.callback = callback
         self.aio_task: asyncio.Task[Any] | None = None
         self.outcome: outcome.Outcome[Any] | None = None
         self.raise_cancel: Any = None
@@ -298,7 +322,7 @@ class _LoopThread:
 
         Cancellation cancels the asyncio task and waits for it to end.
         """
-        job = _Job(coro_factory, trio.lowlevel.current_task())
+        job = _Job(coro_factory, task=trio.lowlevel.current_task())
         self.post(job)
 
         def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
@@ -318,6 +342,10 @@ class _LoopThread:
             job = queue.popleft()
             result = job.outcome
             assert result is not None
+            if job.callback is not None:
+                _call_back(job.callback, result)
+                continue
+            assert job.task is not None
             if (
                 job.raise_cancel is not None
                 and isinstance(result, outcome.Error)
@@ -345,11 +373,7 @@ class _LoopThread:
                 item()
 
     def _done(self, job: _Job, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            job.outcome = outcome.Error(asyncio.CancelledError())
-        else:
-            exc = task.exception()
-            job.outcome = outcome.Value(task.result()) if exc is None else outcome.Error(exc)
+        job.outcome = _task_outcome(task)
         self._to_trio.append(job)
         if not self._trio_wakeup:
             self._trio_wakeup = True
@@ -369,6 +393,64 @@ class _LoopThread:
         self.post(shutdown)
         self._closed = True
         await trio.to_thread.run_sync(self._thread.join)
+
+
+def _call_back(
+    callback: Callable[[outcome.Outcome[Any]], None], result: outcome.Outcome[Any]
+) -> None:
+    """Report a finished operation to ``callback``, classifying its error; never raises."""
+    if isinstance(result, outcome.Error):
+        error = result.error
+        if isinstance(error, asyncio.CancelledError):
+            result = outcome.Error(BackendBroken("operation cancelled", sent=True))
+        elif not isinstance(error, BackendQueryError | BackendBroken):
+            result = outcome.Error(classify(error, sent=True))
+    try:
+        callback(result)
+    except Exception:  # pragma: no cover - a bug in the callback; keep the bridge alive
+        log.exception("picopyn_actors: error in a completion callback")
+
+
+def submit(
+    conn: Connection,
+    method: str,
+    query: str,
+    args: Sequence[Any],
+    on_done: Callable[[outcome.Outcome[Any]], None],
+    spawn: Callable[..., None],
+) -> None:
+    """Start ``method(query, *args)`` on ``conn``; ``on_done(outcome)`` runs in trio when it ends.
+
+    Errors arrive classified (:class:`BackendQueryError` / :class:`BackendBroken`).
+    The bridges' connections do this without any trio task; for other
+    connections (test fakes) a task is started with ``spawn(fn, *args)``.
+    """
+    fast = getattr(conn, "submit", None)
+    if fast is not None:
+        fast(method, query, args, on_done)
+    else:
+        spawn(_run_and_report, conn, method, query, args, on_done)
+
+
+async def _run_and_report(
+    conn: Connection,
+    method: str,
+    query: str,
+    args: Sequence[Any],
+    on_done: Callable[[outcome.Outcome[Any]], None],
+) -> None:
+    try:
+        result: outcome.Outcome[Any] = outcome.Value(await conn.run(method, query, args))
+    except (BackendQueryError, BackendBroken) as exc:
+        result = outcome.Error(exc)
+    _call_back(on_done, result)
+
+
+def _task_outcome(task: asyncio.Task[Any]) -> outcome.Outcome[Any]:
+    if task.cancelled():
+        return outcome.Error(asyncio.CancelledError())
+    exc = task.exception()
+    return outcome.Value(task.result()) if exc is None else outcome.Error(exc)
 
 
 class _Cancel:
@@ -398,6 +480,23 @@ class _ThreadConnection:
             raise
         except Exception as exc:
             raise classify(exc, sent=True) from exc
+
+    def submit(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        conn = self._conn
+        if conn.is_closed():
+            on_done(outcome.Error(BackendBroken("connection is closed", sent=False)))
+            return
+        bound = getattr(conn, method)
+        try:
+            self._bridge.post(_Job(lambda: bound(query, *args), callback=on_done))
+        except BackendBroken as exc:
+            on_done(outcome.Error(exc))
 
     async def probe(self) -> None:
         await self.run("fetchval", "SELECT 1", ())
@@ -484,13 +583,17 @@ def _install_handler(loop: Any) -> None:
 
 @asynccontextmanager
 async def open_backend(
-    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any], kind: str = "trio-asyncio"
+    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any], kind: str = "auto"
 ) -> AsyncIterator[Backend]:
     """Yield a backend of the given kind.
 
     ``"trio-asyncio"`` uses the running trio-asyncio loop, or opens one;
-    ``"thread"`` runs a plain asyncio loop in a thread of its own.
+    ``"thread"`` runs a plain asyncio loop in a thread of its own; ``"auto"``
+    is the running trio-asyncio loop if any, else the thread.
     """
+    running = trio_asyncio.current_loop.get()
+    if kind == "auto":
+        kind = "trio-asyncio" if running is not None else "thread"
     if kind == "thread":
         bridge = _LoopThread(trio.lowlevel.current_trio_token())
         try:
@@ -499,10 +602,9 @@ async def open_backend(
             with trio.CancelScope(shield=True):
                 await bridge.aclose()
         return
-    loop = trio_asyncio.current_loop.get()
-    if loop is not None:
-        _install_handler(loop)
-        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, loop)
+    if running is not None:
+        _install_handler(running)
+        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, running)
         return
     async with trio_asyncio.open_loop() as new_loop:
         _install_handler(new_loop)

@@ -169,11 +169,9 @@ class Cluster:
         pinned = PinnedConnection(lease)
         try:
             yield pinned
-        except BaseException:
-            lease.give_back(dirty=pinned._busy)
-            raise
-        else:
-            lease.give_back(dirty=pinned._busy)
+        finally:
+            # Mid-query when the body left (cancelled): the connection is unusable.
+            lease.give_back(dirty=pinned._busy or pinned._broken)
 
     # -- health --------------------------------------------------------------------
 
@@ -221,6 +219,7 @@ class PinnedConnection:
     def __init__(self, lease: Lease) -> None:
         self._lease = lease
         self._busy = False
+        self._broken = False
 
     @property
     def node(self) -> str:
@@ -232,7 +231,7 @@ class PinnedConnection:
 
     async def _run(self, method: str, query: str, args: Sequence[Any], handle: Any = None) -> Any:
         lease = self._lease
-        if lease.returned.is_set():
+        if lease.returned:
             raise ClusterClosed("this pinned connection was given back")
         self._busy = True
         conn: Connection = lease.conn
@@ -248,7 +247,7 @@ class PinnedConnection:
             raise QueryError(exc.message, sqlstate=exc.sqlstate, node=lease.node) from exc.__cause__
         except BackendBroken as exc:
             self._busy = False
-            lease.dirty = True
+            self._broken = True
             if exc.sent:
                 raise OutcomeUnknown(
                     f"the pinned connection to node {lease.node} broke mid-request ({exc.message})",

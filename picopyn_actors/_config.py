@@ -45,7 +45,7 @@ def _count(minimum: int) -> Any:
 
 
 #: How trio reaches asyncpg; see :class:`ClusterConfig`.
-BRIDGES = ("trio-asyncio", "thread")
+BRIDGES = ("auto", "trio-asyncio", "thread")
 
 
 def _one_of(choices: tuple[str, ...]) -> Any:
@@ -87,9 +87,12 @@ class ClusterConfig:
         max_attempts: how many nodes one request may be tried on.
         drain_timeout: how long a drained node's in-flight requests may take.
         events_buffer: events kept per slow ``events()`` subscriber.
-        bridge: how trio reaches asyncpg: ``"trio-asyncio"`` (the running
-            trio-asyncio loop, or a new one) or ``"thread"`` (a plain asyncio
-            loop in a thread of its own, with batched hand-offs; faster).
+        bridge: how trio reaches asyncpg. ``"trio-asyncio"``: on the running
+            trio-asyncio loop, or on a new one. ``"thread"``: on a plain asyncio
+            loop in a thread of its own, with batched hand-offs (about twice as
+            fast; see docs/benchmarks.md). ``"auto"`` (the default): the running
+            trio-asyncio loop if there is one, so a service that already runs
+            trio-asyncio shares its loop, else the thread.
         connect_kwargs: extra keyword arguments for ``asyncpg.connect``.
     """
 
@@ -110,7 +113,7 @@ class ClusterConfig:
     max_attempts: int = attrs.field(default=3, validator=_count(1))
     drain_timeout: float = attrs.field(default=10.0, validator=_positive)
     events_buffer: int = attrs.field(default=256, validator=_count(1))
-    bridge: str = attrs.field(default="trio-asyncio", validator=_one_of(BRIDGES))
+    bridge: str = attrs.field(default="auto", validator=_one_of(BRIDGES))
     connect_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:

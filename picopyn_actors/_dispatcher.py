@@ -3,16 +3,16 @@
 Messages arrive on one bounded inbox:
 
 * :class:`~._request.Request`: a new request, or one coming back for a retry;
-* :class:`Idle`: a worker of a node is free (a "token"): the dispatcher may
-  send that node one request;
+* :class:`Idle`: a connection slot of a node is free (a "token"): the
+  dispatcher may hand it one request;
 * :class:`RouteUpdate`: a node actor's state changed (it carries the node's
-  request channel when the node first appears);
+  :class:`~._strategies.Candidate` when the node first appears);
 * :class:`RouteRemoved`: a node actor stopped.
 
-The dispatcher never blocks on anything but its inbox. It only sends a node a
-request when it holds one of that node's tokens, so the node's bounded
-channel always has room, and waiting requests queue here, first come first
-served, until a token arrives or ``acquire_timeout`` passes.
+The dispatcher never blocks on anything but its inbox. A request goes to a
+node only through one of the node's idle slots, a hand-off that cannot block
+(``_node.Slot.start``); waiting requests queue here, first come first
+served, until a slot is free or ``acquire_timeout`` passes.
 
 Example (inside the library)::
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -40,15 +40,21 @@ from ._strategies import Candidate, strategy_name
 log = logging.getLogger(__name__)
 
 
-@attrs.frozen
-class Idle:
-    """A worker of route ``route_id``, session ``generation``, is free.
-
-    ``done`` is ``True`` when it just finished a request (``latency`` seconds).
-    """
+class SlotLike(Protocol):
+    """What the dispatcher needs of a node's connection slot (see ``_node.Slot``)."""
 
     route_id: int
     generation: int
+
+    def start(self, request: Request) -> None:
+        """Take ``request``; never blocks."""
+
+
+@attrs.frozen
+class Idle:
+    """``slot`` is free. ``done``: it just finished a request (``latency`` seconds)."""
+
+    slot: SlotLike
     done: bool
     latency: float = 0.0
 
@@ -61,13 +67,12 @@ class RouteUpdate:
     state: NodeState
     generation: int
     last_error: str | None = None
-    channel: trio.MemorySendChannel[Request] | None = None
     candidate: Candidate | None = None
 
 
 @attrs.frozen
 class RouteRemoved:
-    """A node actor stopped; its channel is closed by the dispatcher."""
+    """A node actor stopped."""
 
     route_id: int
 
@@ -80,11 +85,10 @@ _EWMA = 0.2
 @attrs.define(eq=False)
 class _Route:
     id: int
-    channel: trio.MemorySendChannel[Request]
     candidate: Candidate
     state: NodeState = NodeState.CONNECTING
     generation: int = -1
-    tokens: int = 0
+    idle: list[SlotLike] = attrs.field(factory=list)
     last_error: str | None = None
 
 
@@ -143,26 +147,24 @@ class Dispatcher:
                 break
             if isinstance(message, Request):
                 message.close()
-        for route in self._routes.values():
-            route.channel.close()
+        self.inbox.close()
 
     # -- message handling ---------------------------------------------------
 
     def _handle(self, message: Message) -> None:
         if type(message) is Idle:
-            route = self._routes.get(message.route_id)
-            if route is not None and route.generation == message.generation:
-                route.tokens += 1
+            slot = message.slot
+            route = self._routes.get(slot.route_id)
+            if route is not None and route.generation == slot.generation:
+                route.idle.append(slot)
+                cand = route.candidate
+                cand.free = len(route.idle)
                 if message.done:
-                    cand = route.candidate
                     cand.in_flight = max(0, cand.in_flight - 1)
-                    cand.free = route.tokens
                     old = cand.latency
                     cand.latency = (
                         message.latency if old is None else old + _EWMA * (message.latency - old)
                     )
-                else:
-                    route.candidate.free = route.tokens
         elif type(message) is Request:
             self._submit(message)
         elif type(message) is RouteUpdate:
@@ -171,7 +173,6 @@ class Dispatcher:
             route = self._routes.pop(message.route_id, None)
             if route is not None:
                 self._by_candidate.pop(id(route.candidate), None)
-                route.channel.close()
                 self._fail_if_hopeless()
 
     def _submit(self, request: Request) -> None:
@@ -187,13 +188,13 @@ class Dispatcher:
     def _update(self, message: RouteUpdate) -> None:
         route = self._routes.get(message.route_id)
         if route is None:
-            if message.channel is None or message.candidate is None:
+            if message.candidate is None:
                 return
-            route = _Route(message.route_id, message.channel, message.candidate)
+            route = _Route(message.route_id, message.candidate)
             self._routes[route.id] = route
             self._by_candidate[id(route.candidate)] = route
         if message.generation != route.generation:
-            route.tokens = 0
+            route.idle.clear()
             route.candidate.in_flight = 0
             route.candidate.free = 0
             route.generation = message.generation
@@ -201,10 +202,9 @@ class Dispatcher:
         if message.last_error is not None:
             route.last_error = message.last_error
         if message.state is NodeState.DRAINING:
-            # No new work: close our side; the workers finish what is queued.
+            # No new work; what runs there finishes.
             self._routes.pop(route.id, None)
             self._by_candidate.pop(id(route.candidate), None)
-            route.channel.close()
         self._fail_if_hopeless()
 
     # -- routing ---------------------------------------------------------------
@@ -213,9 +213,7 @@ class Dispatcher:
         pending = self._pending
         strategy = self.config.strategy
         while pending:
-            available = [
-                r for r in self._routes.values() if r.tokens > 0 and r.state is NodeState.UP
-            ]
+            available = [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
             if not available:
                 return
             request = pending.popleft()
@@ -224,19 +222,11 @@ class Dispatcher:
             route = self._choose(strategy, request, available)
             if route is None:
                 continue
-            request.phase = Phase.ASSIGNED
-            try:
-                route.channel.send_nowait(request)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                # Our token count was stale: forget this node's tokens, retry later.
-                request.phase = Phase.QUEUED
-                pending.appendleft(request)
-                route.tokens = 0
-                continue
-            route.tokens -= 1
+            slot = route.idle.pop()
             cand = route.candidate
-            cand.free = route.tokens
+            cand.free = len(route.idle)
             cand.in_flight += 1
+            slot.start(request)
 
     def _choose(self, strategy: Any, request: Request, available: list[_Route]) -> _Route | None:
         if len(available) > 1 and request.last_route is not None:

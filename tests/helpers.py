@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -11,8 +12,9 @@ import trio
 import picopyn_actors as pa
 from picopyn_actors.testing import LocalCluster
 
-# Short intervals: the tests heal in well under a second per step.
-FAST = {
+# Short intervals: the tests heal in well under a second per step. The bridge
+# under test can be chosen with PICOPYN_TEST_BRIDGE (default: the library's).
+FAST: dict[str, Any] = {
     "discovery_interval": 0.3,
     "health_interval": 0.2,
     "probe_timeout": 0.5,
@@ -20,6 +22,8 @@ FAST = {
     "backoff_initial": 0.05,
     "backoff_max": 0.3,
 }
+if os.environ.get("PICOPYN_TEST_BRIDGE"):
+    FAST["bridge"] = os.environ["PICOPYN_TEST_BRIDGE"]
 
 
 def uuid_names(lc: LocalCluster) -> dict[str, str]:
