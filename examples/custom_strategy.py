@@ -59,9 +59,18 @@ class PreferredNodes:
         return f"PreferredNodes(zone={self.zone!r}, avoid={self.avoid!r})"
 
 
+async def wait_until_all_up(cluster: pa.Cluster, timeout: float = 10.0) -> None:
+    """open_cluster returns when one node is up; wait for the others (event-driven)."""
+    with trio.move_on_after(timeout):
+        async with cluster.events() as events:
+            while not all(n.state is pa.NodeState.UP for n in cluster.nodes()):
+                await events.receive()
+
+
 async def spread(dsn: str, strategy: Strategy, requests: int, concurrency: int) -> Counter[str]:
     """Run ``requests`` idempotent queries; count the answers per node name."""
     async with pa.open_cluster(dsn, strategy=strategy, connections_per_node=2) as cluster:
+        await wait_until_all_up(cluster)
         names = {
             str(row["uuid"]): str(row["name"])
             for row in await cluster.fetch("SELECT uuid, name FROM _pico_instance", idempotent=True)

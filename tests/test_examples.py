@@ -54,7 +54,7 @@ def test_custom_strategy(shared_cluster: LocalCluster) -> None:
         line for line in lines if "PreferredNodes" in line and ", 3 concurrent" in line
     )
     # i1 is avoided while the other nodes have free connections.
-    assert preferred.split()[-3] == "0%"
+    assert float(preferred.split()[-3].rstrip("%")) < 5
 
 
 def test_seed_client(shared_cluster: LocalCluster) -> None:
