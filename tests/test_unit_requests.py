@@ -375,10 +375,10 @@ async def test_timeout_argument_raises_too_slow_and_replaces_the_connection(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="_node.NodeActor._worker: after a request whose connection had to be replaced "
-    "(caller cancelled mid-query, or BackendBroken) the worker sends Idle(done=False), so "
-    "Dispatcher._handle never decrements Candidate.in_flight for it; in_flight only grows "
-    "and LeastInFlight steers away from the node for good",
+    reason="_node.NodeActor._replace/_open_slot: when a request's connection has to be "
+    "replaced (caller cancelled mid-query, or BackendBroken) the new slot comes back as "
+    "Idle(done=False), so Dispatcher._handle never decrements the Candidate.in_flight "
+    "that _dispatch incremented; in_flight only grows and LeastInFlight avoids the node",
 )
 async def test_cancelled_query_does_not_leave_in_flight_behind(autojump_clock: object) -> None:
     fake = FakeCluster(1)
@@ -462,13 +462,6 @@ async def test_pinned_connection_runs_on_one_node(autojump_clock: object) -> Non
     assert fake[node].executed["whoami"] == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_node.NodeActor._worker: after _lend returns True (a clean pinned connection "
-    "given back) the worker loops to receive() without sending Idle to the dispatcher, "
-    "so the token is lost: with connections_per_node=1 the node never gets another "
-    "request and every later one ends in AcquireTimeout",
-)
 async def test_pinned_connection_goes_back_to_the_pool(autojump_clock: object) -> None:
     fake = FakeCluster(1)
     async with fake.open(connections_per_node=1, acquire_timeout=1.0) as cluster:
@@ -493,6 +486,14 @@ async def test_dirty_pinned_connection_is_replaced(autojump_clock: object) -> No
         assert fake["i1"].open_connections == 2
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="_node.NodeActor._replace (via _returned when the pinned connection is given "
+    "back): the probe failure path of _run_session closes the session's nursery before "
+    "the actor handles _SessionFailed, but _session_nursery still points at it, so "
+    "start_soon raises RuntimeError('Nursery is closed to new arrivals') out of "
+    "Cluster.connection()'s exit; _spawn has the same stale reference",
+)
 async def test_pinned_connection_broken_mid_query_is_outcome_unknown(
     autojump_clock: object,
 ) -> None:
