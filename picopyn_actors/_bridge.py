@@ -59,13 +59,17 @@ class BackendQueryError(Exception):
 
 
 class BackendBroken(Exception):
-    """The connection is unusable. ``sent``: the request may have reached the server."""
+    """The connection is unusable. ``sent``: the request may have reached the server;
+    ``auth``: the server refused the credentials; ``timed_out``: no answer in time."""
 
-    def __init__(self, message: str, *, sent: bool, auth: bool = False) -> None:
+    def __init__(
+        self, message: str, *, sent: bool, auth: bool = False, timed_out: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.sent = sent
         self.auth = auth
+        self.timed_out = timed_out
 
 
 class Connection(Protocol):

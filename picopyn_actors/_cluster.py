@@ -181,9 +181,13 @@ class Cluster:
 
     def statistics(self) -> ClusterStatistics:
         """Counters for the whole client, per node and in total."""
-        actors = self._supervisor.actors()
-        per_node = {a.name: a.statistics() for a in actors}
-        every: list[NodeStatistics] = [*per_node.values(), *self._supervisor.retired_statistics()]
+        actors = self._supervisor.all_actors()
+        current = [(a.name, a.statistics()) for a in actors]
+        per_node = dict(current)
+        every: list[NodeStatistics] = [
+            *(stats for _, stats in current),
+            *self._supervisor.retired_statistics(),
+        ]
         return ClusterStatistics(
             nodes=per_node,
             requests_ok=sum(s.requests_ok for s in every),
@@ -414,10 +418,12 @@ async def _start(
             log.info("cluster %s ready: %s", config.dsn, _summary(cluster))
     if not any(a.state is NodeState.UP for a in supervisor.actors()):
         errors = {a.name: a.last_error or a.state.value for a in supervisor.actors()}
+        discovery = supervisor.last_discovery_error or (
+            "did not finish; seed hosts: " + ", ".join(map(str, config.dsn.hosts))
+        )
         raise NoNodesAvailable(
             f"no node of {config.dsn} became usable within connect_timeout="
-            f"{config.connect_timeout}s"
-            + ("" if errors else f"; discovery: {supervisor.last_discovery_error}"),
+            f"{config.connect_timeout}s" + ("" if errors else f"; discovery: {discovery}"),
             errors,
         )
 

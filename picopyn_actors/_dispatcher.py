@@ -52,11 +52,9 @@ class SlotLike(Protocol):
 
 @attrs.frozen
 class Idle:
-    """``slot`` is free. ``done``: it just finished a request (``latency`` seconds)."""
+    """``slot`` is free: the dispatcher may hand it one request."""
 
     slot: SlotLike
-    done: bool
-    latency: float = 0.0
 
 
 @attrs.frozen
@@ -79,8 +77,6 @@ class RouteRemoved:
 
 Message = Request | Idle | RouteUpdate | RouteRemoved
 
-_EWMA = 0.2
-
 
 @attrs.define(eq=False)
 class _Route:
@@ -101,13 +97,16 @@ class Dispatcher:
     _routes: dict[int, _Route] = attrs.field(init=False, factory=dict)
     _by_candidate: dict[int, _Route] = attrs.field(init=False, factory=dict)
     _pending: deque[Request] = attrs.field(init=False, factory=deque)
+    # Requests coming back for another try go first, in a queue of their own,
+    # so that both queues stay ordered by enqueue time for acquire_timeout.
+    _retries: deque[Request] = attrs.field(init=False, factory=deque)
     failed_unrouted: int = attrs.field(init=False, default=0)
     _closed: bool = attrs.field(init=False, default=False)
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a free connection."""
-        return len(self._pending)
+        return len(self._pending) + len(self._retries)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the inbox until cancelled; then fail what waits with ClusterClosed."""
@@ -115,11 +114,10 @@ class Dispatcher:
         receive_nowait = self.inbox.receive_nowait
         handle = self._handle
         try:
+            pending, retries = self._pending, self._retries
             while True:
-                pending = self._pending
-                if pending:
-                    deadline = pending[0].enqueued_at + self.config.acquire_timeout
-                    with trio.move_on_at(deadline):
+                if pending or retries:
+                    with trio.move_on_at(self._next_deadline()):
                         handle(await self.inbox.receive())
                 else:
                     handle(await self.inbox.receive())
@@ -129,17 +127,22 @@ class Dispatcher:
                     except trio.WouldBlock:
                         break
                     handle(message)
-                if pending:
+                if pending or retries:
                     self._dispatch()
-                    if pending:
+                    if pending or retries:
                         self._expire(trio.current_time())
         finally:
             self._close()
 
+    def _next_deadline(self) -> float:
+        heads = [q[0].enqueued_at for q in (self._pending, self._retries) if q]
+        return min(heads) + self.config.acquire_timeout
+
     def _close(self) -> None:
         self._closed = True
-        while self._pending:
-            self._pending.popleft().close()
+        for queue in (self._retries, self._pending):
+            while queue:
+                queue.popleft().close()
         while True:
             try:
                 message = self.inbox.receive_nowait()
@@ -157,14 +160,7 @@ class Dispatcher:
             route = self._routes.get(slot.route_id)
             if route is not None and route.generation == slot.generation:
                 route.idle.append(slot)
-                cand = route.candidate
-                cand.free = len(route.idle)
-                if message.done:
-                    cand.in_flight = max(0, cand.in_flight - 1)
-                    old = cand.latency
-                    cand.latency = (
-                        message.latency if old is None else old + _EWMA * (message.latency - old)
-                    )
+                route.candidate.free = len(route.idle)
         elif type(message) is Request:
             self._submit(message)
         elif type(message) is RouteUpdate:
@@ -178,8 +174,8 @@ class Dispatcher:
     def _submit(self, request: Request) -> None:
         if request.phase is Phase.ABANDONED:
             return
-        if request.attempts:
-            self._pending.appendleft(request)
+        if request.last_route is not None:
+            self._retries.append(request)
         else:
             self._pending.append(request)
         if not any(r.state.hopeful for r in self._routes.values()):
@@ -195,7 +191,6 @@ class Dispatcher:
             self._by_candidate[id(route.candidate)] = route
         if message.generation != route.generation:
             route.idle.clear()
-            route.candidate.in_flight = 0
             route.candidate.free = 0
             route.generation = message.generation
         route.state = message.state
@@ -210,22 +205,20 @@ class Dispatcher:
     # -- routing ---------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        pending = self._pending
+        pending, retries = self._pending, self._retries
         strategy = self.config.strategy
-        while pending:
+        while pending or retries:
             available = [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
             if not available:
                 return
-            request = pending.popleft()
+            request = (retries or pending).popleft()
             if request.phase is not Phase.QUEUED:
                 continue
             route = self._choose(strategy, request, available)
             if route is None:
                 continue
             slot = route.idle.pop()
-            cand = route.candidate
-            cand.free = len(route.idle)
-            cand.in_flight += 1
+            route.candidate.free = len(route.idle)
             slot.start(request)
 
     def _choose(self, strategy: Any, request: Request, available: list[_Route]) -> _Route | None:
@@ -255,30 +248,33 @@ class Dispatcher:
 
     def _expire(self, now: float) -> None:
         limit = self.config.acquire_timeout
-        pending = self._pending
-        while pending and pending[0].enqueued_at + limit <= now:
-            request = pending.popleft()
-            if request.fail(
-                AcquireTimeout(
-                    f"no free connection within acquire_timeout={limit}s "
-                    f"({self._describe()}); raise connections_per_node or acquire_timeout"
-                )
-            ):
-                self.failed_unrouted += 1
+        for queue in (self._retries, self._pending):
+            while queue and queue[0].enqueued_at + limit <= now:
+                request = queue.popleft()
+                if request.fail(
+                    AcquireTimeout(
+                        f"no free connection within acquire_timeout={limit}s "
+                        f"({self._describe()}); raise connections_per_node or acquire_timeout"
+                    )
+                ):
+                    self.failed_unrouted += 1
 
     def _fail_if_hopeless(self) -> None:
-        if not self._pending or any(r.state.hopeful for r in self._routes.values()):
+        if not (self._pending or self._retries) or any(
+            r.state.hopeful for r in self._routes.values()
+        ):
             return
         errors = self.node_errors()
-        while self._pending:
-            request = self._pending.popleft()
-            if request.fail(
-                NoNodesAvailable(
-                    "no node of the cluster is available" if errors else "no node is known yet",
-                    errors,
-                )
-            ):
-                self.failed_unrouted += 1
+        for queue in (self._retries, self._pending):
+            while queue:
+                request = queue.popleft()
+                if request.fail(
+                    NoNodesAvailable(
+                        "no node of the cluster is available" if errors else "no node is known yet",
+                        errors,
+                    )
+                ):
+                    self.failed_unrouted += 1
 
     def node_errors(self) -> dict[str, str]:
         """Each node's last error (or state), for messages."""

@@ -22,7 +22,12 @@ from ._errors import ConfigError
 DEFAULT_PORT = 4327
 
 _SCHEMES = ("postgresql", "postgres")
-_PASSWORD_RE = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)", re.I)
+# The password runs to the *last* '@' of the authority (as parse_dsn splits it)
+# and may hold spaces; over-redacting is the safe side.
+_PASSWORD_RE = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^/?#]*)(?P<at>@)", re.I)
+_PARAM_RE = re.compile(r"(?P<head>\bpassword=)[^&\s]*", re.I)
+# user:password@host without a scheme (a common typo).
+_BARE_RE = re.compile(r"^(?P<head>[^:/@\s]*:)(?P<pw>[^/?#]*)(?P<at>@)")
 _QUERY_PARAMS = frozenset({"sslmode", "connect_timeout", "application_name"})
 
 
@@ -152,5 +157,13 @@ def _split_hosts(hostlist: str) -> list[str]:
 
 
 def redact(text: str) -> str:
-    """Replace the password of every ``scheme://user:password@`` in ``text`` with ``***``."""
-    return _PASSWORD_RE.sub(r"\g<head>***\g<at>", text)
+    """Replace passwords in ``text`` with ``***``.
+
+    Covers ``scheme://user:password@``, a ``password=`` parameter, and a DSN
+    that starts with ``user:password@`` (no scheme).
+    """
+    text = _PASSWORD_RE.sub(r"\g<head>***\g<at>", text)
+    text = _PARAM_RE.sub(r"\g<head>***", text)
+    if "://" not in text:
+        text = _BARE_RE.sub(r"\g<head>***\g<at>", text)
+    return text

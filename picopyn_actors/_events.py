@@ -99,6 +99,7 @@ class EventHub:
     buffer: int
     _subscribers: list[_Subscriber] = attrs.field(init=False, factory=list)
     published: int = attrs.field(init=False, default=0)
+    _closed: bool = attrs.field(init=False, default=False)
 
     def publish(self, event: NodeEvent) -> None:
         """Hand ``event`` to every subscriber; a full subscriber counts a drop."""
@@ -118,16 +119,21 @@ class EventHub:
     async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
         send, receive = trio.open_memory_channel[Event](self.buffer)
         sub = _Subscriber(send)
-        self._subscribers.append(sub)
+        if self._closed:
+            send.close()  # the stream has ended: iteration stops at once
+        else:
+            self._subscribers.append(sub)
         try:
             async with receive:
                 yield receive
         finally:
-            self._subscribers.remove(sub)
+            if sub in self._subscribers:
+                self._subscribers.remove(sub)
             send.close()
 
     def close(self) -> None:
-        """End every subscription: their ``async for`` loops finish."""
+        """End every subscription (now and later): their ``async for`` loops finish."""
+        self._closed = True
         for sub in self._subscribers:
             sub.send.close()
 

@@ -65,7 +65,7 @@ def backoff_delay(
     the upper half, so that clients do not reconnect in lockstep and the delay
     never collapses to zero.
     """
-    base = min(maximum, initial * 2.0 ** max(0, failures - 1))
+    base = min(maximum, initial * 2.0 ** min(max(0, failures - 1), 64))
     jitter = (rand or _RANDOM).uniform(0, base / 2)
     return base / 2 + jitter
 
@@ -205,7 +205,7 @@ class NodeActor:
     last_error: str | None = attrs.field(init=False, default=None)
     latency: float | None = attrs.field(init=False, default=None)
     connections: int = attrs.field(init=False, default=0)
-    in_flight: int = attrs.field(init=False, default=0)
+    _in_flight: int = attrs.field(init=False, default=0)
     errors: int = attrs.field(init=False, default=0)
     ok: int = attrs.field(init=False, default=0)
     failed: int = attrs.field(init=False, default=0)
@@ -239,6 +239,16 @@ class NodeActor:
             replicaset=info.replicaset,
             failure_domain=dict(info.failure_domain),
         )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests on this node now (also what ``LeastInFlight`` sees)."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._in_flight = value
+        self._candidate.in_flight = value
 
     @property
     def name(self) -> str:
@@ -472,7 +482,9 @@ class NodeActor:
             with trio.fail_after(timeout):
                 return await self.backend.connect(self.info.address)
         except trio.TooSlowError:
-            raise BackendBroken(f"connect timed out after {timeout}s", sent=False) from None
+            raise BackendBroken(
+                f"connect timed out after {timeout}s", sent=False, timed_out=True
+            ) from None
 
     async def _probe(self, conn: Connection) -> float:
         timeout = self.config.probe_timeout
@@ -482,7 +494,7 @@ class NodeActor:
                 await conn.probe()
         except trio.TooSlowError:
             raise BackendBroken(
-                f"probe timed out after {timeout}s (node hung?)", sent=False
+                f"probe timed out after {timeout}s (node hung?)", sent=False, timed_out=True
             ) from None
         except BackendQueryError as exc:
             raise BackendBroken(f"probe failed: {exc.message}", sent=False) from None
@@ -510,10 +522,22 @@ class NodeActor:
                         await trio.sleep(interval)
                         try:
                             self._observe_latency(await self._probe(probe))
+                            continue
                         except BackendBroken as exc:
-                            self._report(_SessionFailed(generation, exc.message))
-                            workers.cancel_scope.cancel()
-                            return
+                            error = exc
+                        if not error.timed_out:
+                            # The probe's own connection broke (a reset, say): it
+                            # is the node that is judged, so try a fresh one once.
+                            probe.terminate()
+                            try:
+                                probe = await self._connect()
+                                self._observe_latency(await self._probe(probe))
+                                continue
+                            except BackendBroken as again:
+                                error = again
+                        self._report(_SessionFailed(generation, error.message))
+                        workers.cancel_scope.cancel()
+                        return
             finally:
                 if probe is not None:
                     probe.terminate()
@@ -541,7 +565,7 @@ class NodeActor:
         if replacing:
             self.reconnects += 1
         self._report(_WorkerReady(generation))
-        await self.dispatcher.send(Idle(slot, False))
+        await self.dispatcher.send(Idle(slot))
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         """Run ``fn(*args)`` in the current session (for backends without ``submit``)."""
@@ -549,9 +573,9 @@ class NodeActor:
         assert nursery is not None
         nursery.start_soon(fn, *args)
 
-    def _give_back(self, slot: Slot, done: bool, latency: float = 0.0) -> None:
+    def _give_back(self, slot: Slot) -> None:
         """Return an idle slot to the dispatcher (a token)."""
-        message = Idle(slot, done, latency)
+        message = Idle(slot)
         try:
             self.dispatcher.send_nowait(message)
         except trio.WouldBlock:
@@ -589,9 +613,8 @@ class NodeActor:
                 latency = trio.current_time() - slot.started
                 self.ok += 1
                 request.finish(result)
-                old = self.latency
-                self.latency = latency if old is None else old + _EWMA * (latency - old)
-                self._give_back(slot, True, latency)
+                self._observe_latency(latency)
+                self._give_back(slot)
                 return
             assert isinstance(result, outcome.Error)
             exc = result.error
@@ -604,7 +627,7 @@ class NodeActor:
                 if abandoned:
                     self._replace(slot)
                 else:
-                    self._give_back(slot, True)
+                    self._give_back(slot)
             elif isinstance(exc, BackendBroken):
                 if abandoned:
                     log.debug("node %s: caller gave up mid-query; new connection", self.name)
@@ -635,7 +658,7 @@ class NodeActor:
         if dirty or slot.conn.is_closed():
             self._replace(slot)
         else:
-            self._give_back(slot, True)
+            self._give_back(slot)
         if self.state is NodeState.DRAINING and self.in_flight == 0:
             self._report(_Quiet(self._generation))
 

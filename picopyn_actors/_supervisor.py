@@ -85,6 +85,10 @@ class Supervisor:
             key=lambda a: (a.name, a.route_id),
         )
 
+    def all_actors(self) -> list[NodeActor]:
+        """Every node actor not yet wound down, retired ones included (for counters)."""
+        return [*self._actors.values(), *self._leaving]
+
     def retired_statistics(self) -> list[NodeStatistics]:
         """Counters of node actors that have stopped."""
         return list(self._retired_stats)
@@ -155,11 +159,20 @@ class Supervisor:
         return ordered
 
     async def discover(self) -> Topology:
-        """One discovery run, trying every known address in turn."""
+        """One discovery run, trying every known address in turn.
+
+        The run as a whole gets ``connect_timeout``, shared among the
+        addresses, so that a hung first seed cannot use up the time of the
+        others.
+        """
         errors: dict[str, str] = {}
-        for address in self._addresses():
+        addresses = self._addresses()
+        share = max(
+            self.config.connect_timeout / len(addresses), min(1.0, self.config.connect_timeout)
+        )
+        for address in addresses:
             try:
-                topology = await self._discover_from(address)
+                topology = await self._discover_from(address, share)
             except BackendBroken as exc:
                 errors[str(address)] = exc.message
                 continue
@@ -174,8 +187,7 @@ class Supervisor:
         self.last_discovery_error = "; ".join(f"{a}: {e}" for a, e in errors.items())
         raise DiscoveryFailed(errors)
 
-    async def _discover_from(self, address: Address) -> Topology:
-        timeout = self.config.connect_timeout
+    async def _discover_from(self, address: Address, timeout: float) -> Topology:
         conn: Connection | None = None
         try:
             with trio.fail_after(timeout):
