@@ -170,9 +170,11 @@ def test_unreachable_seed_is_one_line_error() -> None:
 
 
 def test_usage_errors_exit_2() -> None:
-    result = run_cli("demo", "--duration", "0")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
+    for duration in ("0", "5", "nan", "soon"):
+        result = run_cli("demo", "--duration", duration)
+        assert result.returncode == 2, duration
+        assert "Traceback" not in result.stderr
+        assert "--duration" in result.stderr
     result = run_cli("monitor")
     assert result.returncode == 2
 

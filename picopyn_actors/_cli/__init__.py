@@ -21,6 +21,9 @@ from .._dsn import parse_dsn, redact
 from .._errors import ConfigError, PicodataError
 from .common import one_line, setup_logging
 
+#: The shortest demo run the chaos schedule fits in (seconds).
+MIN_DURATION = 10.0
+
 PROG = "picopyn-actors"
 
 
@@ -32,6 +35,17 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def _seconds_at_least(minimum: float) -> type[float]:
+    def parse(text: str) -> float:
+        value = _positive_float(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text!r}")
+        return value
+
+    parse.__name__ = f"seconds >= {minimum:g}"
+    return parse  # type: ignore[return-value]
 
 
 def _count(minimum: int) -> type[int]:
@@ -125,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--duration",
-        type=_positive_float,
+        type=_seconds_at_least(MIN_DURATION),
         default=60.0,
         metavar="SECONDS",
-        help="length of the run; the chaos schedule scales with it (default 60, at least 10)",
+        help="length of the run; the chaos schedule scales with it "
+        f"(default 60, at least {MIN_DURATION:g})",
     )
     demo.add_argument(
         "--nodes", type=_count(3), default=3, metavar="N", help="nodes to start with (default 3)"
