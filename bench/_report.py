@@ -120,11 +120,12 @@ def scale_table(results: dict[str, Any]) -> str:
         return ""
     lines = [
         f"picopyn_actors (RoundRobin) on the in-bench fake backend: every query answers at "
-        f"once, so this is the client's own cost. {sc['connections_per_node']} connections "
-        f"per node, {sc['concurrency']} tasks, `SELECT 1`, {sc['rounds']} alternating rounds.",
+        f"once, so this is the client's own cost. {sc['connections']} connections in total "
+        f"at every node count (so the queueing is the same), {sc['concurrency']} tasks, "
+        f"`SELECT 1`, {sc['rounds']} alternating rounds.",
         "",
-        "| nodes | req/s | CPU/req | CPU/req vs 3 nodes | p50 | p99 |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| nodes | connections/node | req/s | CPU/req | CPU/req vs first | p50 | p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = None
     for row in sc["rows"]:
@@ -132,7 +133,7 @@ def scale_table(results: dict[str, Any]) -> str:
         if base is None:
             base = cpu
         lines.append(
-            f"| {row['nodes']} | {row['rps']:.0f} | {_us(cpu)} | "
+            f"| {row['nodes']} | {row['connections_per_node']} | {row['rps']:.0f} | {_us(cpu)} | "
             f"{_f(cpu / base if cpu and base else None)}x | {_us(row['p50_us'])} | "
             f"{_us(row['p99_us'])} |"
         )

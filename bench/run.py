@@ -62,10 +62,20 @@ PEERS = [
     Peer("asyncpg-pool", "asyncpg", "asyncpg_pool.py"),
     Peer(BASELINE, "picopyn-0.2.0", "picopyn_seed.py"),
     Peer("picopyn-3", "picopyn-3", "picopyn3.py"),
+    # picopyn_actors with its default bridge ("auto": a plain asyncio loop in a thread
+    # when no trio-asyncio loop runs) and each built-in strategy ...
     Peer("actors-rr", "bench", "actors.py", strategy="RoundRobin"),
     Peer("actors-random", "bench", "actors.py", strategy="Random"),
     Peer("actors-lif", "bench", "actors.py", strategy="LeastInFlight"),
     Peer("actors-fastest", "bench", "actors.py", strategy="Fastest"),
+    # ... and RoundRobin over the trio-asyncio bridge (for services that run trio-asyncio).
+    Peer(
+        "actors-rr-ta",
+        "bench",
+        "actors.py",
+        strategy="RoundRobin",
+        options={"bridge": "trio-asyncio"},
+    ),
 ]
 PEER_BY_NAME = {p.name: p for p in PEERS}
 
@@ -273,7 +283,7 @@ def run_timeline(
     }
     for peer in peers:
         log(f"  {kind}: {peer.name}")
-        options = TIMELINE_OPTIONS.get(peer.name, {})
+        options = {**peer.config.get("options", {}), **TIMELINE_OPTIONS.get(peer.name, {})}
         marks: dict[str, float] = {}
         try:
             with running([peer], cluster, logdir, f"-{kind}", options=options) as procs:
@@ -348,22 +358,28 @@ def heal(lc: Any, name: str) -> None:
 
 
 def run_scale(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
-    """picopyn_actors on the fake backend with 3, 10, 30 nodes: the client's own cost."""
+    """picopyn_actors on the fake backend with 3, 10, 30 nodes: the client's own cost.
+
+    The total number of connections stays the same (``--scale-connections``,
+    spread evenly), so the queueing is the same at every node count and only
+    what grows with the number of nodes can change the cost per request.
+    """
     from _metrics import summarize_rounds
 
     peer = PEER_BY_NAME["actors-rr"]
     counts = args.scale_nodes
     raw: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     procs: dict[int, PeerProcess] = {}
+    per_node = {n: max(1, args.scale_connections // n) for n in counts}
     try:
         for n in counts:
             procs[n] = PeerProcess(
                 peer,
-                {"connections": 3 * n, "nodes": []},
+                {"connections": per_node[n] * n, "nodes": []},
                 logdir,
                 f"scale-{n}",
                 fake=n,
-                connections_per_node=3,
+                connections_per_node=per_node[n],
             )
         for n, proc in procs.items():
             log(f"  scale {n} nodes ready {proc.read(timeout=90)}")
@@ -386,9 +402,12 @@ def run_scale(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
     finally:
         for proc in procs.values():
             proc.close()
-    rows = [{"nodes": n, **summarize_rounds(raw[n])} for n in counts]
+    rows = [
+        {"nodes": n, "connections_per_node": per_node[n], **summarize_rounds(raw[n])}
+        for n in counts
+    ]
     return {
-        "connections_per_node": 3,
+        "connections": args.scale_connections,
         "concurrency": args.scale_tasks,
         "rounds": args.rounds,
         "rows": rows,
@@ -590,8 +609,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scale-nodes", default="3,10,30")
     p.add_argument("--scale-tasks", type=int, default=100)
     p.add_argument(
+        "--scale-connections", type=int, default=30, help="connections in total (default 30)"
+    )
+    p.add_argument(
         "--profile-peers",
-        default=f"actors-rr,{BASELINE},actors-rr-fake",
+        default=f"actors-rr,actors-rr-ta,{BASELINE},actors-rr-fake",
         help="peers to profile; NAME-fake runs picopyn_actors on the fake backend",
     )
     p.add_argument("--connections", type=int, default=9, help="connections in total (default 9)")

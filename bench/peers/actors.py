@@ -75,7 +75,15 @@ async def amain(cfg: dict[str, Any]) -> None:
             with trio.move_on_after(10):
                 while sum(n.state is pa.NodeState.UP for n in cluster.nodes()) < want:
                     await events.receive()
-        emit({"event": "ready", "version": pa.__version__, "nodes": len(cluster.nodes())})
+        bridge = getattr(cluster.config, "bridge", None)
+        emit(
+            {
+                "event": "ready",
+                "version": pa.__version__,
+                "nodes": len(cluster.nodes()),
+                "bridge": "fake" if fake else bridge,
+            }
+        )
 
         async def call(query: str, args: tuple[Any, ...]) -> Any:
             return await cluster.fetchrow(query, *args, idempotent=True)

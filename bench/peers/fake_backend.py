@@ -1,16 +1,24 @@
 """A minimal in-bench fake of picopyn_actors' backend protocol (see ``_bridge.py``).
 
-N fake nodes that answer at once (one trio checkpoint per query), with a
-catalog that lists all of them as Online. Used by the scale workload to
+N fake nodes that answer at once, with a catalog that lists all of them as
+Online. Used by the scale workload (and the ``actors-rr-fake`` profile) to
 measure the dispatcher's and node actors' own cost per request as the node
 count grows, with no I/O and no asyncpg in the way.
+
+Like the real bridges' connections, a fake connection has ``submit(method,
+query, args, on_done)``: the request is answered by a callback that runs in
+trio, once per batch (as the thread bridge delivers completions with one
+``TrioToken.run_sync_soon`` per batch). ``run`` (one trio checkpoint) serves
+probes, discovery and pinned connections.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import outcome
 import trio
 
 from picopyn_actors import Address
@@ -24,8 +32,7 @@ class FakeConnection:
         self._index = index
         self._closed = False
 
-    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
-        await trio.lowlevel.checkpoint()
+    def _answer(self, method: str, query: str) -> Any:
         if "instance_uuid()" in query:
             uuid = self._backend.uuid(self._index)
             return uuid if method == "fetchval" else (uuid,)
@@ -43,6 +50,19 @@ class FakeConnection:
         if method == "execute":
             return "SELECT 1"
         return (1,)
+
+    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        await trio.lowlevel.checkpoint()
+        return self._answer(method, query)
+
+    def submit(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        self._backend.complete(on_done, outcome.Value(self._answer(method, query)))
 
     async def probe(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -69,6 +89,9 @@ class FakeBackend:
 
     def __init__(self, n: int) -> None:
         self.n = n
+        self._done: deque[tuple[Callable[[outcome.Outcome[Any]], None], outcome.Outcome[Any]]]
+        self._done = deque()
+        self._wakeup = False
 
     @property
     def dsn(self) -> str:
@@ -92,6 +115,22 @@ class FakeBackend:
             }
             for i in range(1, self.n + 1)
         ]
+
+    def complete(
+        self, on_done: Callable[[outcome.Outcome[Any]], None], result: outcome.Outcome[Any]
+    ) -> None:
+        """Queue a completion; deliver the batch on trio's next pass."""
+        self._done.append((on_done, result))
+        if not self._wakeup:
+            self._wakeup = True
+            trio.lowlevel.current_trio_token().run_sync_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        self._wakeup = False
+        done = self._done
+        while done:
+            on_done, result = done.popleft()
+            on_done(result)
 
     async def connect(self, address: Address) -> FakeConnection:
         await trio.lowlevel.checkpoint()
