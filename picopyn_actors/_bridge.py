@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
+import selectors
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -39,6 +41,7 @@ __all__ = [
     "BackendBroken",
     "BackendQueryError",
     "Connection",
+    "EmbeddedBackend",
     "ThreadBackend",
     "open_backend",
     "submit",
@@ -569,6 +572,230 @@ class ThreadBackend:
         return _ThreadConnection(conn, self._bridge)
 
 
+# -- the embedded bridge -----------------------------------------------------------
+#
+# A plain asyncio loop driven from a trio task in trio's own thread. The loop
+# never blocks in its selector: the driver task runs one loop iteration with a
+# zero timeout, then parks in trio until the selector's epoll descriptor is
+# readable, the next asyncio timer is due, or trio code hands the loop work
+# (which "kicks" the parked driver). asyncpg's transports and callbacks run at
+# native asyncio speed, and their completion callbacks run inside the driver
+# task, that is in trio, so they reschedule the waiting trio task directly:
+# no thread, no lock, no GIL hand-off.
+
+
+class _NoWaitSelector:
+    """A selector whose ``select`` never blocks (trio does the waiting)."""
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self.inner = selector
+
+    def select(self, timeout: float | None = None) -> Any:
+        return self.inner.select(0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _EmbeddedLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose iterations are run by a trio task (:meth:`drive`)."""
+
+    def __init__(self) -> None:
+        selector = selectors.DefaultSelector()  # epoll on Linux: one descriptor to wait on
+        super().__init__(selector)
+        self._epoll_fd = selector.fileno()
+        self._wrapped = _NoWaitSelector(selector)
+        # The base loop keeps its selector in a private attribute; swap in ours.
+        setattr(self, "_selector", self._wrapped)  # noqa: B010
+        self._parked: trio.CancelScope | None = None
+        self.set_exception_handler(_log_loop_error)
+
+    def kick(self) -> None:
+        """Wake the driver: work was handed to the loop from trio."""
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            parked.cancel()
+
+    def start_task(self, coro: Any) -> asyncio.Task[Any]:
+        """Create an asyncio task from trio code, and make sure it runs soon."""
+        task = self.create_task(coro)
+        self.kick()
+        return task
+
+    async def drive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the loop until cancelled."""
+        # Code running on this loop asks asyncio for the running loop; trio-asyncio
+        # (imported by this module) answers that from the trio task's context.
+        trio_asyncio.current_loop.set(self)
+        task_status.started()
+        run_once = self._run_once  # type: ignore[attr-defined]
+        ready = self._ready  # type: ignore[attr-defined]
+        scheduled = self._scheduled  # type: ignore[attr-defined]
+        set_running = asyncio.events._set_running_loop
+        get_running = asyncio.events._get_running_loop
+        while True:
+            previous = get_running()
+            set_running(self)
+            try:
+                run_once()
+            finally:
+                set_running(previous)
+            if ready:
+                await trio.lowlevel.checkpoint()
+                continue
+            deadline = math.inf
+            if scheduled:
+                deadline = trio.current_time() + max(0.0, scheduled[0].when() - self.time())
+            with trio.CancelScope(deadline=deadline) as parked:
+                self._parked = parked
+                await trio.lowlevel.wait_readable(self._epoll_fd)
+            self._parked = None
+
+    async def aclose(self) -> None:
+        """Cancel every asyncio task, give them a moment to finish, close the loop."""
+        tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
+        if tasks:
+            finished = trio.Event()
+            for task in tasks:
+                task.cancel()
+            gathered = asyncio.gather(*tasks, return_exceptions=True)
+            gathered.add_done_callback(lambda _: finished.set())
+            self.kick()
+            with trio.move_on_after(2.0):
+                await finished.wait()
+        setattr(self, "_selector", self._wrapped.inner)  # noqa: B010
+        self.close()
+
+
+def _reschedule_with(
+    task: trio.lowlevel.Task, aio_task: asyncio.Task[Any], *, cancel: list[Any]
+) -> None:
+    result = _task_outcome(aio_task)
+    if (
+        cancel
+        and isinstance(result, outcome.Error)
+        and isinstance(result.error, asyncio.CancelledError)
+    ):
+        result = outcome.capture(cancel[0])
+    trio.lowlevel.reschedule(task, result)
+
+
+async def _await_on(loop: _EmbeddedLoop, coro: Any) -> Any:
+    """Run ``coro`` on the embedded loop and wait for it in trio.
+
+    Cancellation cancels the asyncio task and waits for it to end.
+    """
+    aio_task = loop.start_task(coro)
+    cancel: list[Any] = []
+    aio_task.add_done_callback(
+        functools.partial(_reschedule_with, trio.lowlevel.current_task(), cancel=cancel)
+    )
+
+    def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        cancel.append(raise_cancel)
+        aio_task.cancel()
+        loop.kick()
+        return trio.lowlevel.Abort.FAILED
+
+    return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _EmbeddedConnection:
+    """An asyncpg connection on the embedded loop."""
+
+    __slots__ = ("_conn", "_loop")
+
+    def __init__(self, conn: Any, loop: _EmbeddedLoop) -> None:
+        self._conn = conn
+        self._loop = loop
+
+    async def _call(self, coro_factory: Callable[[], Any], *, check: bool = True) -> Any:
+        if check and self._conn.is_closed():
+            raise BackendBroken("connection is closed", sent=False)
+        try:
+            return await _await_on(self._loop, coro_factory())
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise classify(exc, sent=True) from exc
+
+    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        bound = getattr(self._conn, method)
+        return await self._call(lambda: bound(query, *args))
+
+    def submit(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        conn = self._conn
+        if conn.is_closed():
+            on_done(outcome.Error(BackendBroken("connection is closed", sent=False)))
+            return
+        task = self._loop.start_task(getattr(conn, method)(query, *args))
+        # Done callbacks run in the driver task, that is, in trio.
+        task.add_done_callback(lambda t: _call_back(on_done, _task_outcome(t)))
+
+    async def probe(self) -> None:
+        await self.run("fetchval", "SELECT 1", ())
+
+    async def prepare(self, query: str) -> Any:
+        return await self.run("prepare", query, ())
+
+    async def run_prepared(self, handle: Any, method: str, args: Sequence[Any]) -> Any:
+        bound = getattr(handle, method)
+        return await self._call(lambda: bound(*args))
+
+    def terminate(self) -> None:
+        if not self._conn.is_closed():
+            self._conn.terminate()
+            self._loop.kick()
+
+    async def close(self) -> None:
+        if self._conn.is_closed():
+            return
+        try:
+            with trio.move_on_after(1.0) as scope:
+                await self._call(lambda: self._conn.close(timeout=1.0))
+            if scope.cancelled_caught:
+                self.terminate()
+        except Exception:
+            self.terminate()
+
+    def is_closed(self) -> bool:
+        return bool(self._conn.is_closed())
+
+
+class EmbeddedBackend:
+    """asyncpg on an asyncio loop driven by a trio task in trio's thread: the fast bridge."""
+
+    def __init__(
+        self,
+        dsn: Dsn,
+        connect_timeout: float,
+        connect_kwargs: Mapping[str, Any],
+        loop: _EmbeddedLoop,
+    ) -> None:
+        self._timeout, self._kwargs = _connect_options(dsn, connect_timeout, connect_kwargs)
+        self._loop = loop
+
+    async def connect(self, address: Address) -> Connection:
+        kwargs = self._kwargs
+        coro = asyncpg.connect(
+            host=address.host, port=address.port, timeout=self._timeout, **kwargs
+        )
+        try:
+            conn = await _await_on(self._loop, coro)
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise classify(exc, sent=False) from exc
+        return _EmbeddedConnection(conn, self._loop)
+
+
 def _log_loop_error(loop: Any, context: dict[str, Any]) -> None:
     # asyncpg leaves futures behind when a connect is cut short (for example
     # its SSL negotiation with a hung node). trio-asyncio's default handler
@@ -597,7 +824,18 @@ async def open_backend(
     """
     running = trio_asyncio.current_loop.get()
     if kind == "auto":
-        kind = "trio-asyncio" if running is not None else "thread"
+        kind = "trio-asyncio" if running is not None else "embedded"
+    if kind == "embedded":
+        loop = _EmbeddedLoop()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(loop.drive)
+            try:
+                yield EmbeddedBackend(dsn, connect_timeout, connect_kwargs, loop)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await loop.aclose()
+                nursery.cancel_scope.cancel()
+        return
     if kind == "thread":
         bridge = _LoopThread(trio.lowlevel.current_trio_token())
         try:

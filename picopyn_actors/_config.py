@@ -45,7 +45,7 @@ def _count(minimum: int) -> Any:
 
 
 #: How trio reaches asyncpg; see :class:`ClusterConfig`.
-BRIDGES = ("auto", "trio-asyncio", "thread")
+BRIDGES = ("auto", "embedded", "trio-asyncio", "thread")
 
 
 def _one_of(choices: tuple[str, ...]) -> Any:
@@ -87,12 +87,14 @@ class ClusterConfig:
         max_attempts: how many nodes one request may be tried on.
         drain_timeout: how long a drained node's in-flight requests may take.
         events_buffer: events kept per slow ``events()`` subscriber.
-        bridge: how trio reaches asyncpg. ``"trio-asyncio"``: on the running
-            trio-asyncio loop, or on a new one. ``"thread"``: on a plain asyncio
-            loop in a thread of its own, with batched hand-offs (about twice as
-            fast; see docs/benchmarks.md). ``"auto"`` (the default): the running
-            trio-asyncio loop if there is one, so a service that already runs
-            trio-asyncio shares its loop, else the thread.
+        bridge: how trio reaches asyncpg. ``"embedded"``: a plain asyncio loop
+            driven by a trio task in trio's own thread (the fastest; see
+            docs/benchmarks.md). ``"trio-asyncio"``: on the running trio-asyncio
+            loop, or on a new one. ``"thread"``: a plain asyncio loop in a
+            thread of its own, with batched hand-offs. ``"auto"`` (the
+            default): the running trio-asyncio loop if there is one, so a
+            service that already runs trio-asyncio shares its loop, else
+            ``"embedded"``.
         connect_kwargs: extra keyword arguments for ``asyncpg.connect``.
     """
 
