@@ -157,8 +157,9 @@ def timeline_metrics(
         else:
             how = "never (failing until the restore)"
     elif out_of_rotation is None:
-        how = "no failures seen"
-        out_of_rotation = 0.0 if kind == "kill" else None
+        # Nothing failed and the client tells nothing: when it stopped trying the
+        # victim cannot be seen from outside (it may retry internally).
+        how = "n/a: no failures seen"
 
     # Back to a third: the first bin after the restore from which the victim's
     # share stays >= 0.3 for 0.5 s (or until the end of the run).

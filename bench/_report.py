@@ -318,6 +318,9 @@ def plot_timeline(results: dict[str, Any], key: str, path: Path) -> Path | None:
     fig, axes = plt.subplots(
         len(peers), 1, figsize=(10, 2.6 * len(peers)), sharex=True, sharey=True, squeeze=False
     )
+    top_latency = max(
+        (max(tl["peers"][p]["bins"]["max_latency"], default=0.0) for p in peers), default=1.0
+    )
     for ax, peer in zip(axes[:, 0], peers, strict=True):
         bins = tl["peers"][peer]["bins"]
         width = bins["bin"]
@@ -361,7 +364,7 @@ def plot_timeline(results: dict[str, Any], key: str, path: Path) -> Path | None:
             label="max latency",
         )
         lat.set_ylabel("max latency (s)", fontsize=8)
-        lat.set_ylim(bottom=0)
+        lat.set_ylim(0, top_latency * 1.05 or 1.0)
     fault = "kill" if key == "failover" else "pause"
     restore = "start" if key == "failover" else "resume"
     axes[-1, 0].set_xlabel(f"seconds (dashed: {fault} {tl['victim']}, dotted: {restore})")

@@ -80,9 +80,10 @@ PEERS = [
 PEER_BY_NAME = {p.name: p for p in PEERS}
 
 #: Failover and hang runs: the clients and their refresh options.
-TIMELINE_PEERS = ["actors-rr", "picopyn-3", BASELINE]
+TIMELINE_PEERS = ["actors-rr", "actors-rr-ta", "picopyn-3", BASELINE]
 TIMELINE_OPTIONS: dict[str, dict[str, Any]] = {
     "actors-rr": {"discovery_interval": 1.0, "health_interval": 0.5},
+    "actors-rr-ta": {"discovery_interval": 1.0, "health_interval": 0.5},
     "picopyn-3": {"topology_update_interval": 1.0},  # its minimum
 }
 
