@@ -28,6 +28,7 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -62,19 +63,26 @@ PEERS = [
     Peer("asyncpg-pool", "asyncpg", "asyncpg_pool.py"),
     Peer(BASELINE, "picopyn-0.2.0", "picopyn_seed.py"),
     Peer("picopyn-3", "picopyn-3", "picopyn3.py"),
-    # picopyn_actors with its default bridge ("auto": a plain asyncio loop in a thread
-    # when no trio-asyncio loop runs) and each built-in strategy ...
+    # picopyn_actors with its default bridge (bridge="auto") and each built-in strategy ...
     Peer("actors-rr", "bench", "actors.py", strategy="RoundRobin"),
     Peer("actors-random", "bench", "actors.py", strategy="Random"),
     Peer("actors-lif", "bench", "actors.py", strategy="LeastInFlight"),
     Peer("actors-fastest", "bench", "actors.py", strategy="Fastest"),
-    # ... and RoundRobin over the trio-asyncio bridge (for services that run trio-asyncio).
+    # ... and RoundRobin over the other bridges: trio-asyncio (for services that run
+    # trio-asyncio) and a plain asyncio loop in a thread of its own.
     Peer(
         "actors-rr-ta",
         "bench",
         "actors.py",
         strategy="RoundRobin",
         options={"bridge": "trio-asyncio"},
+    ),
+    Peer(
+        "actors-rr-thread",
+        "bench",
+        "actors.py",
+        strategy="RoundRobin",
+        options={"bridge": "thread"},
     ),
 ]
 PEER_BY_NAME = {p.name: p for p in PEERS}
@@ -614,7 +622,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--profile-peers",
-        default=f"actors-rr,actors-rr-ta,{BASELINE},actors-rr-fake",
+        default=f"actors-rr,actors-rr-ta,actors-rr-thread,{BASELINE},actors-rr-fake",
         help="peers to profile; NAME-fake runs picopyn_actors on the fake backend",
     )
     p.add_argument("--connections", type=int, default=9, help="connections in total (default 9)")
@@ -651,6 +659,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> int:
+    # A plain SIGTERM would skip the clean-up (peers, servers): make it an exit.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = parse_args()
     if not in_bench_env():
         reexec_in_bench_env(args)

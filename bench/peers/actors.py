@@ -75,7 +75,8 @@ async def amain(cfg: dict[str, Any]) -> None:
             with trio.move_on_after(10):
                 while sum(n.state is pa.NodeState.UP for n in cluster.nodes()) < want:
                     await events.receive()
-        bridge = getattr(cluster.config, "bridge", None)
+        # The bridge asked for, and the backend class it resolved to (informational).
+        bridge = f"{getattr(cluster.config, 'bridge', '?')}: {type(cluster._backend).__name__}"
         emit(
             {
                 "event": "ready",
