@@ -111,6 +111,7 @@ class FakeNode:
         # Counters.
         self.connects = 0
         self.connect_times: list[float] = []
+        self._connect_waiters: list[tuple[int, trio.Event]] = []
         self.connections: set[FakeConnection] = set()
         self.opened = 0
         self.queries = 0  # queries other than probes and discovery
@@ -233,9 +234,19 @@ class FakeNode:
     def _refused(self) -> BackendBroken:
         return BackendBroken(f"connection refused ({self.address})", sent=False)
 
+    async def wait_connects(self, count: int) -> None:
+        """Wait until this node has seen ``count`` connection attempts in all."""
+        if self.connects < count:
+            event = trio.Event()
+            self._connect_waiters.append((count, event))
+            await event.wait()
+
     async def connect(self) -> FakeConnection:
         self.connects += 1
         self.connect_times.append(trio.current_time())
+        for count, event in self._connect_waiters:
+            if self.connects >= count:
+                event.set()
         if self.status is Status.DOWN:
             await trio.lowlevel.checkpoint()
             raise self._refused()

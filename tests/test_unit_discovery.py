@@ -113,13 +113,6 @@ async def test_discovery_falls_back_from_a_dead_seed_to_the_next(autojump_clock:
     assert fake["i2"].discovery_queries >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cluster._start waits connect_timeout in total for the first discovery and a "
-    "first usable node, while Supervisor._discover_from gives a single seed the same "
-    "connect_timeout: a hung first seed uses up the whole budget, the healthy second seed "
-    "is never tried, and open_cluster raises NoNodesAvailable (with 'discovery: None')",
-)
 async def test_open_survives_a_hung_first_seed(autojump_clock: object) -> None:
     fake = FakeCluster(2)
     fake["i1"].hang()
@@ -137,13 +130,6 @@ async def test_open_with_a_hung_seed_names_it_in_the_error(autojump_clock: objec
     assert "connect_timeout=2.0" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cluster._start: when the connect_timeout scope cancels the first discovery, "
-    "Supervisor.last_discovery_error is still None and node_errors is empty, so the "
-    "NoNodesAvailable message ends in 'discovery: None' instead of naming the seed "
-    "host and its error (the docstring promises each seed host's last error)",
-)
 async def test_open_with_a_hung_seed_error_names_the_seed(autojump_clock: object) -> None:
     fake = FakeCluster(1)
     fake["i1"].hang()
@@ -254,13 +240,6 @@ async def test_expelled_node_is_retired_and_its_connections_closed(
     assert "i3" not in retired_stats.nodes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_supervisor.Supervisor.actors() hides RETIRED actors, but their counters "
-    "reach retired_statistics() only when _supervise's finally runs, after the actor's "
-    "nursery has wound down: in between, Cluster.statistics() totals drop (requests_ok "
-    "goes backwards) although the docs say totals include retired nodes",
-)
 async def test_statistics_never_go_backwards_while_a_node_retires(
     autojump_clock: object,
 ) -> None:
@@ -442,13 +421,6 @@ async def test_cancelled_while_opening_leaks_nothing(autojump_clock: object) -> 
     assert fake.open_connections() == {"i1": 0, "i2": 0, "i3": 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_events.EventHub.close() only closes the subscribers that exist at that "
-    "moment; subscribe() after close opens a fresh channel that nobody ever closes, so "
-    "'async for event in cluster.events()' on a closed cluster waits forever instead of "
-    "ending as documented",
-)
 async def test_events_subscription_after_close_ends_at_once(autojump_clock: object) -> None:
     fake = FakeCluster(1)
     async with fake.open() as cluster:

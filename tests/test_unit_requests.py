@@ -242,13 +242,6 @@ async def test_acquire_timeout_when_every_connection_is_busy(autojump_clock: obj
     assert isinstance(info.value, TimeoutError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_dispatcher.Dispatcher.run/_expire: the acquire deadline is taken from "
-    "pending[0] only, and _submit puts a retried request (with a fresh enqueued_at from "
-    "NodeActor._lost) at the front, so an older request queued behind it times out late "
-    "(here at 7 s instead of 6 s)",
-)
 async def test_acquire_timeout_is_on_time_behind_a_retried_request(
     autojump_clock: object,
 ) -> None:
@@ -373,13 +366,6 @@ async def test_timeout_argument_raises_too_slow_and_replaces_the_connection(
         assert fake["i1"].open_connections == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_node.NodeActor._replace/_open_slot: when a request's connection has to be "
-    "replaced (caller cancelled mid-query, or BackendBroken) the new slot comes back as "
-    "Idle(done=False), so Dispatcher._handle never decrements the Candidate.in_flight "
-    "that _dispatch incremented; in_flight only grows and LeastInFlight avoids the node",
-)
 async def test_cancelled_query_does_not_leave_in_flight_behind(autojump_clock: object) -> None:
     fake = FakeCluster(1)
     seen: list[int] = []
@@ -486,14 +472,6 @@ async def test_dirty_pinned_connection_is_replaced(autojump_clock: object) -> No
         assert fake["i1"].open_connections == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_node.NodeActor._replace (via _returned when the pinned connection is given "
-    "back): the probe failure path of _run_session closes the session's nursery before "
-    "the actor handles _SessionFailed, but _session_nursery still points at it, so "
-    "start_soon raises RuntimeError('Nursery is closed to new arrivals') out of "
-    "Cluster.connection()'s exit; _spawn has the same stale reference",
-)
 async def test_pinned_connection_broken_mid_query_is_outcome_unknown(
     autojump_clock: object,
 ) -> None:
@@ -502,7 +480,7 @@ async def test_pinned_connection_broken_mid_query_is_outcome_unknown(
         await wait_all_states(cluster, fake.nodes, UP)
 
         async def kill(name: str) -> None:
-            await trio.sleep(1)
+            await trio.sleep(0.5)
             fake[name].down()
 
         async with cluster.connection() as conn, trio.open_nursery() as nursery:
@@ -511,6 +489,44 @@ async def test_pinned_connection_broken_mid_query_is_outcome_unknown(
                 await conn.fetchval("sleep:10")
         assert info.value.node == conn.node
         assert conn.node in str(info.value)
+        await wait_state(cluster, conn.node, DOWN)
+        # The other node serves; the dead one's pinned connection was dropped.
+        assert await cluster.fetchval("whoami") != conn.node
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_node.NodeActor._replace (via _returned when a pinned connection is given "
+    "back): when the periodic probe fails, _run_session closes the session's nursery "
+    "before the actor handles _SessionFailed, but _session_nursery still points at it, "
+    "so start_soon raises RuntimeError('Nursery is closed to new arrivals') out of "
+    "Cluster.connection()'s exit; _spawn has the same stale reference",
+)
+async def test_pinned_connection_given_back_as_the_probe_fails(autojump_clock: object) -> None:
+    # The give-back must land between the probe's failure and the actor hearing of
+    # it: sweep a few scheduling steps around that moment, a few times each.
+    errors: list[BaseException] = []
+    for steps in range(6):
+        for _ in range(5):
+            fake = FakeCluster(2)
+            async with fake.open(
+                connections_per_node=1, health_interval=1.0, discovery_interval=1000.0
+            ) as cluster:
+                await wait_all_states(cluster, fake.nodes, UP)
+                probe_at = trio.current_time() + 1.0
+                try:
+                    async with cluster.connection() as conn:
+                        fake[conn.node].down()
+                        with pytest.raises(NoNodesAvailable, match="pinned connection"):
+                            await conn.fetchval("whoami")
+                        await trio.sleep_until(probe_at)
+                        for _step in range(steps):
+                            await trio.lowlevel.checkpoint()
+                except RuntimeError as exc:
+                    errors.append(exc)
+                await wait_state(cluster, conn.node, DOWN)
+                assert await cluster.fetchval("whoami") != conn.node
+    assert errors == []
 
 
 async def test_statistics_count_each_outcome_once(autojump_clock: object) -> None:
