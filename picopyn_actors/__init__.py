@@ -41,6 +41,7 @@ from ._strategies import Fastest as Fastest
 from ._strategies import LeastInFlight as LeastInFlight
 from ._strategies import Random as Random
 from ._strategies import RoundRobin as RoundRobin
+from ._strategies import Strategy as Strategy
 from .compat import Client as Client
 
 __version__ = "0.1.0"
@@ -70,6 +71,7 @@ __all__ = [
     "QueryError",
     "Random",
     "RoundRobin",
+    "Strategy",
     "StrategyError",
     "open_cluster",
 ]

@@ -50,6 +50,7 @@ class Candidate:
     latency: float | None = None
 
 
+#: The type of a balance strategy: given the candidates (never empty), return one.
 Strategy = Callable[[Sequence[Candidate]], Candidate]
 
 

@@ -37,6 +37,7 @@ PUBLIC_API = {
     "QueryError",
     "Random",
     "RoundRobin",
+    "Strategy",
     "StrategyError",
     "open_cluster",
 }
@@ -44,7 +45,7 @@ PUBLIC_API = {
 
 def test_public_api_is_pinned() -> None:
     assert set(pa.__all__) == PUBLIC_API
-    for name in pa.__all__:
+    for name in set(pa.__all__) - {"Strategy"}:  # a type alias has no docstring of its own
         assert getattr(pa, name).__doc__, f"{name} has no docstring"
     params = inspect.signature(pa.open_cluster).parameters
     for option in (
