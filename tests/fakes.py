@@ -14,6 +14,13 @@ Every fake node lives at ``Address("10.0.0.N", 4327)`` and can be
 
 ``drop_connections()`` resets every open connection while the node stays up.
 
+A connection runs queries the plain way (``await conn.run(...)``, in a task
+the library starts) or, with ``FakeCluster(fast_path=True)``, also offers the
+bridges' ``submit(method, query, args, on_done)`` fast path: the query runs in
+a task of the fake's own and ``on_done(outcome)`` is called when it ends, the
+way the real bridges call back. An exception from ``on_done`` is recorded in
+``FakeCluster.callback_errors`` (``FakeCluster.open`` fails the test on it).
+
 The catalog that discovery reads is a model the tests change: each node has a
 current and a target state, stored as JSON text such as ``'["Online",1]'``,
 and may be left out of the catalog altogether.
@@ -45,6 +52,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from typing import Any
 
+import outcome
+import pytest
 import trio
 import trio.testing
 
@@ -252,7 +261,7 @@ class FakeNode:
             raise self._refused()
         if not await self._wait(self.cluster.connect_time, None):
             raise self._refused()
-        conn = FakeConnection(self)
+        conn = FastFakeConnection(self) if self.cluster.fast_path else FakeConnection(self)
         self.connections.add(conn)
         self.opened += 1
         return conn
@@ -387,12 +396,48 @@ class FakeConnection:
         return await self.run(method, handle.query, args)
 
 
+class FastFakeConnection(FakeConnection):
+    """A :class:`FakeConnection` with the bridges' ``submit`` fast path."""
+
+    def submit(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        self.node.cluster.submitted += 1
+        trio.lowlevel.spawn_system_task(
+            self._run_and_call_back, method, query, args, on_done, name="fake query"
+        )
+
+    async def _run_and_call_back(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        result: outcome.Outcome[Any]
+        try:
+            result = outcome.Value(await self.run(method, query, args))
+        except (BackendBroken, BackendQueryError) as exc:
+            result = outcome.Error(exc)
+        try:
+            on_done(result)
+        except Exception as exc:  # a bridge logs and carries on: record it instead
+            self.node.cluster.callback_errors.append(exc)
+
+
 class FakeCluster:
     """A fake Picodata cluster, used as the ``backend`` of ``open_cluster``.
 
     ``FakeCluster(3)`` has nodes ``i1`` .. ``i3`` at ``10.0.0.1`` .. ``10.0.0.3``,
-    tier ``default``, one replicaset per node.
+    tier ``default``, one replicaset per node. ``fast_path`` defaults to
+    :attr:`fast_path_default` (set by the :func:`both_paths` fixture).
     """
+
+    fast_path_default = False
 
     def __init__(
         self,
@@ -401,8 +446,12 @@ class FakeCluster:
         service_time: float = 0.0,
         connect_time: float = 0.0,
         state_encoding: str = "list",
+        fast_path: bool | None = None,
     ) -> None:
         self.nodes: dict[str, FakeNode] = {}
+        self.fast_path = FakeCluster.fast_path_default if fast_path is None else fast_path
+        self.callback_errors: list[BaseException] = []
+        self.submitted = 0  # queries started through the fast path
         self.connect_time = connect_time
         self.service_time = service_time
         self.state_encoding = state_encoding
@@ -510,6 +559,8 @@ class FakeCluster:
     ) -> AsyncIterator[Any]:
         """``open_cluster`` on this fake, under a virtual-time ``fail_after``.
 
+        On the way out it checks that no completion callback raised.
+
         Defaults suited to unit tests: ``connections_per_node=2``,
         ``discovery_interval=1.0``, ``health_interval=1.0``.
         """
@@ -519,6 +570,7 @@ class FakeCluster:
         with trio.fail_after(deadline):
             async with open_cluster(self.dsn(*seeds), backend=self, **options) as cluster:
                 yield cluster
+        assert self.callback_errors == [], self.callback_errors
 
 
 # -- waiting helpers ------------------------------------------------------------------
@@ -615,6 +667,18 @@ class Outcomes:
         assert self.total == n, (self.total, n)
         assert sorted(self.ended) == list(range(n))
         assert set(self.ended.values()) == {1}
+
+
+# -- both ways of running a query ----------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, params=["task", "submit"])
+def both_paths(request: pytest.FixtureRequest) -> Any:
+    """Run the test once with plain ``run`` connections and once on the ``submit``
+    fast path (autouse in every module that imports it)."""
+    FakeCluster.fast_path_default = request.param == "submit"
+    yield request.param
+    FakeCluster.fast_path_default = False
 
 
 # -- a virtual-time deadline for every test ----------------------------------------------------

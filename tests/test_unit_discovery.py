@@ -13,6 +13,7 @@ from fakes import (
     PASSWORD,
     FakeCluster,
     Outcomes,
+    both_paths,  # noqa: F401  (autouse: plain tasks and the submit path)
     bound_every_test,
     drain_events,
     state_of,

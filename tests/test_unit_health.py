@@ -15,6 +15,7 @@ import trio.testing
 from fakes import (
     FakeCluster,
     Outcomes,
+    both_paths,  # noqa: F401  (autouse: plain tasks and the submit path)
     bound_every_test,
     drain_events,
     state_of,

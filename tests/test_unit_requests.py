@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import pytest
 import trio
 import trio.testing
-from fakes import FakeCluster, Outcomes, bound_every_test, wait_all_states, wait_state
+from fakes import (
+    FakeCluster,
+    Outcomes,
+    both_paths,  # noqa: F401  (autouse: plain tasks and the submit path)
+    bound_every_test,
+    wait_all_states,
+    wait_state,
+)
 
 from picopyn_actors import (
     AcquireTimeout,
@@ -43,6 +50,7 @@ async def test_basic_methods_return_what_the_node_answers(autojump_clock: object
     assert stats.requests_ok == 5
     assert stats.requests_failed == 0
     assert fake["i1"].queries == 5
+    assert fake.submitted == (5 if fake.fast_path else 0)
 
 
 async def test_sequential_queries_spread_evenly_over_all_nodes(autojump_clock: object) -> None:
