@@ -126,6 +126,7 @@ class FakeNode:
         self.queries = 0  # queries other than probes and discovery
         self.probes = 0
         self.discovery_queries = 0
+        self.discovery_executed: Counter[str] = Counter()
         self.executed: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -350,6 +351,7 @@ class FakeConnection:
             delay = node.probe_time
         elif q in DISCOVERY_QUERIES:
             node.discovery_queries += 1
+            node.discovery_executed[q] += 1
             delay = node.probe_time
         else:
             user = True

@@ -151,13 +151,22 @@ async def test_discovery_reads_both_state_encodings(autojump_clock: object, enco
 async def test_discovery_falls_back_to_instance_uuid(autojump_clock: object) -> None:
     fake = FakeCluster(2)
     fake.has_pico_instance_uuid = False
+
+    def calls(query: str) -> int:
+        return sum(n.discovery_executed[query] for n in fake.nodes.values())
+
     async with fake.open(discovery_interval=1.0) as cluster:
         await wait_all_states(cluster, fake.nodes, UP)
+        tried = calls("SELECT pico_instance_uuid()")
         fake.add_node()
         await wait_state(cluster, "i3", UP)
         stats = cluster.statistics()
     assert stats.discovery_runs >= 2
     assert stats.discovery_failures == 0
+    # Once pico_instance_uuid() failed, instance_uuid() is asked, and asked first.
+    assert tried >= 1
+    assert calls("SELECT pico_instance_uuid()") == tried
+    assert calls("SELECT instance_uuid()") == stats.discovery_runs
 
 
 # -- the catalog changes ------------------------------------------------------------------
