@@ -632,15 +632,17 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         run_once = self._run_once  # type: ignore[attr-defined]
         ready = self._ready  # type: ignore[attr-defined]
         scheduled = self._scheduled  # type: ignore[attr-defined]
+        # The thread's own "running loop" slot (trio-asyncio wraps the getter
+        # to answer from the trio context instead): set only while the loop
+        # runs callbacks, and cleared after, since no other asyncio loop runs
+        # in trio's thread.
         set_running = asyncio.events._set_running_loop
-        get_running = asyncio.events._get_running_loop
         while True:
-            previous = get_running()
             set_running(self)
             try:
                 run_once()
             finally:
-                set_running(previous)
+                set_running(None)
             if ready:
                 await trio.lowlevel.checkpoint()
                 continue

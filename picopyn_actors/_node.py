@@ -536,6 +536,7 @@ class NodeActor:
                             except BackendBroken as again:
                                 error = again
                         self._report(_SessionFailed(generation, error.message))
+                        self._session_nursery = None  # closing: nothing new may start in it
                         workers.cancel_scope.cancel()
                         return
             finally:

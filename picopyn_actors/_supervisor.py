@@ -167,12 +167,15 @@ class Supervisor:
         """
         errors: dict[str, str] = {}
         addresses = self._addresses()
-        share = max(
-            self.config.connect_timeout / len(addresses), min(1.0, self.config.connect_timeout)
-        )
+        up = {a.info.address for a in self._actors.values() if a.state.routable}
+        timeout = self.config.connect_timeout
+        share = max(timeout / len(addresses), min(1.0, timeout))
         for address in addresses:
             try:
-                topology = await self._discover_from(address, share)
+                # A node that is up gets the whole time (a slow catalog read is
+                # not a dead node); others share it, so that a hung seed cannot
+                # use up the time of the rest.
+                topology = await self._discover_from(address, timeout if address in up else share)
             except BackendBroken as exc:
                 errors[str(address)] = exc.message
                 continue
@@ -211,7 +214,8 @@ class Supervisor:
 
     async def _self_name(self, conn: Connection) -> str | None:
         """Which instance answered: ``pico_instance_uuid()``, else ``instance_uuid()``."""
-        for function in (self._uuid_function, *_UUID_FUNCTIONS):
+        preferred = self._uuid_function
+        for function in (preferred, *(f for f in _UUID_FUNCTIONS if f != preferred)):
             try:
                 uuid = await conn.run("fetchval", f"SELECT {function}()", ())
             except BackendQueryError:

@@ -6,6 +6,7 @@ exception, and none outlives its deadline.
 
 from __future__ import annotations
 
+import _asyncio
 import asyncio
 import os
 import uuid as uuidlib
@@ -241,6 +242,8 @@ async def test_leaving_with_requests_in_flight(local_cluster: LocalCluster) -> N
         await cluster.fetchval("SELECT 1")
     assert trio.lowlevel.current_statistics().tasks_living == tasks_before
     assert _sockets() == sockets_before
+    # No asyncio loop is left marked as running in this thread.
+    assert _asyncio._get_running_loop() is None
 
 
 async def test_bad_input_gets_clear_errors(shared_cluster: LocalCluster) -> None:

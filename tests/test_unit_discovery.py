@@ -444,13 +444,6 @@ async def test_events_subscription_after_close_ends_at_once(autojump_clock: obje
     assert ended
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_supervisor.Supervisor.discover splits connect_timeout among every known "
-    "address (at least 1 s each) even when they all answer: with 6 nodes and the default "
-    "connect_timeout=5.0, a catalog that takes 1.2 s to read times out everywhere, so "
-    "periodic discovery never succeeds again and a new node is never found",
-)
 async def test_slow_but_healthy_catalog_is_still_discovered(autojump_clock: object) -> None:
     fake = FakeCluster(6)
     for node in fake.nodes.values():

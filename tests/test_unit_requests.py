@@ -502,14 +502,6 @@ async def test_pinned_connection_broken_mid_query_is_outcome_unknown(
         assert await cluster.fetchval("whoami") != conn.node
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_node.NodeActor._replace (via _returned when a pinned connection is given "
-    "back): when the periodic probe fails, _run_session closes the session's nursery "
-    "before the actor handles _SessionFailed, but _session_nursery still points at it, "
-    "so start_soon raises RuntimeError('Nursery is closed to new arrivals') out of "
-    "Cluster.connection()'s exit; _spawn has the same stale reference",
-)
 async def test_pinned_connection_given_back_as_the_probe_fails(autojump_clock: object) -> None:
     # The give-back must land between the probe's failure and the actor hearing of
     # it: sweep a few scheduling steps around that moment, a few times each.
