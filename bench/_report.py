@@ -37,7 +37,13 @@ def throughput_table(results: dict[str, Any]) -> str:
         "rounds; CPU/req: the client process's CPU time per request (median). "
         "A request still waiting when a window closed counts with the age it had then; "
         "*starved*: tasks (most in any round) that completed no request in a whole window. "
-        "Raw asyncpg runs one task per connection (the number in brackets).",
+        "Raw asyncpg runs one task per connection (the number in brackets)."
+        + (
+            f" Load average during the rounds: median {tp['load_median']:.1f}, "
+            f"max {tp['load_max']:.1f} ({results['meta']['cores']} cores)."
+            if tp.get("load_median") is not None
+            else ""
+        ),
         "",
         "| query | tasks | client | req/s | ratio | ratio range | p50 | p99 | p99.9 "
         "| p99/p50 | CPU/req | starved | failed |",
@@ -190,9 +196,15 @@ def profile_table(results: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
+    load = ""
+    if meta.get("load_at_start") is not None:
+        load = f" Load average (1 min) {meta['load_at_start']:.1f} at the start"
+        if meta.get("load_at_end") is not None:
+            load += f", {meta['load_at_end']:.1f} at the end"
+        load += "."
     parts = [
         f"Run {meta['started']} on {meta['cpu']} ({meta['cores']} cores), Python "
-        f"{meta['python']}, {meta['platform']}; commit {meta['commit']}.",
+        f"{meta['python']}, {meta['platform']}; commit {meta['commit']}.{load}",
         f"Command: `{meta['command']}`",
         "",
     ]

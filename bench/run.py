@@ -240,6 +240,7 @@ def run_throughput(
                     }
                     res = procs[peer.name].request(cmd, timeout=args.warmup + args.duration + 60)
                     res["at"] = time.monotonic() - args.duration / 2  # the window's middle
+                    res["load"] = os.getloadavg()[0]
                     raw[(query, concurrency)][peer.name].append(res)
                     log(
                         f"  [{step}/{total}] round {r + 1} {query} c={concurrency} "
@@ -256,7 +257,10 @@ def run_throughput(
                 vs3 = ratios(rounds, by_peer["picopyn-3"])
                 rows[name]["ratio_vs_picopyn3"] = vs3["ratio"]
         out_cases.append({"query": query, "concurrency": concurrency, "peers": rows})
+    loads = sorted(r["load"] for by_peer in raw.values() for rs in by_peer.values() for r in rs)
     return {
+        "load_median": loads[len(loads) // 2] if loads else None,
+        "load_max": loads[-1] if loads else None,
         "baseline": BASELINE if any(p.name == BASELINE for p in peers) else None,
         "rounds": args.rounds,
         "duration": args.duration,
@@ -734,6 +738,8 @@ def main() -> int:
         log("scale (fake backend)")
         results["scale"] = run_scale(args, logdir)
 
+    results["meta"]["load_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    results["meta"]["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     results["targets"] = [
         {"target": t, "measured": m, "holds": ok} for t, m, ok in targets(results)
     ]
