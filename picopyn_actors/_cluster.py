@@ -218,7 +218,14 @@ class Cluster:
 
 
 class PinnedConnection:
-    """One connection lent by :meth:`Cluster.connection`. Not usable after the block."""
+    """One connection lent by :meth:`Cluster.connection`. Not usable after the block.
+
+    Its methods run on this one connection, with no retry on another node: a
+    broken connection raises :class:`OutcomeUnknown` (the request was sent) or
+    :class:`NoNodesAvailable` (it was not). Cancellation: a method cancelled
+    mid-query raises ``Cancelled`` and leaves the connection unusable; it is
+    replaced when the block exits.
+    """
 
     def __init__(self, lease: Lease) -> None:
         self._lease = lease
@@ -292,7 +299,8 @@ class PinnedConnection:
 
 
 class PreparedStatement:
-    """A statement prepared on a :class:`PinnedConnection`."""
+    """A statement prepared on a :class:`PinnedConnection`; errors and
+    cancellation as there."""
 
     def __init__(self, owner: PinnedConnection, handle: Any, query: str) -> None:
         self._owner = owner

@@ -90,7 +90,11 @@ class Client:
         self._stack = stack
 
     async def close(self) -> None:
-        """Close every connection and stop the actors. Idempotent."""
+        """Close every connection and stop the actors. Idempotent.
+
+        Requests still running end with :class:`ClusterClosed`. Cancelling
+        ``close`` does not stop the shutdown: it runs to the end first.
+        """
         stack, self._stack, self._cluster = self._stack, None, None
         if stack is not None:
             await stack.aclose()
@@ -108,13 +112,15 @@ class Client:
         await self.close()
 
     async def execute(self, query: str, *args: Any) -> str:
-        """Run a statement; return its status string."""
+        """Run a statement; return its status string. As :meth:`Cluster.execute`,
+        cancellation included."""
         return await self.cluster.execute(query, *args)
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
-        """Run a query; return all rows."""
+        """Run a query; return all rows. As :meth:`Cluster.fetch`, cancellation included."""
         return await self.cluster.fetch(query, *args)
 
     async def fetchrow(self, query: str, *args: Any) -> Any:
-        """Run a query; return the first row or ``None``."""
+        """Run a query; return the first row or ``None``. As :meth:`Cluster.fetchrow`,
+        cancellation included."""
         return await self.cluster.fetchrow(query, *args)
