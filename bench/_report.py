@@ -146,37 +146,71 @@ def scale_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Profile parts grouped for the report (the JSON keeps the finer split).
+PART_GROUPS: dict[str, str] = {
+    "bridge: trio-asyncio loop": "bridge: hand-offs, asyncio loop machinery",
+    "bridge: _bridge.py": "bridge: hand-offs, asyncio loop machinery",
+    "asyncio event loop": "bridge: hand-offs, asyncio loop machinery",
+    "asyncpg (driver)": "asyncpg",
+    "socket I/O (asyncio transport, syscalls)": "socket I/O (asyncio transports)",
+    "kernel (system CPU: syscalls, loopback TCP)": "kernel (system CPU)",
+    "trio scheduler (run loop, epoll)": "trio scheduler",
+    "dispatcher": "dispatcher",
+    "caller side: _cluster.py, _request.py": "caller side (Cluster, Request)",
+    "node worker": "node (slots, completions)",
+    "picopyn pool": "picopyn pool",
+    "bench loop": "bench loop, fake backend, other",
+    "fake backend (bench)": "bench loop, fake backend, other",
+    "other": "bench loop, fake backend, other",
+}
+
+
 def profile_table(results: dict[str, Any]) -> str:
     pr = results.get("profile")
     if not pr:
         return ""
     lines = [
-        "Sampling profile (py-spy `--gil`: only while Python runs), `SELECT 1`. Each sample "
-        "is charged to the innermost frame that belongs to a known part (trio's channel code "
-        "run by the dispatcher is the dispatcher's; asyncio's transport code run by asyncpg "
-        "is socket I/O). The samples split the user CPU per request; the kernel row is the "
-        "system CPU per request, both from `os.times()` over the same window.",
+        "CPU per request (µs), `SELECT 1`. py-spy samples taken while Python runs (`--gil`) "
+        "split the user CPU, each sample charged to the innermost frame of a known part "
+        "(trio's channel code run by the dispatcher is the dispatcher's; asyncio's transport "
+        "code run by asyncpg is socket I/O); the kernel row is the system CPU; both from "
+        "`os.times()` over the same window. For an asyncio client the first row is its own "
+        "event loop. `-fake`: picopyn_actors on the in-bench fake backend (no bridge, no I/O).",
         "",
     ]
-    for entry in pr["runs"]:
-        user, system = entry.get("user_us_per_request"), entry.get("system_us_per_request")
-        split = f" (user {_us(user)}, system {_us(system)})" if user is not None else ""
+    runs = pr["runs"]
+    for concurrency in sorted({r["concurrency"] for r in runs}):
+        group = [r for r in runs if r["concurrency"] == concurrency]
+        table: dict[str, list[float]] = {}
+        for col, r in enumerate(group):
+            for part, _share, us in r["breakdown"]:
+                name = PART_GROUPS.get(part, part)
+                table.setdefault(name, [0.0] * len(group))[col] += us
+        order = list(dict.fromkeys(PART_GROUPS.values()))
         lines += [
-            f"**{entry['peer']}, {entry['concurrency']} tasks**: {entry['rps']:.0f} req/s, "
-            f"{_us(entry['cpu_us_per_request'])} CPU per request{split}, "
-            f"{entry['samples']} samples.",
+            f"**{concurrency} tasks**",
             "",
-            "| part | share | µs/request |",
-            "|---|---:|---:|",
+            "| part | " + " | ".join(r["peer"] for r in group) + " |",
+            "|---|" + "---:|" * len(group),
         ]
-        for part, share, us in entry["breakdown"]:
-            lines.append(f"| {part} | {share:.1%} | {us:.1f} |")
+        for name in order:
+            if name in table:
+                lines.append(f"| {name} | " + " | ".join(f"{v:.0f}" for v in table[name]) + " |")
+        lines.append(
+            "| **total** | "
+            + " | ".join(f"**{r['cpu_us_per_request']:.0f}**" for r in group)
+            + " |"
+        )
+        lines.append(
+            "| req/s while profiled | " + " | ".join(f"{r['rps']:.0f}" for r in group) + " |"
+        )
         lines.append("")
     counted = pr.get("cprofile") or []
     if counted:
         lines += [
             "Exact counts per request (cProfile, `SELECT 1`; warm-up included; a coroutine "
-            "counts one call per resumption):",
+            "counts one call per resumption; only the thread that runs trio is seen, so "
+            '`bridge="thread"` hides its asyncio side):',
             "",
             "| per request | "
             + " | ".join(f"{c['peer']} c={c['concurrency']}" for c in counted)
