@@ -41,8 +41,6 @@ __all__ = [
     "BackendBroken",
     "BackendQueryError",
     "Connection",
-    "EmbeddedBackend",
-    "ThreadBackend",
     "open_backend",
     "submit",
 ]
@@ -139,25 +137,48 @@ def classify(exc: BaseException, *, sent: bool) -> Exception:
     return BackendBroken(f"{type(exc).__name__}: {redact(str(exc))}", sent=sent)
 
 
-class _AsyncpgConnection:
-    """An asyncpg connection driven from trio through a trio-asyncio loop."""
+class _Runner(Protocol):
+    """How one bridge runs asyncio work for trio (see the three bridges below)."""
 
-    __slots__ = ("_conn", "_loop")
+    kind: str
 
-    def __init__(self, conn: Any, loop: Any) -> None:
+    async def await_coro(self, factory: Callable[[], Any]) -> Any:
+        """Run ``factory()`` on the asyncio side; wait for it in trio.
+
+        Cancellation cancels the asyncio task and waits for it to end.
+        """
+
+    def start_coro(
+        self, factory: Callable[[], Any], on_done: Callable[[outcome.Outcome[Any]], None]
+    ) -> None:
+        """Run ``factory()`` on the asyncio side; ``on_done(outcome)`` runs in trio after."""
+
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` on the asyncio side, without waiting."""
+
+
+class _BridgedConnection:
+    """An asyncpg connection, reached from trio through one of the bridges."""
+
+    __slots__ = ("_conn", "_runner")
+
+    def __init__(self, conn: Any, runner: _Runner) -> None:
         self._conn = conn
-        self._loop = loop
+        self._runner = runner
 
-    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
-        conn = self._conn
-        if conn.is_closed():
+    async def _call(self, factory: Callable[[], Any]) -> Any:
+        if self._conn.is_closed():
             raise BackendBroken("connection is closed", sent=False)
         try:
-            return await self._loop.run_aio_coroutine(getattr(conn, method)(query, *args))
+            return await self._runner.await_coro(factory)
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except Exception as exc:
             raise classify(exc, sent=True) from exc
+
+    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        bound = getattr(self._conn, method)
+        return await self._call(lambda: bound(query, *args))
 
     def submit(
         self,
@@ -166,48 +187,37 @@ class _AsyncpgConnection:
         args: Sequence[Any],
         on_done: Callable[[outcome.Outcome[Any]], None],
     ) -> None:
+        """Start ``method(query, *args)``; ``on_done(outcome)`` runs in trio when it ends.
+
+        The hot path: no trio task waits for it. Errors arrive classified.
+        """
         conn = self._conn
         if conn.is_closed():
             on_done(outcome.Error(BackendBroken("connection is closed", sent=False)))
             return
-        task = self._loop.create_task(getattr(conn, method)(query, *args))
-        # Done callbacks run on the trio-asyncio loop, that is, in trio.
-        task.add_done_callback(lambda t: _call_back(on_done, _task_outcome(t)))
+        bound = getattr(conn, method)
+        self._runner.start_coro(lambda: bound(query, *args), on_done)
 
     async def probe(self) -> None:
         await self.run("fetchval", "SELECT 1", ())
 
     async def prepare(self, query: str) -> Any:
-        conn = self._conn
-        if conn.is_closed():
-            raise BackendBroken("connection is closed", sent=False)
-        try:
-            return await self._loop.run_aio_coroutine(conn.prepare(query))
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise classify(exc, sent=True) from exc
+        return await self.run("prepare", query, ())
 
     async def run_prepared(self, handle: Any, method: str, args: Sequence[Any]) -> Any:
-        if self._conn.is_closed():
-            raise BackendBroken("connection is closed", sent=False)
-        try:
-            return await self._loop.run_aio_coroutine(getattr(handle, method)(*args))
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise classify(exc, sent=True) from exc
+        bound = getattr(handle, method)
+        return await self._call(lambda: bound(*args))
 
     def terminate(self) -> None:
         if not self._conn.is_closed():
-            self._conn.terminate()
+            self._runner.run_soon(self._conn.terminate)
 
     async def close(self) -> None:
         if self._conn.is_closed():
             return
         try:
             with trio.move_on_after(1.0) as scope:
-                await self._loop.run_aio_coroutine(self._conn.close(timeout=1.0))
+                await self._call(lambda: self._conn.close(timeout=1.0))
             if scope.cancelled_caught:
                 self.terminate()
         except Exception:
@@ -236,25 +246,64 @@ def _connect_options(
 
 
 class AsyncpgBackend:
-    """asyncpg on a trio-asyncio loop: the integration for services already using it."""
+    """Opens asyncpg connections through one of the bridges (its ``kind``)."""
 
     def __init__(
-        self, dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any], loop: Any
+        self,
+        dsn: Dsn,
+        connect_timeout: float,
+        connect_kwargs: Mapping[str, Any],
+        runner: _Runner,
     ) -> None:
         self._timeout, self._kwargs = _connect_options(dsn, connect_timeout, connect_kwargs)
-        self._loop = loop
+        self._runner = runner
+
+    @property
+    def kind(self) -> str:
+        """The bridge: ``"embedded"``, ``"thread"`` or ``"trio-asyncio"``."""
+        return self._runner.kind
 
     async def connect(self, address: Address) -> Connection:
-        coro = asyncpg.connect(
-            host=address.host, port=address.port, timeout=self._timeout, **self._kwargs
-        )
+        kwargs, timeout = self._kwargs, self._timeout
         try:
-            conn = await self._loop.run_aio_coroutine(coro)
+            conn = await self._runner.await_coro(
+                lambda: asyncpg.connect(
+                    host=address.host, port=address.port, timeout=timeout, **kwargs
+                )
+            )
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except Exception as exc:
             raise classify(exc, sent=False) from exc
-        return _AsyncpgConnection(conn, self._loop)
+        return _BridgedConnection(conn, self._runner)
+
+
+# -- the trio-asyncio bridge -------------------------------------------------------
+
+
+class _TrioAsyncioRunner:
+    """asyncpg on a trio-asyncio loop: for services that already run one."""
+
+    kind = "trio-asyncio"
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+
+    async def await_coro(self, factory: Callable[[], Any]) -> Any:
+        return await self.loop.run_aio_coroutine(factory())
+
+    def start_coro(
+        self, factory: Callable[[], Any], on_done: Callable[[outcome.Outcome[Any]], None]
+    ) -> None:
+        # Done callbacks run on the trio-asyncio loop, that is, in trio.
+        self.loop.create_task(factory()).add_done_callback(functools.partial(_report, on_done))
+
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        fn()  # same thread, same loop
+
+
+def _report(on_done: Callable[[outcome.Outcome[Any]], None], task: asyncio.Task[Any]) -> None:
+    _call_back(on_done, _task_outcome(task))
 
 
 # -- the thread bridge -----------------------------------------------------------
@@ -292,6 +341,8 @@ class _Job:
 class _LoopThread:
     """An asyncio loop in a daemon thread, with batched hand-offs both ways."""
 
+    kind = "thread"
+
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
         self._loop = asyncio.SelectorEventLoop()  # plain asyncio, whatever policy is installed
@@ -324,7 +375,19 @@ class _LoopThread:
             self._aio_wakeup = True
             self._loop.call_soon_threadsafe(self._drain)
 
-    async def call(self, coro_factory: Any) -> Any:
+    def start_coro(
+        self, factory: Callable[[], Any], on_done: Callable[[outcome.Outcome[Any]], None]
+    ) -> None:
+        try:
+            self.post(_Job(factory, callback=on_done))
+        except BackendBroken as exc:
+            on_done(outcome.Error(exc))
+
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        with suppress(BackendBroken):
+            self.post(fn)
+
+    async def await_coro(self, coro_factory: Any) -> Any:
         """Run ``coro_factory()`` on the asyncio loop; wait for its outcome.
 
         Cancellation cancels the asyncio task and waits for it to end.
@@ -467,111 +530,6 @@ class _Cancel:
         self.job = job
 
 
-class _ThreadConnection:
-    """An asyncpg connection owned by the bridge thread."""
-
-    __slots__ = ("_bridge", "_conn")
-
-    def __init__(self, conn: Any, bridge: _LoopThread) -> None:
-        self._conn = conn
-        self._bridge = bridge
-
-    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
-        conn = self._conn
-        if conn.is_closed():
-            raise BackendBroken("connection is closed", sent=False)
-        bound = getattr(conn, method)
-        try:
-            return await self._bridge.call(lambda: bound(query, *args))
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise classify(exc, sent=True) from exc
-
-    def submit(
-        self,
-        method: str,
-        query: str,
-        args: Sequence[Any],
-        on_done: Callable[[outcome.Outcome[Any]], None],
-    ) -> None:
-        conn = self._conn
-        if conn.is_closed():
-            on_done(outcome.Error(BackendBroken("connection is closed", sent=False)))
-            return
-        bound = getattr(conn, method)
-        try:
-            self._bridge.post(_Job(lambda: bound(query, *args), callback=on_done))
-        except BackendBroken as exc:
-            on_done(outcome.Error(exc))
-
-    async def probe(self) -> None:
-        await self.run("fetchval", "SELECT 1", ())
-
-    async def prepare(self, query: str) -> Any:
-        return await self.run("prepare", query, ())
-
-    async def run_prepared(self, handle: Any, method: str, args: Sequence[Any]) -> Any:
-        if self._conn.is_closed():
-            raise BackendBroken("connection is closed", sent=False)
-        bound = getattr(handle, method)
-        try:
-            return await self._bridge.call(lambda: bound(*args))
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise classify(exc, sent=True) from exc
-
-    def terminate(self) -> None:
-        conn = self._conn
-        if not conn.is_closed():
-            with suppress(BackendBroken):
-                self._bridge.post(conn.terminate)
-
-    async def close(self) -> None:
-        if self._conn.is_closed():
-            return
-        try:
-            with trio.move_on_after(1.0) as scope:
-                await self._bridge.call(lambda: self._conn.close(timeout=1.0))
-            if scope.cancelled_caught:
-                self.terminate()
-        except Exception:
-            self.terminate()
-
-    def is_closed(self) -> bool:
-        return bool(self._conn.is_closed())
-
-
-class ThreadBackend:
-    """asyncpg on a plain asyncio loop in a thread of its own: the fast bridge."""
-
-    def __init__(
-        self,
-        dsn: Dsn,
-        connect_timeout: float,
-        connect_kwargs: Mapping[str, Any],
-        bridge: _LoopThread,
-    ) -> None:
-        self._timeout, self._kwargs = _connect_options(dsn, connect_timeout, connect_kwargs)
-        self._bridge = bridge
-
-    async def connect(self, address: Address) -> Connection:
-        kwargs = self._kwargs
-        timeout = self._timeout
-        try:
-            conn = await self._bridge.call(
-                lambda: asyncpg.connect(
-                    host=address.host, port=address.port, timeout=timeout, **kwargs
-                )
-            )
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise classify(exc, sent=False) from exc
-        return _ThreadConnection(conn, self._bridge)
-
-
 # -- the embedded bridge -----------------------------------------------------------
 #
 # A plain asyncio loop driven from a trio task in trio's own thread. The loop
@@ -600,6 +558,8 @@ class _NoWaitSelector:
 class _EmbeddedLoop(asyncio.SelectorEventLoop):
     """An asyncio loop whose iterations are run by a trio task (:meth:`drive`)."""
 
+    kind = "embedded"
+
     def __init__(self) -> None:
         selector = selectors.DefaultSelector()  # epoll on Linux: one descriptor to wait on
         super().__init__(selector)
@@ -622,6 +582,19 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         task = self.create_task(coro)
         self.kick()
         return task
+
+    async def await_coro(self, factory: Callable[[], Any]) -> Any:
+        return await _await_on(self, factory())
+
+    def start_coro(
+        self, factory: Callable[[], Any], on_done: Callable[[outcome.Outcome[Any]], None]
+    ) -> None:
+        # Done callbacks run in the driver task, that is, in trio.
+        self.start_task(factory()).add_done_callback(functools.partial(_report, on_done))
+
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        fn()  # same thread
+        self.kick()
 
     async def drive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the loop until cancelled."""
@@ -703,101 +676,6 @@ async def _await_on(loop: _EmbeddedLoop, coro: Any) -> Any:
     return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
-class _EmbeddedConnection:
-    """An asyncpg connection on the embedded loop."""
-
-    __slots__ = ("_conn", "_loop")
-
-    def __init__(self, conn: Any, loop: _EmbeddedLoop) -> None:
-        self._conn = conn
-        self._loop = loop
-
-    async def _call(self, coro_factory: Callable[[], Any], *, check: bool = True) -> Any:
-        if check and self._conn.is_closed():
-            raise BackendBroken("connection is closed", sent=False)
-        try:
-            return await _await_on(self._loop, coro_factory())
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise classify(exc, sent=True) from exc
-
-    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
-        bound = getattr(self._conn, method)
-        return await self._call(lambda: bound(query, *args))
-
-    def submit(
-        self,
-        method: str,
-        query: str,
-        args: Sequence[Any],
-        on_done: Callable[[outcome.Outcome[Any]], None],
-    ) -> None:
-        conn = self._conn
-        if conn.is_closed():
-            on_done(outcome.Error(BackendBroken("connection is closed", sent=False)))
-            return
-        task = self._loop.start_task(getattr(conn, method)(query, *args))
-        # Done callbacks run in the driver task, that is, in trio.
-        task.add_done_callback(lambda t: _call_back(on_done, _task_outcome(t)))
-
-    async def probe(self) -> None:
-        await self.run("fetchval", "SELECT 1", ())
-
-    async def prepare(self, query: str) -> Any:
-        return await self.run("prepare", query, ())
-
-    async def run_prepared(self, handle: Any, method: str, args: Sequence[Any]) -> Any:
-        bound = getattr(handle, method)
-        return await self._call(lambda: bound(*args))
-
-    def terminate(self) -> None:
-        if not self._conn.is_closed():
-            self._conn.terminate()
-            self._loop.kick()
-
-    async def close(self) -> None:
-        if self._conn.is_closed():
-            return
-        try:
-            with trio.move_on_after(1.0) as scope:
-                await self._call(lambda: self._conn.close(timeout=1.0))
-            if scope.cancelled_caught:
-                self.terminate()
-        except Exception:
-            self.terminate()
-
-    def is_closed(self) -> bool:
-        return bool(self._conn.is_closed())
-
-
-class EmbeddedBackend:
-    """asyncpg on an asyncio loop driven by a trio task in trio's thread: the fast bridge."""
-
-    def __init__(
-        self,
-        dsn: Dsn,
-        connect_timeout: float,
-        connect_kwargs: Mapping[str, Any],
-        loop: _EmbeddedLoop,
-    ) -> None:
-        self._timeout, self._kwargs = _connect_options(dsn, connect_timeout, connect_kwargs)
-        self._loop = loop
-
-    async def connect(self, address: Address) -> Connection:
-        kwargs = self._kwargs
-        coro = asyncpg.connect(
-            host=address.host, port=address.port, timeout=self._timeout, **kwargs
-        )
-        try:
-            conn = await _await_on(self._loop, coro)
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise classify(exc, sent=False) from exc
-        return _EmbeddedConnection(conn, self._loop)
-
-
 def _log_loop_error(loop: Any, context: dict[str, Any]) -> None:
     # asyncpg leaves futures behind when a connect is cut short (for example
     # its SSL negotiation with a hung node). trio-asyncio's default handler
@@ -832,7 +710,7 @@ async def open_backend(
         async with trio.open_nursery() as nursery:
             await nursery.start(loop.drive)
             try:
-                yield EmbeddedBackend(dsn, connect_timeout, connect_kwargs, loop)
+                yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, loop)
             finally:
                 with trio.CancelScope(shield=True):
                     await loop.aclose()
@@ -841,15 +719,15 @@ async def open_backend(
     if kind == "thread":
         bridge = _LoopThread(trio.lowlevel.current_trio_token())
         try:
-            yield ThreadBackend(dsn, connect_timeout, connect_kwargs, bridge)
+            yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, bridge)
         finally:
             with trio.CancelScope(shield=True):
                 await bridge.aclose()
         return
     if running is not None:
         _install_handler(running)
-        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, running)
+        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, _TrioAsyncioRunner(running))
         return
     async with trio_asyncio.open_loop() as new_loop:
         _install_handler(new_loop)
-        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, new_loop)
+        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, _TrioAsyncioRunner(new_loop))

@@ -8,7 +8,7 @@ import trio_asyncio
 from helpers import FAST, blocking, spread, state_of, wait_for
 
 import picopyn_actors as pa
-from picopyn_actors._bridge import AsyncpgBackend, EmbeddedBackend, ThreadBackend
+from picopyn_actors._bridge import AsyncpgBackend
 from picopyn_actors.testing import LocalCluster
 
 BRIDGES = ["embedded", "thread", "trio-asyncio"]
@@ -48,14 +48,15 @@ async def test_bridge_serves_and_heals(local_cluster: LocalCluster, bridge: str)
 
 
 @pytest.mark.parametrize(
-    ("bridge", "backend"),
-    [("auto", EmbeddedBackend), ("thread", ThreadBackend), ("trio-asyncio", AsyncpgBackend)],
+    ("bridge", "kind"),
+    [("auto", "embedded"), ("thread", "thread"), ("trio-asyncio", "trio-asyncio")],
 )
 async def test_bridge_choice_without_a_trio_asyncio_loop(
-    shared_cluster: LocalCluster, bridge: str, backend: type
+    shared_cluster: LocalCluster, bridge: str, kind: str
 ) -> None:
     async with pa.open_cluster(shared_cluster.dsn, **{**FAST, "bridge": bridge}) as c:
-        assert isinstance(c._backend, backend)
+        assert isinstance(c._backend, AsyncpgBackend)
+        assert c._backend.kind == kind
         assert await c.fetchval("SELECT 1") == 1
 
 
@@ -66,5 +67,6 @@ async def test_auto_shares_a_running_trio_asyncio_loop(shared_cluster: LocalClus
         pa.open_cluster(shared_cluster.dsn, **options) as cluster,
     ):
         assert isinstance(cluster._backend, AsyncpgBackend)
-        assert cluster._backend._loop is loop
+        assert cluster._backend.kind == "trio-asyncio"
+        assert cluster._backend._runner.loop is loop  # type: ignore[attr-defined]
         assert await cluster.fetchval("SELECT 1") == 1
