@@ -24,7 +24,6 @@ Example (inside the library)::
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from typing import Any, Protocol
 
@@ -297,6 +296,3 @@ class Dispatcher:
     def closed(self) -> bool:
         """The dispatcher has stopped."""
         return self._closed
-
-
-INFINITE = math.inf

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -219,6 +218,3 @@ class ClusterStatistics:
     discovery_failures: int
     queue_depth: int
     events_published: int
-
-
-INFINITY = math.inf
