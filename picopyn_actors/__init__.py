@@ -9,9 +9,8 @@ requests over the healthy nodes. Everything lives in the caller's nursery::
 
     async def main():
         async with pa.open_cluster("postgresql://admin:pw@127.0.0.1:4327") as cluster:
-            print(await cluster.fetchval("SELECT 1", idempotent=True))
-            for node in cluster.nodes():
-                print(node.name, node.state.value)
+            one = await cluster.fetchval("SELECT 1", idempotent=True)
+            states = {node.name: node.state.value for node in cluster.nodes()}
 
     trio.run(main)
 """

@@ -6,7 +6,7 @@ Example::
 
     async def main():
         async with pa.open_cluster("postgresql://admin:pw@127.0.0.1:4327") as cluster:
-            print(await cluster.fetchval("SELECT 1"))
+            assert await cluster.fetchval("SELECT 1") == 1
 
     trio.run(main)
 """

@@ -11,7 +11,7 @@ directly; trio code calls it through :func:`trio.to_thread.run_sync`::
     from picopyn_actors.testing import LocalCluster
 
     with LocalCluster(nodes=3) as lc:
-        print(lc.dsn)           # the seed node's DSN
+        dsn = lc.dsn            # the seed node's DSN
         lc.kill("i2")           # a crash: the catalog still says Online
         lc.start("i2")          # back, with its incarnation raised
 """
