@@ -75,8 +75,10 @@ async def amain(cfg: dict[str, Any]) -> None:
             with trio.move_on_after(10):
                 while sum(n.state is pa.NodeState.UP for n in cluster.nodes()) < want:
                     await events.receive()
-        # The bridge asked for, and the backend class it resolved to (informational).
-        bridge = f"{getattr(cluster.config, 'bridge', '?')}: {type(cluster._backend).__name__}"
+        # The bridge asked for, and the one it resolved to (informational).
+        backend = cluster._backend
+        resolved = getattr(backend, "kind", type(backend).__name__)
+        bridge = f"{getattr(cluster.config, 'bridge', '?')}: {resolved}"
         emit(
             {
                 "event": "ready",
