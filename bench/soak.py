@@ -17,6 +17,7 @@ start and the end (must not grow). Exit status 1 if any must-be-zero is not.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import itertools
@@ -84,7 +85,8 @@ class Soak:
         self.sent = 0
         self.answered = 0
         self.failed: Counter[str] = Counter()
-        self.acknowledged: set[int] = set()
+        # Compact bookkeeping, so that the memory figures are the client's.
+        self.acknowledged = array.array("q")
         self.unknown: set[int] = set()
         self.faults: Counter[str] = Counter()
         self.keys = itertools.count(1)
@@ -100,7 +102,7 @@ class Soak:
             with trio.fail_after(DEADLINE):
                 if write:
                     await cluster.execute(f"INSERT INTO {TABLE} VALUES ($1)", key)
-                    self.acknowledged.add(key)
+                    self.acknowledged.append(key)
                 else:
                     await cluster.fetchval("SELECT pico_instance_uuid()", idempotent=True)
             self.answered += 1
@@ -192,8 +194,12 @@ class Soak:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.load, cluster, stop)
                 nursery.start_soon(self.chaos, stop)
-                await trio.sleep(args.minutes * 60)
+                warmup = min(60.0, args.minutes * 60 / 5)
+                await trio.sleep(warmup)
+                rss_warm = _rss_mib()  # after the warm-up: caches and pools are full
+                await trio.sleep(args.minutes * 60 - warmup)
                 stop.set()
+            rss_end = _rss_mib()
             # Heal everything, then compare connections with the start.
             for name in sorted(self.paused):
                 await trio.to_thread.run_sync(lc.resume, name)
@@ -211,8 +217,9 @@ class Soak:
         sockets_end = _sockets()
         keys = await trio.to_thread.run_sync(_count_keys, [lc.dsn_for(n.name) for n in lc.nodes])
         duplicated = sum(1 for c in keys.values() if c > 1)
-        missing = len(self.acknowledged - set(keys))
-        stray = len(set(keys) - self.acknowledged - self.unknown)
+        acknowledged = set(self.acknowledged)
+        missing = len(acknowledged - set(keys))
+        stray = len(set(keys) - acknowledged - self.unknown)
         ended = self.answered + sum(self.failed.values())
         report: dict[str, Any] = {
             "minutes": args.minutes,
@@ -232,7 +239,8 @@ class Soak:
             "restarts": stats.restarts,
             "retried": stats.requests_retried,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_mib_end": _rss_mib(),
+            "rss_mib_after_warmup": rss_warm,
+            "rss_mib_end_of_load": rss_end,
             "connections_start": connections_start,
             "connections_end": sum(per_node.values()),
             "connections_end_per_node": per_node,
@@ -243,6 +251,7 @@ class Soak:
         bad = report["lost"] or report["hung"] or duplicated or missing or stray
         limit = 3  # connections_per_node below
         bad = bad or sockets_end > sockets_start or any(c > limit for c in per_node.values())
+        bad = bad or rss_end > rss_warm + 32  # MiB: growth under steady chaos is a leak
         return 1 if bad else 0
 
 
