@@ -547,12 +547,9 @@ class _NoWaitSelector:
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
         self.inner = selector
-        self.poll = True
 
     def select(self, timeout: float | None = None) -> Any:
-        # Skipped when trio has not seen the descriptor readable: anything
-        # that arrives meanwhile wakes the driver as soon as it parks.
-        return self.inner.select(0) if self.poll else ()
+        return self.inner.select(0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -613,7 +610,6 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         # runs callbacks, and cleared after, since no other asyncio loop runs
         # in trio's thread.
         set_running = asyncio.events._set_running_loop
-        wrapped = self._wrapped
         while True:
             set_running(self)
             try:
@@ -621,7 +617,6 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
             finally:
                 set_running(None)
             if ready:
-                wrapped.poll = False
                 await trio.lowlevel.checkpoint()
                 continue
             deadline = math.inf
@@ -631,9 +626,6 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
                 self._parked = parked
                 await trio.lowlevel.wait_readable(self._epoll_fd)
             self._parked = None
-            # Poll the selector only when its descriptor woke us, not when we
-            # were kicked (work handed over) or a timer fell due.
-            wrapped.poll = not parked.cancelled_caught
 
     async def aclose(self) -> None:
         """Cancel every asyncio task, give them a moment to finish, close the loop."""
