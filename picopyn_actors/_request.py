@@ -1,7 +1,7 @@
 """A request travelling through the actors, and its one-shot reply path.
 
 The caller parks with ``trio.lowlevel.wait_task_rescheduled``; whoever ends the
-request (dispatcher or worker) reschedules it exactly once with an outcome.
+request (dispatcher or node actor) reschedules it exactly once with an outcome.
 :meth:`Request.finish` is the only way to end a request, so an answer can
 never be given twice; an abandoned request (its caller was cancelled) can
 no longer be answered at all.
@@ -27,13 +27,12 @@ class Terminable(Protocol):
 
 
 class Phase(enum.IntEnum):
-    """Where a request is. Only moves forward, except SENT/ASSIGNED -> QUEUED on a retry."""
+    """Where a request is. Only moves forward, except SENT -> QUEUED on a retry."""
 
     QUEUED = 0  # waiting in the dispatcher
-    ASSIGNED = 1  # in a node's channel, not yet on the wire
-    SENT = 2  # a worker is running it: the server may have seen it
-    DONE = 3  # answered
-    ABANDONED = 4  # the caller gave up (cancelled); nobody will answer
+    SENT = 1  # handed to a node's connection slot: the server may have seen it
+    DONE = 2  # answered
+    ABANDONED = 3  # the caller gave up (cancelled); nobody will answer
 
 
 class Request:
@@ -99,7 +98,7 @@ class Request:
     def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         # The caller is cancelled: nobody will read an answer any more. A
         # query on the wire cannot be cancelled on Picodata, so its connection
-        # is terminated: the worker sees it break, and opens a new one.
+        # is terminated: its node sees it break, and opens a new one.
         if self.phase >= Phase.DONE:  # pragma: no cover - trio never aborts a rescheduled task
             return trio.lowlevel.Abort.FAILED
         self.phase = Phase.ABANDONED
