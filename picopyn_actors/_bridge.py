@@ -568,6 +568,8 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         # The base loop keeps its selector in a private attribute; swap in ours.
         setattr(self, "_selector", self._wrapped)  # noqa: B010
         self._parked: trio.CancelScope | None = None
+        self._steppers: set[_Stepper] = set()
+        self._driving = False
         self.set_exception_handler(_log_loop_error)
 
     def kick(self) -> None:
@@ -589,8 +591,24 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
     def start_coro(
         self, factory: Callable[[], Any], on_done: Callable[[outcome.Outcome[Any]], None]
     ) -> None:
-        # Done callbacks run in the driver task, that is, in trio.
-        self.start_task(factory()).add_done_callback(functools.partial(_report, on_done))
+        # The hot path: no asyncio Task; the coroutine's first step (which
+        # writes the query to the socket) runs right here, the rest in the
+        # driver task when its socket has the answer.
+        step = _Stepper(self, factory(), on_done)
+        self._steppers.add(step)
+        if self._driving:  # called back from code the driver runs: the loop is running
+            step.step()
+            return
+        running = trio_asyncio.current_loop.set(self)
+        set_running = asyncio.events._set_running_loop
+        set_running(self)
+        try:
+            step.step()
+        finally:
+            set_running(None)
+            trio_asyncio.current_loop.reset(running)
+        if self._ready:  # type: ignore[attr-defined]
+            self.kick()  # the step scheduled asyncio callbacks: let the driver run them
 
     def run_soon(self, fn: Callable[[], object]) -> None:
         fn()  # same thread
@@ -610,11 +628,25 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         # runs callbacks, and cleared after, since no other asyncio loop runs
         # in trio's thread.
         set_running = asyncio.events._set_running_loop
+        popleft = ready.popleft
         while True:
             set_running(self)
+            self._driving = True
             try:
                 run_once()
+                # Callbacks made ready by this iteration (a query's waiter was
+                # resolved by the data just read) run now, without polling
+                # the selector again or yielding to trio first: the answer
+                # reaches its caller in the same trio step.
+                for _ in range(_INLINE_ROUNDS):
+                    if not ready:
+                        break
+                    for _ in range(len(ready)):
+                        handle = popleft()
+                        if not handle._cancelled:
+                            handle._run()
             finally:
+                self._driving = False
                 set_running(None)
             if ready:
                 await trio.lowlevel.checkpoint()
@@ -629,6 +661,8 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
 
     async def aclose(self) -> None:
         """Cancel every asyncio task, give them a moment to finish, close the loop."""
+        for step in list(self._steppers):
+            step.abandon()
         tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
         if tasks:
             finished = trio.Event()
@@ -641,6 +675,72 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
                 await finished.wait()
         setattr(self, "_selector", self._wrapped.inner)  # noqa: B010
         self.close()
+
+
+# How many rounds of newly ready callbacks the driver runs after a loop
+# iteration before it polls the selector again (bounded, so that a coroutine
+# that keeps yielding cannot starve trio).
+_INLINE_ROUNDS = 4
+
+
+class _Stepper:
+    """Runs one coroutine on the embedded loop without an asyncio Task.
+
+    A query is one short coroutine (asyncpg's ``fetchrow`` and friends) that
+    awaits one or two futures of the protocol. A Task would cost a handle
+    to start it, a context copy, registration in the loop's task set and a
+    handle for its done callback; this steps the coroutine directly and
+    reports its outcome to ``on_done`` in the same call that finishes it.
+    Outside of a Task, ``asyncio.current_task()`` is ``None``: fine for
+    asyncpg's query methods with no ``timeout``, the only ones run this way.
+    """
+
+    __slots__ = ("coro", "loop", "on_done")
+
+    def __init__(
+        self,
+        loop: _EmbeddedLoop,
+        coro: Any,
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        self.loop = loop
+        self.coro = coro
+        self.on_done: Callable[[outcome.Outcome[Any]], None] | None = on_done
+
+    def step(self, _future: object = None) -> None:
+        """Advance the coroutine; also the done callback of the futures it awaits."""
+        try:
+            yielded = self.coro.send(None)
+        except StopIteration as stop:
+            self._finish(outcome.Value(stop.value))
+            return
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self._finish(outcome.Error(BackendBroken(repr(exc), sent=True)))
+            raise
+        except BaseException as exc:
+            self._finish(outcome.Error(exc))
+            return
+        if yielded is None:  # a bare yield: asyncio.sleep(0)
+            self.loop.call_soon(self.step)
+            return
+        if not getattr(yielded, "_asyncio_future_blocking", False):  # pragma: no cover
+            self.coro.close()
+            self._finish(outcome.Error(RuntimeError(f"coroutine yielded {yielded!r}")))
+            return
+        yielded._asyncio_future_blocking = False
+        yielded.add_done_callback(self.step)
+
+    def _finish(self, result: outcome.Outcome[Any]) -> None:
+        self.loop._steppers.discard(self)
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            _call_back(on_done, result)
+
+    def abandon(self) -> None:
+        """The loop is closing: end the coroutine and report it cancelled."""
+        with suppress(BaseException):
+            self.coro.close()
+        self._finish(outcome.Error(asyncio.CancelledError()))
 
 
 def _reschedule_with(

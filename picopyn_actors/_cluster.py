@@ -91,13 +91,7 @@ class Cluster:
             return await self._send(request)
 
     async def _send(self, request: Request) -> Any:
-        try:
-            try:
-                self._inbox.send_nowait(request)
-            except trio.WouldBlock:
-                await self._inbox.send(request)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ClusterClosed("the cluster is closed") from None
+        self._dispatcher.submit(request)
         return await request.wait()
 
     async def fetch(
@@ -389,7 +383,7 @@ async def _run_cluster(config: ClusterConfig, backend: Backend) -> AsyncIterator
     closing = trio.Event()
     send, receive = trio.open_memory_channel[Message](_INBOX_SIZE)
     dispatcher = Dispatcher(config, receive)
-    supervisor = Supervisor(config, backend, send, hub, closing)
+    supervisor = Supervisor(config, backend, send, hub, closing, dispatcher)
     cluster = Cluster(config, backend, send, dispatcher, supervisor, hub, closing)
     async with trio.open_nursery() as nursery, _lifetime(cluster, nursery, closing, hub):
         await _start(config, cluster, nursery, dispatcher, supervisor)

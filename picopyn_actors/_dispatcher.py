@@ -1,29 +1,40 @@
-"""The dispatcher actor: the routing table, the wait queue and the strategy.
+"""The dispatcher: the routing table, the wait queue and the strategy.
 
-Messages arrive on one bounded inbox:
+Requests reach the dispatcher by a synchronous call, :meth:`Dispatcher.submit`,
+made in the caller's task (or, for a retry, in the node actor that lost it).
+When nobody is waiting and a node has an idle connection slot, the strategy
+picks a node and the request is handed to one of its slots right there
+(``_node.Slot.start``, a hand-off that cannot block); otherwise it waits in a
+FIFO queue, first come first served. A slot that finishes comes back the same
+way, by :meth:`Dispatcher.release` from its node actor, and takes the head of
+the queue if there is one. Every one of these calls runs to completion without
+a checkpoint, in trio's single thread, so the routing table needs no lock;
+and the hot path costs no task switch between the caller and the connection.
 
-* :class:`~._request.Request`: a new request, or one coming back for a retry;
-* :class:`Idle`: a connection slot of a node is free (a "token"): the
-  dispatcher may hand it one request;
+The dispatcher's own task serves a bounded inbox of control messages:
+
+* :class:`Idle`: a new connection slot of a node is ready (a "token");
 * :class:`RouteUpdate`: a node actor's state changed (it carries the node's
   :class:`~._strategies.Candidate` when the node first appears);
 * :class:`RouteRemoved`: a node actor stopped.
 
-The dispatcher never blocks on anything but its inbox. A request goes to a
-node only through one of the node's idle slots, a hand-off that cannot block
-(``_node.Slot.start``); waiting requests queue here, first come first
-served, until a slot is free or ``acquire_timeout`` passes.
+It also fails waiting requests with :class:`~._errors.AcquireTimeout` once
+they have waited ``acquire_timeout``, and fails them all with
+:class:`~._errors.NoNodesAvailable` when no node can take them any more.
 
 Example (inside the library)::
 
     send, receive = trio.open_memory_channel(1024)
     dispatcher = Dispatcher(config, receive)
     await nursery.start(dispatcher.run)
+    dispatcher.submit(request)
+    result = await request.wait()
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from typing import Any, Protocol
 
@@ -74,7 +85,7 @@ class RouteRemoved:
     route_id: int
 
 
-Message = Request | Idle | RouteUpdate | RouteRemoved
+Message = Idle | RouteUpdate | RouteRemoved
 
 
 @attrs.define(eq=False)
@@ -101,11 +112,67 @@ class Dispatcher:
     _retries: deque[Request] = attrs.field(init=False, factory=deque)
     failed_unrouted: int = attrs.field(init=False, default=0)
     _closed: bool = attrs.field(init=False, default=False)
+    # The run task's wait, while it waits: submit() moves its deadline.
+    _timer: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a free connection."""
         return len(self._pending) + len(self._retries)
+
+    # -- the synchronous side: callers and node actors ---------------------------
+
+    def submit(self, request: Request) -> None:
+        """Start ``request`` on an idle slot now, or queue it. Never blocks.
+
+        A request coming back for a retry (``last_route`` set) queues ahead of
+        new ones. If the request cannot be served at all (the dispatcher is
+        closed, no node is hopeful, the strategy failed) it is answered at once.
+        """
+        if request.phase is Phase.ABANDONED:
+            return
+        if self._closed:
+            request.close()
+            return
+        retries, pending = self._retries, self._pending
+        if not (retries or pending) and self._start(request):
+            return
+        (retries if request.last_route is not None else pending).append(request)
+        timer = self._timer
+        if timer is not None and len(retries) + len(pending) == 1:
+            timer.deadline = request.enqueued_at + self.config.acquire_timeout
+        if not any(r.state.hopeful for r in self._routes.values()):
+            self._fail_if_hopeless()
+
+    def release(self, slot: SlotLike) -> bool:
+        """Take back a slot that finished its request; it serves the queue first.
+
+        ``False``: the slot belongs to a route state this dispatcher has not
+        seen yet; send it as an :class:`Idle` message, behind the updates.
+        """
+        route = self._routes.get(slot.route_id)
+        if route is None or route.generation != slot.generation:
+            # Unknown or stale: dropped here as Idle would be, unless it is newer.
+            return route is None or slot.generation < route.generation
+        route.idle.append(slot)
+        route.candidate.free = len(route.idle)
+        if self._pending or self._retries:
+            self._dispatch()
+        return True
+
+    def _start(self, request: Request) -> bool:
+        """Hand ``request`` to an idle slot of a node the strategy picks; ``False``: none idle."""
+        available = [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
+        if not available:
+            return False
+        route = self._choose(self.config.strategy, request, available)
+        if route is not None:
+            slot = route.idle.pop()
+            route.candidate.free = len(route.idle)
+            slot.start(request)
+        return True
+
+    # -- the actor: control messages and timeouts --------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the inbox until cancelled; then fail what waits with ClusterClosed."""
@@ -113,45 +180,33 @@ class Dispatcher:
         receive_nowait = self.inbox.receive_nowait
         handle = self._handle
         try:
-            pending, retries = self._pending, self._retries
             while True:
-                if pending or retries:
-                    with trio.move_on_at(self._next_deadline()):
-                        handle(await self.inbox.receive())
-                else:
+                with trio.CancelScope(deadline=self._next_deadline()) as self._timer:
                     handle(await self.inbox.receive())
-                while True:
-                    try:
-                        message = receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    handle(message)
-                if pending or retries:
+                    while True:
+                        try:
+                            message = receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        handle(message)
+                self._timer = None
+                if self._pending or self._retries:
                     self._dispatch()
-                    if pending or retries:
-                        self._expire(trio.current_time())
+                    self._expire(trio.current_time())
         finally:
+            self._timer = None
             self._close()
 
     def _next_deadline(self) -> float:
         heads = [q[0].enqueued_at for q in (self._pending, self._retries) if q]
-        return min(heads) + self.config.acquire_timeout
+        return min(heads) + self.config.acquire_timeout if heads else math.inf
 
     def _close(self) -> None:
         self._closed = True
         for queue in (self._retries, self._pending):
             while queue:
                 queue.popleft().close()
-        while True:
-            try:
-                message = self.inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if isinstance(message, Request):
-                message.close()
         self.inbox.close()
-
-    # -- message handling ---------------------------------------------------
 
     def _handle(self, message: Message) -> None:
         if type(message) is Idle:
@@ -160,8 +215,6 @@ class Dispatcher:
             if route is not None and route.generation == slot.generation:
                 route.idle.append(slot)
                 route.candidate.free = len(route.idle)
-        elif type(message) is Request:
-            self._submit(message)
         elif type(message) is RouteUpdate:
             self._update(message)
         elif type(message) is RouteRemoved:
@@ -169,16 +222,6 @@ class Dispatcher:
             if route is not None:
                 self._by_candidate.pop(id(route.candidate), None)
                 self._fail_if_hopeless()
-
-    def _submit(self, request: Request) -> None:
-        if request.phase is Phase.ABANDONED:
-            return
-        if request.last_route is not None:
-            self._retries.append(request)
-        else:
-            self._pending.append(request)
-        if not any(r.state.hopeful for r in self._routes.values()):
-            self._fail_if_hopeless()
 
     def _update(self, message: RouteUpdate) -> None:
         route = self._routes.get(message.route_id)

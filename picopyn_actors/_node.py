@@ -23,7 +23,7 @@ unit tests.
 
 Example (inside the library)::
 
-    actor = NodeActor(route_id, info, config, backend, dispatcher_send, hub, closing)
+    actor = NodeActor(route_id, info, config, backend, dispatcher_send, hub, closing, dispatcher)
     await nursery.start(actor.run)
     await actor.control.send(Wake())
 """
@@ -43,7 +43,7 @@ import trio
 
 from ._bridge import Backend, BackendBroken, BackendQueryError, Connection, submit
 from ._config import ClusterConfig
-from ._dispatcher import Idle, Message, RouteRemoved, RouteUpdate
+from ._dispatcher import Dispatcher, Idle, Message, RouteRemoved, RouteUpdate
 from ._errors import NoNodesAvailable, OutcomeUnknown, QueryError
 from ._events import EventHub, NodeEvent, NodeState, NodeStatistics, NodeStatus
 from ._request import Phase, Request
@@ -198,6 +198,7 @@ class NodeActor:
     dispatcher: trio.MemorySendChannel[Message]
     hub: EventHub
     closing: trio.Event
+    router: Dispatcher
     rand: random.Random = attrs.field(factory=random.Random)
 
     state: NodeState = attrs.field(init=False, default=NodeState.CONNECTING)
@@ -576,6 +577,8 @@ class NodeActor:
 
     def _give_back(self, slot: Slot) -> None:
         """Return an idle slot to the dispatcher (a token)."""
+        if self.router.release(slot):
+            return
         message = Idle(slot)
         try:
             self.dispatcher.send_nowait(message)
@@ -698,14 +701,7 @@ class NodeActor:
         request.phase = Phase.QUEUED
         request.last_route = self.route_id
         request.enqueued_at = trio.current_time()
-        try:
-            self.dispatcher.send_nowait(request)
-        except trio.WouldBlock:
-            request.fail(
-                NoNodesAvailable(f"could not re-route after {error}: dispatcher is overloaded")
-            )
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            request.close()
+        self.router.submit(request)
 
 
 @attrs.define(eq=False)

@@ -9,7 +9,7 @@ that crashes is logged and started again by the next discovery.
 
 Example (inside the library)::
 
-    supervisor = Supervisor(config, backend, dispatcher_send, hub, closing)
+    supervisor = Supervisor(config, backend, dispatcher_send, hub, closing, dispatcher)
     await nursery.start(supervisor.run)   # returns after the first discovery
 """
 
@@ -25,7 +25,7 @@ import trio
 
 from ._bridge import Backend, BackendBroken, BackendQueryError, Connection
 from ._config import ClusterConfig
-from ._dispatcher import Message
+from ._dispatcher import Dispatcher, Message
 from ._dsn import Address
 from ._errors import NoNodesAvailable
 from ._events import EventHub, NodeState, NodeStatistics
@@ -63,6 +63,7 @@ class Supervisor:
     dispatcher: trio.MemorySendChannel[Message]
     hub: EventHub
     closing: trio.Event
+    router: Dispatcher
 
     discovery_runs: int = attrs.field(init=False, default=0)
     discovery_failures: int = attrs.field(init=False, default=0)
@@ -261,6 +262,7 @@ class Supervisor:
             self.dispatcher,
             self.hub,
             self.closing,
+            self.router,
         )
         self._actors[info.name] = actor
         log.info("node %s: joining at %s (%s)", info.name, info.address, info.current)
