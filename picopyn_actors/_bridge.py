@@ -191,12 +191,11 @@ class _BridgedConnection:
 
         The hot path: no trio task waits for it. Errors arrive classified.
         """
-        conn = self._conn
-        if conn.is_closed():
-            on_done(outcome.Error(BackendBroken("connection is closed", sent=False)))
-            return
-        bound = getattr(conn, method)
-        self._runner.start_coro(lambda: bound(query, *args), on_done)
+        # A closed connection fails in asyncpg before sending (InterfaceError
+        # "connection is closed"), which classifies as BackendBroken(sent=False).
+        self._runner.start_coro(
+            functools.partial(getattr(self._conn, method), query, *args), on_done
+        )
 
     async def probe(self) -> None:
         await self.run("fetchval", "SELECT 1", ())
@@ -572,6 +571,14 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         self._driving = False
         self.set_exception_handler(_log_loop_error)
 
+    def _make_socket_transport(self, *args: Any, **kwargs: Any) -> Any:
+        transport = super()._make_socket_transport(*args, **kwargs)  # type: ignore[misc]
+        # asyncio reads with recv(256 KiB): above glibc's mmap threshold, so
+        # every answer costs an mmap, an mremap and a munmap. A smaller
+        # read stays on the heap; asyncpg's own buffer gathers long answers.
+        transport.max_size = _RECV_SIZE
+        return transport
+
     def kick(self) -> None:
         """Wake the driver: work was handed to the loop from trio."""
         parked = self._parked
@@ -599,13 +606,14 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         if self._driving:  # called back from code the driver runs: the loop is running
             step.step()
             return
+        # asyncio.get_running_loop() answers from this contextvar in trio
+        # code (trio-asyncio patches it). The thread's own running-loop slot
+        # is left alone: asyncpg passes its loop explicitly, and setting
+        # the slot costs a getpid() system call each time.
         running = trio_asyncio.current_loop.set(self)
-        set_running = asyncio.events._set_running_loop
-        set_running(self)
         try:
             step.step()
         finally:
-            set_running(None)
             trio_asyncio.current_loop.reset(running)
         if self._ready:  # type: ignore[attr-defined]
             self.kick()  # the step scheduled asyncio callbacks: let the driver run them
@@ -676,6 +684,9 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         setattr(self, "_selector", self._wrapped.inner)  # noqa: B010
         self.close()
 
+
+# Bytes asked of each recv() on a connection of the embedded loop.
+_RECV_SIZE = 64 * 1024
 
 # How many rounds of newly ready callbacks the driver runs after a loop
 # iteration before it polls the selector again (bounded, so that a coroutine

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -84,15 +85,13 @@ class Cluster:
     ) -> Any:
         if self._closed:
             raise ClusterClosed("the cluster is closed")
-        request = Request(method, query, args, idempotent, trio.current_time())
+        request = Request(method, query, args, idempotent)
         if timeout is None:
-            return await self._send(request)
+            self._dispatcher.submit(request)
+            return await request.wait()
         with trio.fail_after(timeout):
-            return await self._send(request)
-
-    async def _send(self, request: Request) -> Any:
-        self._dispatcher.submit(request)
-        return await request.wait()
+            self._dispatcher.submit(request)
+            return await request.wait()
 
     async def fetch(
         self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
@@ -154,12 +153,10 @@ class Cluster:
         """
         if self._closed:
             raise ClusterClosed("the cluster is closed")
-        request = Request("pin", "", (), False, trio.current_time())
-        if timeout is None:
-            lease: Lease = await self._send(request)
-        else:
-            with trio.fail_after(timeout):
-                lease = await self._send(request)
+        request = Request("pin", "", (), False)
+        with trio.fail_after(math.inf if timeout is None else timeout):
+            self._dispatcher.submit(request)
+            lease: Lease = await request.wait()
         pinned = PinnedConnection(lease)
         try:
             yield pinned

@@ -135,8 +135,16 @@ class Dispatcher:
             request.close()
             return
         retries, pending = self._retries, self._pending
-        if not (retries or pending) and self._start(request):
-            return
+        if not (retries or pending):
+            available = [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
+            if available:
+                route = self._choose(self.config.strategy, request, available)
+                if route is not None:
+                    slot = route.idle.pop()
+                    route.candidate.free = len(route.idle)
+                    slot.start(request)
+                return
+        request.enqueued_at = trio.current_time()
         (retries if request.last_route is not None else pending).append(request)
         timer = self._timer
         if timer is not None and len(retries) + len(pending) == 1:
@@ -158,18 +166,6 @@ class Dispatcher:
         route.candidate.free = len(route.idle)
         if self._pending or self._retries:
             self._dispatch()
-        return True
-
-    def _start(self, request: Request) -> bool:
-        """Hand ``request`` to an idle slot of a node the strategy picks; ``False``: none idle."""
-        available = [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
-        if not available:
-            return False
-        route = self._choose(self.config.strategy, request, available)
-        if route is not None:
-            slot = route.idle.pop()
-            route.candidate.free = len(route.idle)
-            slot.start(request)
         return True
 
     # -- the actor: control messages and timeouts --------------------------------

@@ -35,6 +35,7 @@ import functools
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -153,7 +154,7 @@ class Slot:
     outcome comes back through the bridge to :meth:`NodeActor._completed`.
     """
 
-    __slots__ = ("conn", "generation", "node", "request", "route_id", "started")
+    __slots__ = ("_submit", "conn", "generation", "node", "request", "route_id", "started")
 
     def __init__(self, node: NodeActor, conn: Connection, generation: int) -> None:
         self.node = node
@@ -162,6 +163,8 @@ class Slot:
         self.route_id = node.route_id
         self.request: Request | None = None
         self.started = 0.0
+        # The bridge's connections start a query without a task (see _bridge.submit).
+        self._submit: Any = getattr(conn, "submit", None)
 
     def __repr__(self) -> str:
         return f"<Slot {self.node.name} gen={self.generation} busy={self.request is not None}>"
@@ -169,22 +172,21 @@ class Slot:
     def start(self, request: Request) -> None:
         """Run ``request`` on this slot's connection. Never blocks, never raises."""
         node = self.node
-        node.in_flight += 1
+        node._in_flight = in_flight = node._in_flight + 1
+        node._candidate.in_flight = in_flight
         self.request = request
         request.phase = Phase.SENT
         if request.method == "pin":
             node._lend(self, request)
             return
-        request.conn = self.conn  # a caller that gives up terminates it: see Request._abort
-        self.started = trio.current_time()
-        submit(
-            self.conn,
-            request.method,
-            request.query,
-            request.args,
-            functools.partial(node._completed, self, request),
-            node._spawn,
-        )
+        conn = self.conn
+        request.conn = conn  # a caller that gives up terminates it: see Request._abort
+        self.started = node._clock()
+        on_done = functools.partial(node._completed, self, request)
+        if self._submit is not None:
+            self._submit(request.method, request.query, request.args, on_done)
+        else:
+            submit(conn, request.method, request.query, request.args, on_done, node._spawn)
 
 
 @attrs.define(eq=False)
@@ -226,12 +228,15 @@ class NodeActor:
     _timer: float = attrs.field(init=False, default=float("inf"))
     _tracker: RestartTracker = attrs.field(init=False)
     _candidate: Candidate = attrs.field(init=False)
+    # trio's clock, read directly: the hot path times every request.
+    _clock: Callable[[], float] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         n = self.config.connections_per_node
         # Reports: a few per worker per session, plus control messages.
         self.control, self._inbox = trio.open_memory_channel(8 * n + 32)
         self._tracker = RestartTracker(self.config.max_restarts, self.config.restart_window)
+        self._clock = trio.lowlevel.current_clock().current_time
         info = self.info
         self._candidate = Candidate(
             name=info.name,
@@ -577,8 +582,11 @@ class NodeActor:
 
     def _give_back(self, slot: Slot) -> None:
         """Return an idle slot to the dispatcher (a token)."""
-        if self.router.release(slot):
-            return
+        if not self.router.release(slot):
+            self._post_idle(slot)
+
+    def _post_idle(self, slot: Slot) -> None:
+        """Send ``slot`` as an :class:`Idle` message, behind the updates already sent."""
         message = Idle(slot)
         try:
             self.dispatcher.send_nowait(message)
@@ -605,20 +613,24 @@ class NodeActor:
             return  # the session ended meanwhile, and dealt with the request then
         slot.request = None
         request.conn = None
-        self.in_flight -= 1
+        self._in_flight = in_flight = self._in_flight - 1
+        self._candidate.in_flight = in_flight
         abandoned = request.phase is Phase.ABANDONED
         try:
-            if isinstance(result, outcome.Value):
+            if type(result) is outcome.Value:
                 if abandoned:
                     # The caller gave up while the answer was on its way: Picodata
                     # cannot cancel, so its connection was terminated.
                     self._replace(slot)
                     return
-                latency = trio.current_time() - slot.started
+                latency = self._clock() - slot.started
                 self.ok += 1
                 request.finish(result)
-                self._observe_latency(latency)
-                self._give_back(slot)
+                old = self.latency
+                self.latency = latency if old is None else old + _EWMA * (latency - old)
+                self._candidate.latency = self.latency
+                if not self.router.release(slot):
+                    self._post_idle(slot)
                 return
             assert isinstance(result, outcome.Error)
             exc = result.error
@@ -700,7 +712,6 @@ class NodeActor:
         self.retried += 1
         request.phase = Phase.QUEUED
         request.last_route = self.route_id
-        request.enqueued_at = trio.current_time()
         self.router.submit(request)
 
 

@@ -54,7 +54,7 @@ class Request:
     )
 
     def __init__(
-        self, method: str, query: str, args: Sequence[Any], idempotent: bool, now: float
+        self, method: str, query: str, args: Sequence[Any], idempotent: bool, now: float = 0.0
     ) -> None:
         self.method = method
         self.query = query
@@ -65,7 +65,7 @@ class Request:
         self.attempts = 0
         self.last_route: int | None = None
         self.conn: Terminable | None = None
-        self.enqueued_at = now
+        self.enqueued_at = now  # set by the dispatcher when the request has to wait
         self.errors: list[str] = []
         self.result: outcome.Outcome[Any] | None = None
 
