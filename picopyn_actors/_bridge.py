@@ -744,8 +744,15 @@ class _Stepper:
     def _finish(self, result: outcome.Outcome[Any]) -> None:
         self.loop._steppers.discard(self)
         on_done, self.on_done = self.on_done, None
-        if on_done is not None:
-            _call_back(on_done, result)
+        if on_done is None:
+            return
+        if type(result) is not outcome.Value:
+            _call_back(on_done, result)  # classifies the error
+            return
+        try:
+            on_done(result)
+        except Exception:  # pragma: no cover - a bug in the callback; keep the loop alive
+            log.exception("picopyn_actors: error in a completion callback")
 
     def abandon(self) -> None:
         """The loop is closing: end the coroutine and report it cancelled."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -114,6 +115,10 @@ class Dispatcher:
     _closed: bool = attrs.field(init=False, default=False)
     # The run task's wait, while it waits: submit() moves its deadline.
     _timer: trio.CancelScope | None = attrs.field(init=False, default=None)
+    # trio's clock, read directly (made in trio: the dispatcher lives in a run).
+    _clock: Callable[[], float] = attrs.field(
+        init=False, factory=lambda: trio.lowlevel.current_clock().current_time
+    )
 
     @property
     def queue_depth(self) -> int:
@@ -144,11 +149,14 @@ class Dispatcher:
                     route.candidate.free = len(route.idle)
                     slot.start(request)
                 return
-        request.enqueued_at = trio.current_time()
+        request.enqueued_at = now = self._clock()
         (retries if request.last_route is not None else pending).append(request)
         timer = self._timer
-        if timer is not None and len(retries) + len(pending) == 1:
-            timer.deadline = request.enqueued_at + self.config.acquire_timeout
+        if timer is not None and timer.deadline == math.inf:
+            # The run task waits with no deadline: give it this one. A deadline
+            # already set is earlier than this request's; when it passes, the
+            # run task looks at the queue's head again.
+            timer.deadline = now + self.config.acquire_timeout
         if not any(r.state.hopeful for r in self._routes.values()):
             self._fail_if_hopeless()
 
@@ -188,7 +196,7 @@ class Dispatcher:
                 self._timer = None
                 if self._pending or self._retries:
                     self._dispatch()
-                    self._expire(trio.current_time())
+                    self._expire(self._clock())
         finally:
             self._timer = None
             self._close()
