@@ -638,33 +638,43 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         set_running = asyncio.events._set_running_loop
         popleft = ready.popleft
         while True:
-            set_running(self)
-            self._driving = True
-            try:
-                run_once()
-                # Callbacks made ready by this iteration (a query's waiter was
-                # resolved by the data just read) run now, without polling
-                # the selector again or yielding to trio first: the answer
-                # reaches its caller in the same trio step.
-                for _ in range(_INLINE_ROUNDS):
-                    if not ready:
-                        break
-                    for _ in range(len(ready)):
-                        handle = popleft()
-                        if not handle._cancelled:
-                            handle._run()
-            finally:
-                self._driving = False
-                set_running(None)
-            if ready:
-                await trio.lowlevel.checkpoint()
-                continue
-            deadline = math.inf
-            if scheduled:
-                deadline = trio.current_time() + max(0.0, scheduled[0].when() - self.time())
-            with trio.CancelScope(deadline=deadline) as parked:
+            # One cancel scope serves many waits: it is cancelled only by a
+            # kick() or by its deadline, the loop's next timer (in asyncio's
+            # clock: ``when``), and it is moved only when that timer changes.
+            with trio.CancelScope() as parked:
                 self._parked = parked
-                await trio.lowlevel.wait_readable(self._epoll_fd)
+                when = math.inf
+                while True:
+                    set_running(self)
+                    self._driving = True
+                    try:
+                        run_once()
+                        # Callbacks made ready by this iteration (a query's waiter
+                        # was resolved by the data just read) run now, without
+                        # polling the selector again or yielding to trio first:
+                        # the answer reaches its caller in the same trio step.
+                        for _ in range(_INLINE_ROUNDS):
+                            if not ready:
+                                break
+                            for _ in range(len(ready)):
+                                handle = popleft()
+                                if not handle._cancelled:
+                                    handle._run()
+                    finally:
+                        self._driving = False
+                        set_running(None)
+                    if ready:
+                        await trio.lowlevel.checkpoint()
+                        continue
+                    next_when = scheduled[0].when() if scheduled else math.inf
+                    if next_when != when:
+                        when = next_when
+                        parked.deadline = (
+                            math.inf
+                            if when == math.inf
+                            else trio.current_time() + max(0.0, when - self.time())
+                        )
+                    await trio.lowlevel.wait_readable(self._epoll_fd)
             self._parked = None
 
     async def aclose(self) -> None:
