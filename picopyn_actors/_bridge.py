@@ -630,13 +630,14 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         task_status.started()
         run_once = self._run_once  # type: ignore[attr-defined]
         ready = self._ready  # type: ignore[attr-defined]
-        scheduled = self._scheduled  # type: ignore[attr-defined]
         # The thread's own "running loop" slot (trio-asyncio wraps the getter
         # to answer from the trio context instead): set only while the loop
         # runs callbacks, and cleared after, since no other asyncio loop runs
         # in trio's thread.
         set_running = asyncio.events._set_running_loop
         popleft = ready.popleft
+        poll = self._wrapped.inner.select
+        process_events = self._process_events  # type: ignore[attr-defined]
         while True:
             # One cancel scope serves many waits: it is cancelled only by a
             # kick() or by its deadline, the loop's next timer (in asyncio's
@@ -644,11 +645,23 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
             with trio.CancelScope() as parked:
                 self._parked = parked
                 when = math.inf
+                timers_due = True
                 while True:
                     set_running(self)
                     self._driving = True
                     try:
-                        run_once()
+                        if timers_due:
+                            # A full iteration: I/O, due timers, ready callbacks.
+                            run_once()
+                            timers_due = False
+                        else:
+                            # Woken by I/O before the next timer: poll and run
+                            # callbacks, without the timer bookkeeping.
+                            process_events(poll(0))
+                            for _ in range(len(ready)):
+                                handle = popleft()
+                                if not handle._cancelled:
+                                    handle._run()
                         # Callbacks made ready by this iteration (a query's waiter
                         # was resolved by the data just read) run now, without
                         # polling the selector again or yielding to trio first:
@@ -666,6 +679,8 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
                     if ready:
                         await trio.lowlevel.checkpoint()
                         continue
+                    # (_run_once may replace the timer list: read it afresh)
+                    scheduled = self._scheduled  # type: ignore[attr-defined]
                     next_when = scheduled[0].when() if scheduled else math.inf
                     if next_when != when:
                         when = next_when
