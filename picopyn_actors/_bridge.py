@@ -274,7 +274,26 @@ class AsyncpgBackend:
             raise
         except Exception as exc:
             raise classify(exc, sent=False) from exc
+        if isinstance(self._runner, _EmbeddedLoop):
+            return _EmbeddedConnection(conn, self._runner)
         return _BridgedConnection(conn, self._runner)
+
+
+class _EmbeddedConnection(_BridgedConnection):
+    """A connection of the embedded bridge: :meth:`submit` goes straight to the loop."""
+
+    __slots__ = ()
+
+    _runner: _EmbeddedLoop
+
+    def submit(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        on_done: Callable[[outcome.Outcome[Any]], None],
+    ) -> None:
+        self._runner.start_step(getattr(self._conn, method)(query, *args), on_done)
 
 
 # -- the trio-asyncio bridge -------------------------------------------------------
@@ -598,10 +617,16 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
     def start_coro(
         self, factory: Callable[[], Any], on_done: Callable[[outcome.Outcome[Any]], None]
     ) -> None:
-        # The hot path: no asyncio Task; the coroutine's first step (which
-        # writes the query to the socket) runs right here, the rest in the
-        # driver task when its socket has the answer.
-        step = _Stepper(self, factory(), on_done)
+        self.start_step(factory(), on_done)
+
+    def start_step(self, coro: Any, on_done: Callable[[outcome.Outcome[Any]], None]) -> None:
+        """Run ``coro`` without an asyncio Task; ``on_done(outcome)`` when it ends.
+
+        The hot path: the coroutine's first step (which writes the query to
+        the socket) runs right here, the rest in the driver task when its
+        socket has the answer.
+        """
+        step = _Stepper(self, coro, on_done)
         self._steppers.add(step)
         if self._driving:  # called back from code the driver runs: the loop is running
             step.step()
