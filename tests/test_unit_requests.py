@@ -634,3 +634,33 @@ async def test_pinning_times_out_when_every_connection_is_busy(autojump_clock: o
 
 # Every test above runs on a mock clock: bound each one in virtual time.
 bound_every_test(globals())
+
+
+async def test_waiting_requests_are_served_first_come_first_served(
+    autojump_clock: object,
+) -> None:
+    # Callers submit in their own task and a finished slot takes the queue's
+    # head in the completing task: a request that arrives while others wait
+    # must not overtake them, even right when a connection frees up.
+    fake = FakeCluster(1)
+    out = Outcomes()
+    started: list[int] = []
+
+    async def call(key: int) -> None:
+        started.append(key)
+        await out.call(key, cluster.fetchval, "sleep:1")
+
+    async with fake.open(connections_per_node=1, acquire_timeout=60.0) as cluster:
+        async with trio.open_nursery() as nursery:
+            for key in range(4):  # 0 runs, 1..3 wait in this order
+                nursery.start_soon(call, key)
+                await trio.testing.wait_all_tasks_blocked()
+            assert cluster.statistics().queue_depth == 3
+            await trio.sleep(1.5)  # 0 done, 1 running: a newcomer queues behind 2 and 3
+            nursery.start_soon(call, 4)
+        stats = cluster.statistics()
+    out.assert_each_ended_once(5)
+    assert started == [0, 1, 2, 3, 4]
+    assert [key for key, _, _ in out.log] == [0, 1, 2, 3, 4]
+    assert [round(t) for _, t, _ in out.log] == [1, 2, 3, 4, 5]
+    assert stats.queue_depth == 0 and stats.requests_ok == 5
