@@ -655,11 +655,10 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         task_status.started()
         run_once = self._run_once  # type: ignore[attr-defined]
         ready = self._ready  # type: ignore[attr-defined]
-        # The thread's own "running loop" slot (trio-asyncio wraps the getter
-        # to answer from the trio context instead): set only while the loop
-        # runs callbacks, and cleared after, since no other asyncio loop runs
-        # in trio's thread.
-        set_running = asyncio.events._set_running_loop
+        # The thread's own "running loop" slot is left alone: asyncio's
+        # getters are wrapped by trio-asyncio to answer from the trio task's
+        # context (set above), asyncpg passes its loop explicitly, and setting
+        # the slot costs two getpid() system calls per wake-up.
         popleft = ready.popleft
         poll = self._wrapped.inner.select
         process_events = self._process_events  # type: ignore[attr-defined]
@@ -672,7 +671,6 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
                 when = math.inf
                 timers_due = True
                 while True:
-                    set_running(self)
                     self._driving = True
                     try:
                         if timers_due:
@@ -700,7 +698,6 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
                                     handle._run()
                     finally:
                         self._driving = False
-                        set_running(None)
                     if ready:
                         await trio.lowlevel.checkpoint()
                         continue

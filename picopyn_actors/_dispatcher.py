@@ -151,11 +151,15 @@ class Dispatcher:
                 return
         request.enqueued_at = now = self._clock()
         (retries if request.last_route is not None else pending).append(request)
+        if len(retries) + len(pending) > 1:
+            # Others wait already: the run task has a deadline (the oldest
+            # one's), and some node is hopeful, or they would have failed
+            # when the last one stopped being so.
+            return
         timer = self._timer
         if timer is not None and timer.deadline == math.inf:
-            # The run task waits with no deadline: give it this one. A deadline
-            # already set is earlier than this request's; when it passes, the
-            # run task looks at the queue's head again.
+            # The run task waits with no deadline: give it this one. When it
+            # passes, the run task looks at the queue's head again.
             timer.deadline = now + self.config.acquire_timeout
         if not any(r.state.hopeful for r in self._routes.values()):
             self._fail_if_hopeless()
