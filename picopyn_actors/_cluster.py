@@ -43,8 +43,9 @@ from ._util import unwrap_single_error
 
 log = logging.getLogger(__name__)
 
-# The dispatcher's inbox: requests, idle tokens and node updates. Bounded;
-# callers wait for room when it is full.
+# The dispatcher's inbox: node updates and the first idle token of each new
+# connection (requests reach the dispatcher by a synchronous call). Bounded;
+# node actors wait for room when it is full.
 _INBOX_SIZE = 4096
 
 
@@ -65,7 +66,6 @@ class Cluster:
 
     config: ClusterConfig
     _backend: Backend
-    _inbox: trio.MemorySendChannel[Message]
     _dispatcher: Dispatcher
     _supervisor: Supervisor
     _hub: EventHub
@@ -381,7 +381,7 @@ async def _run_cluster(config: ClusterConfig, backend: Backend) -> AsyncIterator
     send, receive = trio.open_memory_channel[Message](_INBOX_SIZE)
     dispatcher = Dispatcher(config, receive)
     supervisor = Supervisor(config, backend, send, hub, closing, dispatcher)
-    cluster = Cluster(config, backend, send, dispatcher, supervisor, hub, closing)
+    cluster = Cluster(config, backend, dispatcher, supervisor, hub, closing)
     async with trio.open_nursery() as nursery, _lifetime(cluster, nursery, closing, hub):
         await _start(config, cluster, nursery, dispatcher, supervisor)
         yield cluster
