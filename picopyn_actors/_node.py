@@ -172,8 +172,7 @@ class Slot:
     def start(self, request: Request) -> None:
         """Run ``request`` on this slot's connection. Never blocks, never raises."""
         node = self.node
-        node._in_flight = in_flight = node._in_flight + 1
-        node._candidate.in_flight = in_flight
+        node._candidate.in_flight += 1
         self.request = request
         request.phase = Phase.SENT
         if request.method == "pin":
@@ -208,7 +207,6 @@ class NodeActor:
     last_error: str | None = attrs.field(init=False, default=None)
     latency: float | None = attrs.field(init=False, default=None)
     connections: int = attrs.field(init=False, default=0)
-    _in_flight: int = attrs.field(init=False, default=0)
     errors: int = attrs.field(init=False, default=0)
     ok: int = attrs.field(init=False, default=0)
     failed: int = attrs.field(init=False, default=0)
@@ -248,13 +246,8 @@ class NodeActor:
 
     @property
     def in_flight(self) -> int:
-        """Requests on this node now (also what ``LeastInFlight`` sees)."""
-        return self._in_flight
-
-    @in_flight.setter
-    def in_flight(self, value: int) -> None:
-        self._in_flight = value
-        self._candidate.in_flight = value
+        """Requests on this node now (kept on the candidate ``LeastInFlight`` sees)."""
+        return self._candidate.in_flight
 
     @property
     def name(self) -> str:
@@ -473,7 +466,7 @@ class NodeActor:
             slot.conn.terminate()
             if request is not None:
                 self._lost(request, self.last_error or f"node {self.name} went down", sent=True)
-        self.in_flight = 0
+        self._candidate.in_flight = 0
         self.connections = 0
 
     def _report(self, message: _Report) -> None:
@@ -613,8 +606,7 @@ class NodeActor:
             return  # the session ended meanwhile, and dealt with the request then
         slot.request = None
         request.conn = None
-        self._in_flight = in_flight = self._in_flight - 1
-        self._candidate.in_flight = in_flight
+        self._candidate.in_flight -= 1
         abandoned = request.phase is Phase.ABANDONED
         try:
             if type(result) is outcome.Value:
@@ -626,9 +618,7 @@ class NodeActor:
                 latency = self._clock() - slot.started
                 self.ok += 1
                 request.finish(result)
-                old = self.latency
-                self.latency = latency if old is None else old + _EWMA * (latency - old)
-                self._candidate.latency = self.latency
+                self._observe_latency(latency)
                 if not self.router.release(slot):
                     self._post_idle(slot)
                 return
@@ -670,7 +660,7 @@ class NodeActor:
         if slot not in self._slots or slot.request is None:
             return  # the session ended while it was lent: it was dropped then
         slot.request = None
-        self.in_flight -= 1
+        self._candidate.in_flight -= 1
         if dirty or slot.conn.is_closed():
             self._replace(slot)
         else:
