@@ -678,17 +678,15 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
                             run_once()
                             timers_due = False
                         else:
-                            # Woken by I/O before the next timer: poll and run
-                            # callbacks, without the timer bookkeeping.
+                            # Woken by I/O before the next timer: poll, without
+                            # the timer bookkeeping; the rounds below run the
+                            # callbacks.
                             process_events(poll(0))
-                            for _ in range(len(ready)):
-                                handle = popleft()
-                                if not handle._cancelled:
-                                    handle._run()
-                        # Callbacks made ready by this iteration (a query's waiter
-                        # was resolved by the data just read) run now, without
-                        # polling the selector again or yielding to trio first:
-                        # the answer reaches its caller in the same trio step.
+                        # Callbacks made ready (a query's waiter resolved by
+                        # the data just read, then the coroutine waiting on
+                        # it) run now, without polling the selector again or
+                        # yielding to trio first: the answer reaches its
+                        # caller in the same trio step.
                         for _ in range(_INLINE_ROUNDS):
                             if not ready:
                                 break
