@@ -37,7 +37,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
@@ -141,13 +141,9 @@ class Dispatcher:
             return
         retries, pending = self._retries, self._pending
         if not (retries or pending):
-            available = [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
+            available = self._available()
             if available:
-                route = self._choose(self.config.strategy, request, available)
-                if route is not None:
-                    slot = route.idle.pop()
-                    route.candidate.free = len(route.idle)
-                    slot.start(request)
+                self._start(request, available)
                 return
         request.enqueued_at = now = self._clock()
         (retries if request.last_route is not None else pending).append(request)
@@ -254,24 +250,30 @@ class Dispatcher:
 
     # -- routing ---------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        pending, retries = self._pending, self._retries
-        strategy = self.config.strategy
-        while pending or retries:
-            available = [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
-            if not available:
-                return
-            request = (retries or pending).popleft()
-            if request.phase is not Phase.QUEUED:
-                continue
-            route = self._choose(strategy, request, available)
-            if route is None:
-                continue
+    def _available(self) -> list[_Route]:
+        """The routes that can take a request now: UP, with an idle slot."""
+        return [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
+
+    def _start(self, request: Request, available: list[_Route]) -> None:
+        """Hand ``request`` to an idle slot of the route the strategy picks."""
+        route = self._choose(request, available)
+        if route is not None:
             slot = route.idle.pop()
             route.candidate.free = len(route.idle)
             slot.start(request)
 
-    def _choose(self, strategy: Any, request: Request, available: list[_Route]) -> _Route | None:
+    def _dispatch(self) -> None:
+        pending, retries = self._pending, self._retries
+        while pending or retries:
+            available = self._available()
+            if not available:
+                return
+            request = (retries or pending).popleft()
+            if request.phase is Phase.QUEUED:
+                self._start(request, available)
+
+    def _choose(self, request: Request, available: list[_Route]) -> _Route | None:
+        strategy = self.config.strategy
         if len(available) > 1 and request.last_route is not None:
             others = [r for r in available if r.id != request.last_route]
             available = others or available
