@@ -587,7 +587,13 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         setattr(self, "_selector", self._wrapped)  # noqa: B010
         self._parked: trio.CancelScope | None = None
         self._steppers: set[_Stepper] = set()
+        self._waiters: set[_Waiter] = set()
         self._driving = False
+        # The driver's own scope: shielded, so that a cancellation from outside
+        # never stops the loop while trio code still waits on it; only
+        # :meth:`aclose` stops it, after every wait has ended.
+        self._stop = trio.CancelScope(shield=True)
+        self._stopped = trio.Event()
         self.set_exception_handler(_log_loop_error)
 
     def _make_socket_transport(self, *args: Any, **kwargs: Any) -> Any:
@@ -648,7 +654,15 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
         self.kick()
 
     async def drive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the loop until cancelled."""
+        """Run the loop until :meth:`aclose` stops it; cancellation from outside is shielded."""
+        try:
+            with self._stop:
+                await self._drive(task_status)
+        finally:
+            self._parked = None
+            self._stopped.set()
+
+    async def _drive(self, task_status: trio.TaskStatus[None]) -> None:
         # Code running on this loop asks asyncio for the running loop; trio-asyncio
         # (imported by this module) answers that from the trio task's context.
         trio_asyncio.current_loop.set(self)
@@ -713,22 +727,38 @@ class _EmbeddedLoop(asyncio.SelectorEventLoop):
             self._parked = None
 
     async def aclose(self) -> None:
-        """Cancel every asyncio task, give them a moment to finish, close the loop."""
-        for step in list(self._steppers):
-            step.abandon()
-        tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
-        if tasks:
-            finished = trio.Event()
-            for task in tasks:
-                task.cancel()
-            gathered = asyncio.gather(*tasks, return_exceptions=True)
-            gathered.add_done_callback(lambda _: finished.set())
-            self.kick()
-            with trio.move_on_after(2.0):
-                await finished.wait()
-        setattr(self, "_selector", self._wrapped.inner)  # noqa: B010
-        self.close()
+        """Cancel every asyncio task, give them a moment to finish, close the loop.
 
+        Shielded from cancellation, and bounded: after ``_CLOSE_GRACE`` seconds
+        every trio task still waiting on the loop is woken (with ``Cancelled``
+        if it was cancelled, else :class:`BackendBroken`) and the driver stops,
+        so nothing is left waiting on a stopped loop.
+        """
+        with trio.CancelScope(shield=True):
+            for step in list(self._steppers):
+                step.abandon()
+            tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
+            if tasks:
+                finished = trio.Event()
+                for task in tasks:
+                    task.cancel()
+                gathered = asyncio.gather(*tasks, return_exceptions=True)
+                gathered.add_done_callback(lambda _: finished.set())
+                self.kick()
+                with trio.move_on_after(_CLOSE_GRACE):
+                    await finished.wait()
+            for waiter in list(self._waiters):
+                waiter.give_up(self)
+            self._stop.cancel()
+            await self._stopped.wait()
+            setattr(self, "_selector", self._wrapped.inner)  # noqa: B010
+            self.close()
+
+
+# Seconds a cancelled wait gives its asyncio task to end, and :meth:`aclose`
+# gives every task, before trio stops waiting for them.
+_CANCEL_GRACE = 1.0
+_CLOSE_GRACE = 1.0
 
 # Bytes asked of each recv() on a connection of the embedded loop.
 _RECV_SIZE = 64 * 1024
@@ -806,33 +836,59 @@ class _Stepper:
         self._finish(outcome.Error(asyncio.CancelledError()))
 
 
-def _reschedule_with(
-    task: trio.lowlevel.Task, aio_task: asyncio.Task[Any], *, cancel: list[Any]
-) -> None:
-    result = _task_outcome(aio_task)
-    if (
-        cancel
-        and isinstance(result, outcome.Error)
-        and isinstance(result.error, asyncio.CancelledError)
-    ):
-        result = outcome.capture(cancel[0])
-    trio.lowlevel.reschedule(task, result)
+class _Waiter:
+    """A trio task waiting on the embedded loop for one asyncio task (see :func:`_await_on`)."""
+
+    __slots__ = ("aio_task", "raise_cancel", "task")
+
+    def __init__(self, task: trio.lowlevel.Task, aio_task: asyncio.Task[Any]) -> None:
+        self.task: trio.lowlevel.Task | None = task
+        self.aio_task = aio_task
+        self.raise_cancel: trio.lowlevel.RaiseCancelT | None = None
+
+    def wake(self, result: outcome.Outcome[Any]) -> None:
+        """Reschedule the waiting task with ``result``, once; later calls do nothing."""
+        task, self.task = self.task, None
+        if task is None:
+            return
+        if self.raise_cancel is not None and (
+            isinstance(result, outcome.Error) and isinstance(result.error, asyncio.CancelledError)
+        ):
+            result = outcome.capture(self.raise_cancel)
+        trio.lowlevel.reschedule(task, result)
+
+    def done(self, loop: _EmbeddedLoop, aio_task: asyncio.Task[Any]) -> None:
+        """The asyncio task ended: hand its outcome to the waiting task."""
+        loop._waiters.discard(self)
+        self.wake(_task_outcome(aio_task))
+
+    def give_up(self, loop: _EmbeddedLoop) -> None:
+        """The asyncio task outlived its grace after a cancel (or the loop closes):
+        stop waiting for it."""
+        loop._waiters.discard(self)
+        if self.raise_cancel is not None:
+            self.wake(outcome.capture(self.raise_cancel))
+        else:
+            self.wake(outcome.Error(BackendBroken("the asyncio bridge closed", sent=True)))
 
 
 async def _await_on(loop: _EmbeddedLoop, coro: Any) -> Any:
     """Run ``coro`` on the embedded loop and wait for it in trio.
 
-    Cancellation cancels the asyncio task and waits for it to end.
+    Cancellation cancels the asyncio task and waits for it to end, at most
+    ``_CANCEL_GRACE`` seconds (the loop keeps running meanwhile: its driver
+    is shielded); then the waiter raises ``Cancelled`` and the asyncio task
+    is left to finish on its own.
     """
     aio_task = loop.start_task(coro)
-    cancel: list[Any] = []
-    aio_task.add_done_callback(
-        functools.partial(_reschedule_with, trio.lowlevel.current_task(), cancel=cancel)
-    )
+    waiter = _Waiter(trio.lowlevel.current_task(), aio_task)
+    loop._waiters.add(waiter)
+    aio_task.add_done_callback(functools.partial(waiter.done, loop))
 
     def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        cancel.append(raise_cancel)
+        waiter.raise_cancel = raise_cancel
         aio_task.cancel()
+        loop.call_later(_CANCEL_GRACE, waiter.give_up, loop)
         loop.kick()
         return trio.lowlevel.Abort.FAILED
 
@@ -871,7 +927,10 @@ async def open_backend(
     if kind == "embedded":
         loop = _EmbeddedLoop()
         async with trio.open_nursery() as nursery:
-            await nursery.start(loop.drive)
+            # start_soon, not start: the driver shields itself, and trio's
+            # started() in an already cancelled start() would leave it in a
+            # nursery that waits for it forever.
+            nursery.start_soon(loop.drive, name="picopyn_actors asyncio driver")
             try:
                 yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, loop)
             finally:

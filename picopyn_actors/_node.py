@@ -35,7 +35,7 @@ import functools
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -510,8 +510,7 @@ class NodeActor:
                     self._report(_SessionFailed(generation, exc.message, exc.auth))
                     return
                 self._report(_SessionUp(generation, latency))
-                async with trio.open_nursery() as workers:
-                    self._session_nursery = workers
+                async with self._workers(generation) as workers:
                     for index in range(self.config.connections_per_node):
                         workers.start_soon(
                             self._open_slot, generation, name=f"node {self.name} connection {index}"
@@ -541,6 +540,18 @@ class NodeActor:
             finally:
                 if probe is not None:
                     probe.terminate()
+
+    @contextlib.asynccontextmanager
+    async def _workers(self, generation: int) -> AsyncIterator[trio.Nursery]:
+        """The session's nursery, known as ``_session_nursery`` only while it is open."""
+        try:
+            async with trio.open_nursery() as workers:
+                if generation == self._generation:
+                    self._session_nursery = workers
+                yield workers
+        finally:
+            if generation == self._generation:
+                self._session_nursery = None
 
     def _observe_latency(self, seconds: float) -> None:
         old = self.latency
@@ -594,8 +605,12 @@ class NodeActor:
         if slot in self._slots:
             self._slots.discard(slot)
             self.connections -= 1
-            if self._session_nursery is not None and self.state is not NodeState.DRAINING:
-                self._session_nursery.start_soon(self._open_slot, slot.generation, True)
+            nursery = self._session_nursery
+            if nursery is not None and self.state is not NodeState.DRAINING:
+                # The session may have just ended (its nursery closes before
+                # its task runs again): then there is nothing to replace.
+                with contextlib.suppress(RuntimeError):
+                    nursery.start_soon(self._open_slot, slot.generation, True)
 
     def _completed(self, slot: Slot, request: Request, result: outcome.Outcome[Any]) -> None:
         """A request on ``slot`` ended: answer its caller, then reuse or replace the slot.
