@@ -31,6 +31,7 @@ from ._errors import QueryError as QueryError
 from ._errors import StrategyError as StrategyError
 from ._events import ClusterStatistics as ClusterStatistics
 from ._events import EventsDropped as EventsDropped
+from ._events import EventStream as EventStream
 from ._events import NodeEvent as NodeEvent
 from ._events import NodeState as NodeState
 from ._events import NodeStatistics as NodeStatistics
@@ -55,6 +56,7 @@ __all__ = [
     "ClusterConfig",
     "ClusterStatistics",
     "ConfigError",
+    "EventStream",
     "EventsDropped",
     "Fastest",
     "LeastInFlight",

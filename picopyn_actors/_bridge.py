@@ -48,6 +48,10 @@ __all__ = [
 # SQLSTATE classes and codes that mean "this connection is finished".
 _BROKEN_SQLSTATE_PREFIXES = ("08",)
 _BROKEN_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+# Class-08 codes that are the request's fault, not the connection's: Picodata
+# answers a protocol violation and keeps the session (PostgreSQL closes it;
+# the node actor then replaces the connection without blaming the node).
+_QUERY_SQLSTATES = frozenset({"08P01"})
 
 
 class BackendQueryError(Exception):
@@ -91,6 +95,9 @@ class Connection(Protocol):
     def is_closed(self) -> bool:
         """``True`` once the connection cannot be used any more."""
 
+    def in_transaction(self) -> bool:
+        """``True`` while a transaction block is open on the server."""
+
     async def prepare(self, query: str) -> Any:
         """Prepare a named statement; returns an opaque handle for :meth:`run_prepared`."""
 
@@ -110,6 +117,8 @@ def classify(exc: BaseException, *, sent: bool) -> Exception:
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None)
         text = redact(str(exc)) or type(exc).__name__
+        if state in _QUERY_SQLSTATES:
+            return BackendQueryError(text, state)
         if state and (state.startswith(_BROKEN_SQLSTATE_PREFIXES) or state in _BROKEN_SQLSTATES):
             return BackendBroken(f"{text} [{state}]", sent=sent)
         if isinstance(
@@ -224,6 +233,9 @@ class _BridgedConnection:
 
     def is_closed(self) -> bool:
         return bool(self._conn.is_closed())
+
+    def in_transaction(self) -> bool:
+        return bool(self._conn.is_in_transaction())
 
 
 def _connect_options(

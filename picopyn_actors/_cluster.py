@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import attrs
@@ -28,15 +29,15 @@ from ._dispatcher import Dispatcher, Message
 from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown, QueryError
 from ._events import (
     ClusterStatistics,
-    Event,
     EventHub,
+    EventStream,
     NodeEvent,
     NodeState,
     NodeStatistics,
     NodeStatus,
 )
 from ._node import Lease
-from ._request import Request
+from ._request import PIN, Request, changes_session, check_query, check_timeout
 from ._strategies import Strategy
 from ._supervisor import Supervisor
 from ._util import unwrap_single_error
@@ -71,6 +72,9 @@ class Cluster:
     _hub: EventHub
     _closing: trio.Event
     _closed: bool = attrs.field(init=False, default=False)
+    _token: trio.lowlevel.TrioToken = attrs.field(
+        init=False, factory=trio.lowlevel.current_trio_token
+    )
 
     def __repr__(self) -> str:
         nodes = self._supervisor.actors()
@@ -83,15 +87,38 @@ class Cluster:
     async def _call(
         self, method: str, query: str, args: Sequence[Any], timeout: float | None, idempotent: bool
     ) -> Any:
+        self._check_caller()
+        if type(idempotent) is not bool:
+            raise TypeError(f"idempotent must be True or False, got {idempotent!r}")
+        check_query(query)
+        # Never submit work for a caller that is already cancelled: it would
+        # start on a connection, and the abort would then cost the connection.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise ClusterClosed("the cluster is closed")
         request = Request(method, query, args, idempotent)
         if timeout is None:
             self._dispatcher.submit(request)
             return await request.wait()
-        with trio.fail_after(timeout):
+        with trio.fail_after(check_timeout(timeout)):
             self._dispatcher.submit(request)
             return await request.wait()
+
+    def _check_caller(self) -> None:
+        """Refuse a call from outside the trio run this cluster lives in."""
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            raise RuntimeError(
+                "picopyn_actors: a Cluster must be used from the trio run that opened it, "
+                "not from another thread, asyncio or synchronous code"
+            ) from None
+        if token is not self._token:
+            raise RuntimeError(
+                "picopyn_actors: this Cluster was opened in another trio run; use it only "
+                "from the trio run that opened it (open a cluster in each trio.run that "
+                "needs one)"
+            )
 
     async def fetch(
         self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
@@ -148,21 +175,25 @@ class Cluster:
         """Borrow one connection for several statements in a row (prepared statements).
 
         ``timeout`` bounds the wait for a connection only. While pinned, the
-        connection serves nobody else. If the body is cancelled mid-query, or
-        the connection broke, it is replaced when given back.
+        connection serves nobody else, and one task at a time may use it.
+        It goes back clean: if the body was cancelled mid-query, the
+        connection broke, or it may hold session state (a ``SET``, ``RESET``,
+        ``DISCARD`` or transaction statement ran, or a transaction is still
+        open), it is closed and its node opens a new one in its place.
         """
+        self._check_caller()
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise ClusterClosed("the cluster is closed")
-        request = Request("pin", "", (), False)
-        with trio.fail_after(math.inf if timeout is None else timeout):
+        request = Request(PIN, "", (), False)
+        with trio.fail_after(math.inf if timeout is None else check_timeout(timeout)):
             self._dispatcher.submit(request)
             lease: Lease = await request.wait()
         pinned = PinnedConnection(lease)
         try:
             yield pinned
         finally:
-            # Mid-query when the body left (cancelled): the connection is unusable.
-            lease.give_back(dirty=pinned._busy or pinned._broken)
+            lease.give_back(dirty=pinned._dirty())
 
     # -- health --------------------------------------------------------------------
 
@@ -193,11 +224,14 @@ class Cluster:
         )
 
     @asynccontextmanager
-    async def events(self) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
-        """Subscribe to node events (:class:`NodeEvent`, or :class:`EventsDropped`
-        when this subscriber fell more than ``events_buffer`` events behind).
+    async def events(self) -> AsyncIterator[EventStream]:
+        """Subscribe to node events: an :class:`EventStream` of :class:`NodeEvent`,
+        and one :class:`EventsDropped` wherever this subscriber fell more than
+        ``events_buffer`` events behind (delivered at its next read, without
+        waiting for another event).
 
-        The channel ends when the cluster closes.
+        The stream ends when the cluster closes. Publishing never waits for a
+        subscriber.
         """
         async with self._hub.subscribe() as receive:
             yield receive
@@ -213,15 +247,17 @@ class PinnedConnection:
 
     Its methods run on this one connection, with no retry on another node: a
     broken connection raises :class:`OutcomeUnknown` (the request was sent) or
-    :class:`NoNodesAvailable` (it was not). Cancellation: a method cancelled
-    mid-query raises ``Cancelled`` and leaves the connection unusable; it is
-    replaced when the block exits.
+    :class:`NoNodesAvailable` (it was not). One task at a time: a second task
+    calling while a query runs gets :class:`trio.BusyResourceError`.
+    Cancellation: a method cancelled mid-query raises ``Cancelled`` and leaves
+    the connection unusable; it is replaced when the block exits.
     """
 
     def __init__(self, lease: Lease) -> None:
         self._lease = lease
         self._busy = False
         self._broken = False
+        self._session_state = False
 
     @property
     def node(self) -> str:
@@ -231,10 +267,26 @@ class PinnedConnection:
     def __repr__(self) -> str:
         return f"<PinnedConnection node={self.node}>"
 
+    def _dirty(self) -> bool:
+        """The connection must not serve anybody else: replace it."""
+        if self._busy or self._broken or self._session_state:
+            return True
+        return self._lease.conn.in_transaction()
+
     async def _run(self, method: str, query: str, args: Sequence[Any], handle: Any = None) -> Any:
         lease = self._lease
         if lease.returned:
             raise ClusterClosed("this pinned connection was given back")
+        if self._busy:
+            raise trio.BusyResourceError(
+                f"another task is using this pinned connection to node {lease.node}; "
+                "a pinned connection runs one query at a time"
+            )
+        if handle is None:
+            check_query(query)
+            if changes_session(query):
+                self._session_state = True
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._busy = True
         conn: Connection = lease.conn
         try:
@@ -246,6 +298,8 @@ class PinnedConnection:
                 result = await conn.run(method, query, args)
         except BackendQueryError as exc:
             self._busy = False
+            if conn.is_closed():
+                self._broken = True
             raise QueryError(exc.message, sqlstate=exc.sqlstate, node=lease.node) from exc.__cause__
         except BackendBroken as exc:
             self._busy = False
@@ -315,8 +369,7 @@ class PreparedStatement:
         return await self._owner._run("fetchval", self.query, args, self._handle)
 
 
-@asynccontextmanager
-async def open_cluster(
+def open_cluster(
     dsn: str,
     *,
     connections_per_node: int = 2,
@@ -327,27 +380,32 @@ async def open_cluster(
     role: str = "any",
     backend: Backend | None = None,
     **options: Any,
-) -> AsyncIterator[Cluster]:
-    """Open a self-healing client for the cluster behind ``dsn``.
+) -> AbstractAsyncContextManager[Cluster]:
+    """Open a self-healing client for the cluster behind ``dsn``: ``async with open_cluster(...)``.
 
     ``dsn`` is ``postgresql://user:password@host1:port1,host2:port2/db``: every
     host is a seed for discovery. Other keyword arguments are either options
     of :class:`ClusterConfig` (``probe_timeout``, ``acquire_timeout``,
     ``backoff_max``, ... see docs/tuning.md) or go to ``asyncpg.connect``
-    (``ssl=``, ``timeout=`` as the connect timeout, ``server_settings=``).
+    (``ssl=``, ``timeout=`` as the connect timeout, ``server_settings=``,
+    ``statement_cache_size=``, ...; any other keyword is refused).
 
-    It starts the supervisor, dispatcher and node actors in a nursery of its
-    own, on the running trio-asyncio loop or on a new one, and returns once
-    discovery has run and a node is usable.
+    Entering it starts the supervisor, dispatcher and node actors in a
+    nursery of its own, with the bridge to asyncpg that ``bridge=`` names,
+    and returns once discovery has run and a node is usable. Each
+    ``open_cluster(...)`` object can be entered once.
 
     Raises:
-        ConfigError: bad DSN or option (before any I/O), or an unknown tier.
-        NoNodesAvailable: no node became usable within ``connect_timeout``;
-            the message lists each node's (or seed host's) last error.
+        ConfigError: bad DSN or option, raised by this call itself, before any I/O;
+            an unknown tier is raised on entering.
+        NoNodesAvailable: on entering, no node became usable within
+            ``connect_timeout``; the message lists each node's (or seed host's)
+            last error.
 
     Cancellation: leaving the block (normally, by an exception or by
     cancellation) stops every actor and closes every connection; requests
-    still in flight end with :class:`ClusterClosed`.
+    still in flight end with :class:`ClusterClosed`. Cancelling the entry
+    itself returns promptly and leaves nothing behind.
     """
     if strategy is not None:
         options["strategy"] = strategy
@@ -360,6 +418,41 @@ async def open_cluster(
         health_interval=health_interval,
         **options,
     )
+    return _Opener(config, backend)
+
+
+class _Opener:
+    """What :func:`open_cluster` returns: enters the cluster's lifetime once."""
+
+    def __init__(self, config: ClusterConfig, backend: Backend | None) -> None:
+        self._config = config
+        self._backend = backend
+        self._entered: AbstractAsyncContextManager[Cluster] | None = None
+
+    def __repr__(self) -> str:
+        return f"<open_cluster {self._config.dsn}>"
+
+    async def __aenter__(self) -> Cluster:
+        if self._entered is not None:
+            raise RuntimeError(
+                "this open_cluster(...) was entered already; call open_cluster() again "
+                "for another client"
+            )
+        self._entered = _open(self._config, self._backend)
+        return await self._entered.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._entered is not None
+        return await self._entered.__aexit__(exc_type, exc, tb)
+
+
+@asynccontextmanager
+async def _open(config: ClusterConfig, backend: Backend | None) -> AsyncIterator[Cluster]:
     with unwrap_single_error():
         if backend is not None:
             async with _run_cluster(config, backend) as cluster:
@@ -427,7 +520,7 @@ async def _start(
         )
 
 
-async def _wait_until_up(supervisor: Supervisor, events: trio.MemoryReceiveChannel[Event]) -> None:
+async def _wait_until_up(supervisor: Supervisor, events: EventStream) -> None:
     if any(a.state is NodeState.UP for a in supervisor.actors()):
         return
     async for event in events:

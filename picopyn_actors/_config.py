@@ -24,22 +24,51 @@ from ._topology import Role, Selector
 _RESERVED_CONNECT_KWARGS = frozenset(
     {"host", "port", "user", "password", "database", "dsn", "loop"}
 )
+# asyncpg.connect keywords that cannot work against Picodata, and why.
+_REFUSED_CONNECT_KWARGS = {
+    "command_timeout": (
+        "asyncpg enforces it by sending a cancel request, which Picodata cannot serve; "
+        "pass timeout= to each call instead (a timed-out query costs its connection)"
+    ),
+    "connection_class": "the library owns its connections",
+    "target_session_attrs": "the library picks nodes itself (see role= and tiers=)",
+    "passfile": "put the password in the DSN",
+    "krbsrvname": "Picodata has no GSSAPI authentication",
+    "gsslib": "Picodata has no GSSAPI authentication",
+}
+_SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+
+#: Upper bounds of the counts, so that a typo cannot open a million connections.
+MAX_CONNECTIONS_PER_NODE = 256
+MAX_ATTEMPTS = 100
+MAX_RESTARTS = 10_000
+MAX_EVENTS_BUFFER = 1_000_000
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    try:
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        )
+    except OverflowError:  # an int too big for a float
+        ok = False
+    if not ok:
         raise ConfigError(f"{attribute.name} must be a positive number of seconds, got {value!r}")
 
 
-def _count(minimum: int) -> Any:
+def _count(minimum: int, maximum: int) -> Any:
     def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{attribute.name} must be an integer >= {minimum}, got {value!r}")
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not minimum <= value <= maximum
+        ):
+            raise ConfigError(
+                f"{attribute.name} must be an integer from {minimum} to {maximum}, got {value!r}"
+            )
 
     return check
 
@@ -99,7 +128,9 @@ class ClusterConfig:
     """
 
     dsn: Dsn
-    connections_per_node: int = attrs.field(default=2, validator=_count(1))
+    connections_per_node: int = attrs.field(
+        default=2, validator=_count(1, MAX_CONNECTIONS_PER_NODE)
+    )
     strategy: Strategy = attrs.field(factory=RoundRobin, validator=_callable)
     discovery_interval: float = attrs.field(default=2.0, validator=_positive)
     health_interval: float = attrs.field(default=1.0, validator=_positive)
@@ -109,12 +140,12 @@ class ClusterConfig:
     selector: Selector = attrs.field(factory=Selector)
     backoff_initial: float = attrs.field(default=0.05, validator=_positive)
     backoff_max: float = attrs.field(default=1.0, validator=_positive)
-    max_restarts: int = attrs.field(default=5, validator=_count(1))
+    max_restarts: int = attrs.field(default=5, validator=_count(1, MAX_RESTARTS))
     restart_window: float = attrs.field(default=30.0, validator=_positive)
     quarantine_time: float = attrs.field(default=10.0, validator=_positive)
-    max_attempts: int = attrs.field(default=3, validator=_count(1))
+    max_attempts: int = attrs.field(default=3, validator=_count(1, MAX_ATTEMPTS))
     drain_timeout: float = attrs.field(default=10.0, validator=_positive)
-    events_buffer: int = attrs.field(default=256, validator=_count(1))
+    events_buffer: int = attrs.field(default=256, validator=_count(1, MAX_EVENTS_BUFFER))
     bridge: str = attrs.field(default="auto", validator=_one_of(BRIDGES))
     connect_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -130,6 +161,8 @@ class ClusterConfig:
                 f"connect keyword(s) {', '.join(sorted(reserved))} are set from the DSN "
                 "and discovery; put them in the DSN instead"
             )
+        for key, value in self.connect_kwargs.items():
+            _check_connect_kwarg(key, value)
 
     @classmethod
     def create(
@@ -148,15 +181,88 @@ class ClusterConfig:
         fields = {a.name for a in attrs.fields(cls)} - {"dsn", "selector", "connect_kwargs"}
         own = {k: v for k, v in options.items() if k in fields}
         connect_kwargs = {k: v for k, v in options.items() if k not in fields}
-        if "timeout" in connect_kwargs and "connect_timeout" not in own:
-            own["connect_timeout"] = connect_kwargs.pop("timeout")
-        connect_kwargs.pop("timeout", None)
+        if "timeout" in connect_kwargs:
+            timeout = connect_kwargs.pop("timeout")
+            own.setdefault("connect_timeout", timeout)
         return cls(
             dsn=parsed,
             selector=Selector(tiers=_tiers(tiers), role=_role(role)),
             connect_kwargs=connect_kwargs,
             **own,
         )
+
+
+def _check_connect_kwarg(key: str, value: object) -> None:
+    """Refuse an ``asyncpg.connect`` keyword that is unknown, useless here, or ill-typed."""
+    if key in _REFUSED_CONNECT_KWARGS:
+        raise ConfigError(f"{key}= is not supported: {_REFUSED_CONNECT_KWARGS[key]}")
+    check = _CONNECT_KWARGS.get(key)
+    if check is None:
+        options = sorted({a.name for a in attrs.fields(ClusterConfig)} - {"dsn", "selector"})
+        raise ConfigError(
+            f"unknown option {key}=: open_cluster takes {', '.join(options)}, tiers, role, "
+            f"strategy, and the asyncpg.connect options {', '.join(sorted(_CONNECT_KWARGS))}"
+        )
+    problem = check(value)
+    if problem:
+        raise ConfigError(f"{key}= {problem}, got {value!r}")
+
+
+def _check_ssl(value: object) -> str | None:
+    if value is None or isinstance(value, bool) or value in _SSL_MODES:
+        return None
+    if type(value).__name__ == "SSLContext":
+        return None
+    return f"must be True, False, an ssl.SSLContext or one of {', '.join(sorted(_SSL_MODES))}"
+
+
+def _check_settings(value: object) -> str | None:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and "\x00" not in k + v
+        for k, v in value.items()
+    ):
+        return "must be a mapping of setting names to string values"
+    return None
+
+
+def _check_size(value: object) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return "must be an integer >= 0"
+    return None
+
+
+def _check_seconds_or_zero(value: object) -> str | None:
+    try:
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        ):
+            return None
+    except OverflowError:
+        pass
+    return "must be a number of seconds >= 0"
+
+
+def _check_bool(value: object) -> str | None:
+    return None if isinstance(value, bool) else "must be True or False"
+
+
+def _check_class(value: object) -> str | None:
+    return None if isinstance(value, type) else "must be a class (a subclass of asyncpg.Record)"
+
+
+# The asyncpg.connect keywords the library passes on, each with its check.
+_CONNECT_KWARGS = {
+    "ssl": _check_ssl,
+    "direct_tls": _check_bool,
+    "server_settings": _check_settings,
+    "statement_cache_size": _check_size,
+    "max_cached_statement_lifetime": _check_seconds_or_zero,
+    "max_cacheable_statement_size": _check_size,
+    "record_class": _check_class,
+}
 
 
 def _tiers(tiers: Iterable[str] | str | None) -> frozenset[str] | None:

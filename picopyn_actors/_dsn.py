@@ -11,8 +11,9 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 import attrs
 
@@ -22,12 +23,14 @@ from ._errors import ConfigError
 DEFAULT_PORT = 4327
 
 _SCHEMES = ("postgresql", "postgres")
-# The password runs to the *last* '@' of the authority (as parse_dsn splits it)
-# and may hold spaces; over-redacting is the safe side.
-_PASSWORD_RE = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^/?#]*)(?P<at>@)", re.I)
+# In free text (an error message, a log line), a password runs from the
+# colon after the user name to the last '@' before the next blank: it may
+# hold '/', '?', '#' and '@'. Over-redacting is the safe side.
+_PASSWORD_RE = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>\S*)(?P<at>@)", re.I)
 _PARAM_RE = re.compile(r"(?P<head>\bpassword=)[^&\s]*", re.I)
 # user:password@host without a scheme (a common typo).
-_BARE_RE = re.compile(r"^(?P<head>[^:/@\s]*:)(?P<pw>[^/?#]*)(?P<at>@)")
+_BARE_RE = re.compile(r"^(?P<head>[^:/@\s]*:)(?P<pw>\S*)(?P<at>@)")
+_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 _QUERY_PARAMS = frozenset({"sslmode", "connect_timeout", "application_name"})
 
 
@@ -66,7 +69,7 @@ class Address:
             raise ConfigError(f"empty host in address {text!r}")
         if not port_text:
             return cls(host, default_port)
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise ConfigError(f"bad port {port_text!r} in address {text!r}: use 1..65535")
         return cls(host, int(port_text))
 
@@ -100,24 +103,32 @@ class Dsn:
 def parse_dsn(dsn: str) -> Dsn:
     """Parse a DSN such as ``postgresql://user:pw@h1:4327,h2:4327/db?sslmode=require``.
 
+    The user name and password run to the *last* ``@`` of the DSN, so a
+    password may hold ``/``, ``?``, ``#`` or ``@`` unencoded; percent-encode
+    an ``@`` anywhere after the hosts (in ``application_name``, say).
+    A fragment (``#...`` after the hosts) is refused.
+
     Raises:
         ConfigError: the DSN is malformed; the message never contains the password.
     """
     if not isinstance(dsn, str):
         raise ConfigError(f"dsn must be a string, not {type(dsn).__name__}")
-    shown = redact(dsn)
+    shown = redact_dsn(dsn)
     scheme, sep, rest = dsn.partition("://")
     if not sep or scheme.lower() not in _SCHEMES:
         raise ConfigError(f"bad DSN {shown!r}: it must start with postgresql://")
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    if "@" in netloc:
-        userinfo, _, hostlist = netloc.rpartition("@")
-        user_text, colon, pw_text = userinfo.partition(":")
-        user = unquote(user_text)
-        password: str | None = unquote(pw_text) if colon else None
-    else:
-        user, password, hostlist = "", None, netloc
+    userinfo, at, rest = rest.rpartition("@")
+    if not at:
+        userinfo, rest = "", userinfo + rest
+    hostlist, path, query, fragment = _split_location(rest)
+    if fragment is not None:
+        raise ConfigError(
+            f"bad DSN {shown!r}: a fragment ('#...') is not allowed after the hosts "
+            "(percent-encode '#' as %23)"
+        )
+    user_text, colon, pw_text = userinfo.partition(":")
+    user = unquote(user_text)
+    password: str | None = unquote(pw_text) if colon else None
     if not user:
         raise ConfigError(f"bad DSN {shown!r}: no user name (postgresql://USER:PASSWORD@host:port)")
     if not hostlist:
@@ -127,15 +138,40 @@ def parse_dsn(dsn: str) -> Dsn:
     except ConfigError as exc:
         raise ConfigError(f"bad DSN {shown!r}: {exc}") from None
     params = tuple(parse_qsl(query, keep_blank_values=True))
-    for key, _value in params:
-        if key not in _QUERY_PARAMS:
-            allowed = ", ".join(sorted(_QUERY_PARAMS))
-            raise ConfigError(
-                f"bad DSN {shown!r}: unsupported parameter {key!r} (allowed: {allowed})"
-            )
+    for key, value in params:
+        problem = _check_param(key, value)
+        if problem:
+            raise ConfigError(f"bad DSN {shown!r}: {problem}")
     return Dsn(
         user=user, password=password, hosts=hosts, database=unquote(path) or None, params=params
     )
+
+
+def _split_location(rest: str) -> tuple[str, str, str, str | None]:
+    """``hosts[/path][?query][#fragment]`` -> its four parts (fragment ``None`` if absent)."""
+    rest, hash_sign, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    hostlist, _, path = rest.partition("/")
+    return hostlist, path, query, fragment if hash_sign else None
+
+
+def _check_param(key: str, value: str) -> str | None:
+    """What is wrong with one DSN query parameter, or ``None``."""
+    if key not in _QUERY_PARAMS:
+        allowed = ", ".join(sorted(_QUERY_PARAMS))
+        return f"unsupported parameter {key!r} (allowed: {allowed})"
+    if key == "sslmode" and value not in _SSLMODES:
+        return f"sslmode must be one of {', '.join(sorted(_SSLMODES))}, got {value!r}"
+    if key == "connect_timeout":
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds <= 0:
+            return f"connect_timeout must be a positive number of seconds, got {value!r}"
+    if "\x00" in value:
+        return f"parameter {key!r} holds a NUL character"
+    return None
 
 
 def _split_hosts(hostlist: str) -> list[str]:
@@ -156,14 +192,38 @@ def _split_hosts(hostlist: str) -> list[str]:
     return parts
 
 
-def redact(text: str) -> str:
-    """Replace passwords in ``text`` with ``***``.
+def redact(text: str, secret: str | None = None) -> str:
+    """Replace passwords in free text (an error message, a log line) with ``***``.
 
-    Covers ``scheme://user:password@``, a ``password=`` parameter, and a DSN
-    that starts with ``user:password@`` (no scheme).
+    Covers ``scheme://user:password@`` (the password runs to the last ``@``
+    before the next blank), a ``password=`` parameter, and text that starts
+    with ``user:password@`` (no scheme). When the caller knows the password
+    (``secret``), every occurrence of it, plain or percent-encoded, goes too:
+    the only sure way for a password with blanks in free text.
     """
+    if secret:
+        for form in {secret, quote(secret, safe="")}:
+            text = text.replace(form, "***")
     text = _PASSWORD_RE.sub(r"\g<head>***\g<at>", text)
     text = _PARAM_RE.sub(r"\g<head>***", text)
     if "://" not in text:
         text = _BARE_RE.sub(r"\g<head>***\g<at>", text)
     return text
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN as it may be shown: the password, which runs from the first ``:``
+    after ``scheme://`` to the *last* ``@`` of the whole text, becomes ``***``.
+
+    Works on the raw text, before (and whether or not) it parses, so that a
+    password holding ``/``, ``?``, ``#``, ``@`` or blanks never shows.
+    """
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        scheme, rest = "", dsn
+    userinfo, at, hosts = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            rest = f"{user}:***@{hosts}"
+    return redact(f"{scheme}{sep}{rest}")

@@ -61,24 +61,26 @@ class AcquireTimeout(PicodataError, TimeoutError):
 
 
 class QueryError(PicodataError):
-    """The server (or asyncpg, before sending) rejected the query.
+    """The server (or the client, before sending) rejected the query.
 
     Such an error is never retried, and the connection stays usable.
-    The original asyncpg exception is chained as ``__cause__``.
+    The original asyncpg exception, if any, is chained as ``__cause__``.
 
     Attributes:
         sqlstate: the SQLSTATE code, or ``None`` for a client-side error
-            (wrong argument count or type).
-        message: the server's message.
-        node: the name of the node that answered.
+            (wrong argument count or type, query text that cannot be sent).
+        message: the error's message.
+        node: the name of the node that answered, or ``None`` when the
+            query was refused before it was sent.
     """
 
-    def __init__(self, message: str, *, sqlstate: str | None, node: str) -> None:
+    def __init__(self, message: str, *, sqlstate: str | None, node: str | None) -> None:
         self.sqlstate = sqlstate
         self.message = message
         self.node = node
         code = f" [{sqlstate}]" if sqlstate else ""
-        super().__init__(f"{message}{code} (node {node})")
+        where = f" (node {node})" if node is not None else " (not sent)"
+        super().__init__(f"{message}{code}{where}")
 
 
 class OutcomeUnknown(PicodataError):

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -76,7 +77,15 @@ class NodeEvent:
 
 @attrs.frozen
 class EventsDropped:
-    """Overflow marker: this subscriber missed ``count`` events because it read too slowly."""
+    """Overflow marker: this subscriber missed ``count`` events because it read too slowly.
+
+    It stands where the missed events would have been: after the events the
+    subscriber had not read yet, before any event published after them.
+
+    Attributes:
+        count: how many events were missed.
+        at: ``trio.current_time()`` of the last missed event.
+    """
 
     count: int
     at: float
@@ -85,10 +94,72 @@ class EventsDropped:
 Event = NodeEvent | EventsDropped
 
 
-@attrs.define(eq=False)
-class _Subscriber:
-    send: trio.MemorySendChannel[Event]
-    dropped: int = 0
+class EventStream(trio.abc.ReceiveChannel[Event]):
+    """One subscriber's events, from :meth:`Cluster.events`.
+
+    A bounded buffer that never blocks the publisher: when it is full, new
+    events are counted instead of kept, and the subscriber's next read after
+    the events it already has returns one :class:`EventsDropped` for all of
+    them, at once, without waiting for another event.
+
+    Use it like a trio receive channel: ``async for event in stream``,
+    ``await stream.receive()`` (it raises ``trio.EndOfChannel`` after the
+    cluster closed and every event was read) or ``stream.receive_nowait()``.
+    """
+
+    def __init__(self, buffer: int) -> None:
+        self._buffer = buffer
+        self._queue: deque[NodeEvent] = deque()
+        self._dropped = 0
+        self._dropped_at = 0.0
+        self._waiting = trio.lowlevel.ParkingLot()
+        self._ended = False  # no more events will come
+        self._closed = False  # the subscriber closed it
+
+    def _put(self, event: NodeEvent) -> None:
+        if self._ended:
+            return
+        if self._dropped or len(self._queue) >= self._buffer:
+            self._dropped += 1
+            self._dropped_at = event.at
+        else:
+            self._queue.append(event)
+        self._waiting.unpark_all()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._waiting.unpark_all()
+
+    def receive_nowait(self) -> Event:
+        """The next event, or raise ``trio.WouldBlock`` (``trio.EndOfChannel`` at the end)."""
+        if self._closed:
+            raise trio.ClosedResourceError("this event stream was closed")
+        if self._queue:
+            return self._queue.popleft()
+        if self._dropped:
+            marker = EventsDropped(self._dropped, self._dropped_at)
+            self._dropped = 0
+            return marker
+        if self._ended:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive(self) -> Event:
+        """Wait for the next event. Cancellation leaves the stream as it was."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                event = self.receive_nowait()
+            except trio.WouldBlock:
+                await self._waiting.park()
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return event
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._waiting.unpark_all()
+        await trio.lowlevel.checkpoint()
 
 
 @attrs.define(eq=False)
@@ -96,45 +167,37 @@ class EventHub:
     """Fans events out to subscribers without ever blocking the publisher."""
 
     buffer: int
-    _subscribers: list[_Subscriber] = attrs.field(init=False, factory=list)
+    _subscribers: list[EventStream] = attrs.field(init=False, factory=list)
     published: int = attrs.field(init=False, default=0)
     _closed: bool = attrs.field(init=False, default=False)
 
     def publish(self, event: NodeEvent) -> None:
         """Hand ``event`` to every subscriber; a full subscriber counts a drop."""
         self.published += 1
-        for sub in self._subscribers:
-            try:
-                if sub.dropped:
-                    sub.send.send_nowait(EventsDropped(sub.dropped, event.at))
-                    sub.dropped = 0
-                sub.send.send_nowait(event)
-            except trio.WouldBlock:
-                sub.dropped += 1
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        for stream in self._subscribers:
+            stream._put(event)
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
-        send, receive = trio.open_memory_channel[Event](self.buffer)
-        sub = _Subscriber(send)
+    async def subscribe(self) -> AsyncIterator[EventStream]:
+        """A new subscriber's stream, for the duration of the block."""
+        stream = EventStream(self.buffer)
         if self._closed:
-            send.close()  # the stream has ended: iteration stops at once
+            stream._end()  # the stream has ended: iteration stops at once
         else:
-            self._subscribers.append(sub)
+            self._subscribers.append(stream)
         try:
-            async with receive:
-                yield receive
+            yield stream
         finally:
-            if sub in self._subscribers:
-                self._subscribers.remove(sub)
-            send.close()
+            if stream in self._subscribers:
+                self._subscribers.remove(stream)
+            stream._end()
+            stream._closed = True
 
     def close(self) -> None:
         """End every subscription (now and later): their ``async for`` loops finish."""
         self._closed = True
-        for sub in self._subscribers:
-            sub.send.close()
+        for stream in self._subscribers:
+            stream._end()
 
 
 @attrs.frozen

@@ -47,13 +47,15 @@ from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Idle, Message, RouteRemoved, RouteUpdate
 from ._errors import NoNodesAvailable, OutcomeUnknown, QueryError
 from ._events import EventHub, NodeEvent, NodeState, NodeStatistics, NodeStatus
-from ._request import Phase, Request
+from ._request import PIN, Phase, Request
 from ._strategies import Candidate
 from ._topology import NodeInfo
 
 log = logging.getLogger(__name__)
 
 _EWMA = 0.2
+# Query connections of one node opened at the same time (see _open_slot).
+_CONNECTS_AT_ONCE = 4
 _RANDOM = random.Random()
 
 
@@ -175,7 +177,7 @@ class Slot:
         node._candidate.in_flight += 1
         self.request = request
         request.phase = Phase.SENT
-        if request.method == "pin":
+        if request.method == PIN:
             node._lend(self, request)
             return
         conn = self.conn
@@ -225,6 +227,9 @@ class NodeActor:
     _was_up: bool = attrs.field(init=False, default=False)
     _timer: float = attrs.field(init=False, default=float("inf"))
     _tracker: RestartTracker = attrs.field(init=False)
+    _connecting: trio.CapacityLimiter = attrs.field(
+        init=False, factory=lambda: trio.CapacityLimiter(_CONNECTS_AT_ONCE)
+    )
     _candidate: Candidate = attrs.field(init=False)
     # trio's clock, read directly: the hot path times every request.
     _clock: Callable[[], float] = attrs.field(init=False)
@@ -561,9 +566,15 @@ class NodeActor:
     # -- query connections -----------------------------------------------------------
 
     async def _open_slot(self, generation: int, replacing: bool = False) -> None:
-        """Open one query connection and hand its slot to the dispatcher."""
+        """Open one query connection and hand its slot to the dispatcher.
+
+        At most ``_CONNECTS_AT_ONCE`` connections of a node are being opened
+        at a time: logins are paced, for the server's sake and so that the
+        event loop never runs one unbounded burst of connect callbacks.
+        """
         try:
-            conn = await self._connect()
+            async with self._connecting:
+                conn = await self._connect()
         except BackendBroken as exc:
             self._report(_SessionFailed(generation, exc.message, exc.auth))
             return
@@ -645,7 +656,9 @@ class NodeActor:
                 error = QueryError(exc.message, sqlstate=exc.sqlstate, node=self.name)
                 error.__cause__ = exc.__cause__
                 request.fail(error)
-                if abandoned:
+                # What the caller sent can end the session (PostgreSQL closes
+                # it after a protocol violation): that is no fault of the node.
+                if abandoned or slot.conn.is_closed():
                     self._replace(slot)
                 else:
                     self._give_back(slot)

@@ -10,13 +10,88 @@ no longer be answered at all.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import outcome
 import trio
 
-from ._errors import ClusterClosed
+from ._errors import ClusterClosed, QueryError
+
+#: The method of a request that borrows a connection (``cluster.connection()``).
+PIN: Final = "pin"
+
+# Statements after which a connection may keep state of its session.
+_SESSION_VERBS = frozenset(
+    {
+        "set",
+        "reset",
+        "discard",
+        "begin",
+        "start",
+        "commit",
+        "end",
+        "rollback",
+        "abort",
+        "savepoint",
+        "release",
+        "prepare",
+        "deallocate",
+        "declare",
+        "listen",
+        "lock",
+    }
+)
+
+
+def check_query(query: object) -> None:
+    """Refuse query text that cannot be sent, before anything is sent.
+
+    Raises:
+        QueryError: ``query`` is not a ``str``, holds a NUL character, or
+            cannot be encoded as UTF-8 (a lone surrogate). ``node`` is ``None``.
+    """
+    if type(query) is not str:
+        raise QueryError(
+            f"the query must be a str, not {type(query).__name__}", sqlstate=None, node=None
+        )
+    if "\x00" in query:
+        raise QueryError(
+            f"the query text holds a NUL character at position {query.index(chr(0))}; "
+            "pass such data as a $n parameter",
+            sqlstate=None,
+            node=None,
+        )
+    if not query.isascii():
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise QueryError(
+                f"the query text cannot be encoded as UTF-8 (a lone surrogate at position "
+                f"{exc.start})",
+                sqlstate=None,
+                node=None,
+            ) from None
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as seconds for ``trio.fail_after``, or a clear error."""
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        try:
+            if not math.isnan(timeout) and timeout >= 0:
+                return float(timeout)
+        except OverflowError:
+            return math.inf
+    raise TypeError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+
+
+def changes_session(query: str) -> bool:
+    """``query`` may leave state on its session (``SET``, a transaction, ...)."""
+    words = query.lstrip().split(None, 1)
+    if not words:
+        return False
+    return words[0].lower().rstrip(";") in _SESSION_VERBS or "set_config" in query.lower()
 
 
 class Terminable(Protocol):

@@ -8,9 +8,9 @@ Differences from picopyn: ``pool_size`` is the number of connections *per
 node* (default 2); ``balance_strategy(candidates)`` receives
 :class:`~picopyn_actors.Candidate` nodes instead of connections; errors are
 :class:`~picopyn_actors.PicodataError` subclasses instead of ``RuntimeError``.
-``connect()`` and ``close()`` must be called from the same trio task (the
-client's actors live in a nursery opened by ``connect()``); ``async with``
-has no such constraint.
+The client's actors live in a trio system task that :meth:`Client.connect`
+starts, so ``connect()`` and ``close()`` may be called from any task of the
+trio run; if the run ends first, the client closes with it.
 
 Example::
 
@@ -24,12 +24,14 @@ Example::
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+import contextvars
 from types import TracebackType
 from typing import Any
 
+import trio
+
 from ._cluster import Cluster, open_cluster
-from ._config import ClusterConfig
+from ._config import MAX_CONNECTIONS_PER_NODE, ClusterConfig
 from ._errors import ClusterClosed, ConfigError
 from ._strategies import Strategy
 
@@ -45,23 +47,34 @@ class Client:
         **connect_kwargs: Any,
     ) -> None:
         if pool_size is not None and (
-            not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1
+            not isinstance(pool_size, int)
+            or isinstance(pool_size, bool)
+            or not 1 <= pool_size <= MAX_CONNECTIONS_PER_NODE
         ):
-            raise ConfigError(f"pool_size must be an integer >= 1, got {pool_size!r}")
+            raise ConfigError(
+                f"pool_size must be an integer from 1 to {MAX_CONNECTIONS_PER_NODE}, "
+                f"got {pool_size!r}"
+            )
         options: dict[str, Any] = dict(connect_kwargs)
         options["connections_per_node"] = pool_size or 2
         if balance_strategy is not None:
             options["strategy"] = balance_strategy
+        backend = options.pop("backend", None)  # a stand-in backend, for tests
         # Validate now: bad input fails at construction, not at connect().
-        ClusterConfig.create(dsn, **options)
+        self._config = ClusterConfig.create(dsn, **options)
+        if backend is not None:
+            options["backend"] = backend
         self._dsn = dsn
         self._options = options
-        self._stack: AsyncExitStack | None = None
         self._cluster: Cluster | None = None
+        self._lock: trio.Lock | None = None
+        self._stop: trio.CancelScope | None = None
+        self._stopped: trio.Event | None = None
+        self._depth = 0
 
     def __repr__(self) -> str:
         state = "connected" if self._cluster is not None else "not connected"
-        return f"<Client {ClusterConfig.create(self._dsn, **self._options).dsn} {state}>"
+        return f"<Client {self._config.dsn} {state}>"
 
     @property
     def cluster(self) -> Cluster:
@@ -73,21 +86,62 @@ class Client:
     async def connect(self) -> None:
         """Discover the cluster and open connections. Idempotent.
 
-        Raises :class:`NoNodesAvailable` if no node is usable within the
-        connect timeout. If cancelled, nothing is left open.
+        Safe to call from any task; a second call while the first one runs
+        waits for it. Raises :class:`NoNodesAvailable` if no node is usable
+        within the connect timeout. If cancelled, nothing is left open.
         """
-        if self._cluster is not None:
-            return
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            self._cluster = await stack.enter_async_context(
-                open_cluster(self._dsn, **self._options)
+        if self._lock is None:
+            self._lock = trio.Lock()
+        async with self._lock:
+            if self._cluster is not None:
+                return
+            ready = trio.Event()
+            stopped = trio.Event()
+            scope = trio.CancelScope()
+            failure: list[BaseException] = []
+            # A system task: the cluster outlives the task that called
+            # connect(), which may be a short-lived child of some nursery.
+            # It sees the caller's context (a running trio-asyncio loop, say).
+            trio.lowlevel.spawn_system_task(
+                self._own,
+                scope,
+                ready,
+                stopped,
+                failure,
+                name=f"picopyn_actors Client {self._config.dsn}",
+                context=contextvars.copy_context(),
             )
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
+            try:
+                await ready.wait()
+            except BaseException:
+                scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await stopped.wait()
+                raise
+            if failure:
+                raise failure[0]
+            self._stop, self._stopped = scope, stopped
+
+    async def _own(
+        self,
+        scope: trio.CancelScope,
+        ready: trio.Event,
+        stopped: trio.Event,
+        failure: list[BaseException],
+    ) -> None:
+        try:
+            with scope:
+                async with open_cluster(self._dsn, **self._options) as cluster:
+                    self._cluster = cluster
+                    ready.set()
+                    await trio.sleep_forever()
+        except Exception as exc:  # reported to connect(); a system task must not raise
+            if not ready.is_set():
+                failure.append(exc)
+        finally:
+            self._cluster = None
+            ready.set()
+            stopped.set()
 
     async def close(self) -> None:
         """Close every connection and stop the actors. Idempotent.
@@ -95,12 +149,17 @@ class Client:
         Requests still running end with :class:`ClusterClosed`. Cancelling
         ``close`` does not stop the shutdown: it runs to the end first.
         """
-        stack, self._stack, self._cluster = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        scope, stopped = self._stop, self._stopped
+        self._stop = self._stopped = None
+        if scope is None or stopped is None:
+            return
+        scope.cancel()
+        with trio.CancelScope(shield=True):
+            await stopped.wait()
 
     async def __aenter__(self) -> Client:
         await self.connect()
+        self._depth += 1
         return self
 
     async def __aexit__(
@@ -109,7 +168,11 @@ class Client:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        """Close at the exit of the outermost ``async with`` (nested ones share it)."""
+        self._depth -= 1
+        if self._depth <= 0:
+            self._depth = 0
+            await self.close()
 
     async def execute(self, query: str, *args: Any) -> str:
         """Run a statement; return its status string. As :meth:`Cluster.execute`,

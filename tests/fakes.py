@@ -34,6 +34,8 @@ Queries the fake understands:
 * ``sleep:<seconds>``: waits that long on top of the service time, then
   answers like ``whoami``;
 * ``bad sql``: raises ``BackendQueryError("syntax error", "42601")``;
+* ``fatal sql``: raises ``BackendQueryError("protocol violation", "08P01")``
+  and closes the connection, as PostgreSQL does after a protocol violation;
 * ``INSERT ...``: status ``"INSERT 0 1"``.
 
 Each node counts connection attempts (with their times), open connections,
@@ -370,6 +372,9 @@ class FakeConnection:
         if not ok or self._closed:
             self._break()
             raise BackendBroken("connection reset by peer", sent=True)
+        if q == "fatal sql":
+            self._close()
+            raise BackendQueryError("protocol violation", "08P01")
         return node.answer(method, q, args)
 
     async def probe(self) -> None:
@@ -384,6 +389,9 @@ class FakeConnection:
 
     def is_closed(self) -> bool:
         return self._closed
+
+    def in_transaction(self) -> bool:
+        return False
 
     async def prepare(self, query: str) -> FakeStatement:
         if self._closed:
@@ -557,7 +565,7 @@ class FakeCluster:
 
     @asynccontextmanager
     async def open(
-        self, *seeds: str, deadline: float = 600.0, **options: Any
+        self, *seeds: str, deadline: float = 600.0, password: str = PASSWORD, **options: Any
     ) -> AsyncIterator[Any]:
         """``open_cluster`` on this fake, under a virtual-time ``fail_after``.
 
@@ -570,7 +578,9 @@ class FakeCluster:
         options.setdefault("discovery_interval", 1.0)
         options.setdefault("health_interval", 1.0)
         with trio.fail_after(deadline):
-            async with open_cluster(self.dsn(*seeds), backend=self, **options) as cluster:
+            async with open_cluster(
+                self.dsn(*seeds, password=password), backend=self, **options
+            ) as cluster:
                 yield cluster
         assert self.callback_errors == [], self.callback_errors
 

@@ -22,6 +22,7 @@ PUBLIC_API = {
     "ClusterConfig",
     "ClusterStatistics",
     "ConfigError",
+    "EventStream",
     "EventsDropped",
     "Fastest",
     "LeastInFlight",

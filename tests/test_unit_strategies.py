@@ -198,19 +198,52 @@ async def test_event_hub_fans_out_and_marks_drops() -> None:
             seen_fast.append(fast.receive_nowait())
         assert [e.node for e in seen_fast] == ["i0", "i1", "i2", "i3", "i4"]
         assert hub.published == 5
-        # The slow one kept the first two, and missed three.
+        # The slow one kept the first two, and missed three: it is told so at
+        # once, right after the events it had, without waiting for a new one.
         assert slow.receive_nowait() == _event(0)
         assert slow.receive_nowait() == _event(1)
+        assert slow.receive_nowait() == EventsDropped(3, 4.0)
         with pytest.raises(trio.WouldBlock):
             slow.receive_nowait()
         hub.publish(_event(5))
-        marker = slow.receive_nowait()
-        assert marker == EventsDropped(3, 5.0)
         assert slow.receive_nowait() == _event(5)
         assert fast.receive_nowait() == _event(5)
     # Unsubscribed: publishing still works.
     hub.publish(_event(6))
     assert hub.published == 7
+
+
+async def test_a_subscriber_that_fell_behind_is_told_at_its_next_read() -> None:
+    hub = EventHub(buffer=1)
+    async with hub.subscribe() as events:
+        for i in range(4):
+            hub.publish(_event(i))
+        # No event is published after the overflow: the marker still comes.
+        assert await events.receive() == _event(0)
+        assert await events.receive() == EventsDropped(3, 3.0)
+        # A reader waiting for the next event wakes for it.
+        async with trio.open_nursery() as nursery:
+            got: list[object] = []
+
+            async def read() -> None:
+                got.append(await events.receive())
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            hub.publish(_event(9))
+        assert got == [_event(9)]
+
+
+async def test_event_stream_receive_is_cancellable() -> None:
+    hub = EventHub(buffer=4)
+    async with hub.subscribe() as events:
+        with trio.move_on_after(0.01) as scope:
+            await events.receive()
+        assert scope.cancelled_caught
+        hub.publish(_event(1))
+        assert events.receive_nowait() == _event(1)
+    with pytest.raises(trio.ClosedResourceError):
+        events.receive_nowait()
 
 
 async def test_event_hub_close_ends_subscriptions() -> None:

@@ -76,6 +76,9 @@ class FakeConnection:
     def is_closed(self) -> bool:
         return self._closed
 
+    def in_transaction(self) -> bool:
+        return False
+
     async def prepare(self, query: str) -> Any:
         await trio.lowlevel.checkpoint()
         return query
