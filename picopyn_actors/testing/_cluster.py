@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -666,3 +666,324 @@ class LocalCluster:
         server.paused = False
         if not wait_gone(backends, timeout=5.0):
             logger.warning("backends of node %s outlived SIGKILL", server.node.name)
+
+    # ------------------------------------------------------------------ routing and catalog edits
+    # Sharded tables, the bucket map and master switches are governor changes:
+    # like the node changes above, each is written to every live server. The
+    # per-node edits below let a test bend one server's catalog; the next
+    # governor change rewrites it unless that server's catalog is held.
+
+    @property
+    def bucket_count(self) -> int:
+        """``_pico_tier.bucket_count`` of the one tier, ``default`` (3000)."""
+        return self._model.bucket_count
+
+    def create_sharded_table(
+        self, name: str, columns: Mapping[str, str], key: Sequence[str], tier: str = "default"
+    ) -> None:
+        """Create a sharded table on every node and record it in ``_pico_table``.
+
+        Args:
+            name: a plain SQL identifier.
+            columns: column name -> Picodata type (``integer``, ``unsigned``,
+                ``string``, ``double``, ``boolean``, ``decimal``, ``uuid``,
+                ``datetime``, or an alias such as ``int`` or ``text``), in order.
+            key: the sharding key columns, in key order; they are also the
+                primary key and NOT NULL.
+            tier: must be ``default``, the stand-in's only tier.
+
+        Each server gets the table (owned by the login role) plus a
+        ``bucket_id`` column, which the stand-in leaves NULL: Picodata computes
+        it, the stand-in does not. ``_pico_table`` lists the table as
+        ``{"ShardedImplicitly": [key, "murmur3", tier]}``, with ``bucket_id``
+        (``unsigned``) in its format right after the key columns, as Picodata
+        does. Nodes that join or start later get the table from the governor.
+
+        Raises:
+            ValueError: bad name, columns, key or tier.
+            LocalClusterError: a server refused the table (say it exists).
+        """
+        if isinstance(key, str):
+            raise ValueError(f"key must be a non-empty list of distinct column names, got {key!r}")
+        with self._lock:
+            self._check_open()
+            self._model.add_table(name, list(columns.items()), list(key), tier)
+            try:
+                sql = self._model.create_table_sql(name)
+                self._run_sql([(s, sql) for s in self._servers.values() if s.live()])
+            except BaseException:
+                self._model.forget_table(name)
+                raise
+            self._sync_catalog()
+            logger.info("sharded table %s created, key (%s)", name, ", ".join(key))
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """``_pico_table`` as the model holds it, valued as asyncpg returns it (json as ``str``)."""
+        with self._lock:
+            return self._model.table_rows()
+
+    def bucket_ranges(self) -> list[dict[str, Any]]:
+        """What ``SELECT _pico_bucket('default')`` answers now, decoded from JSON."""
+        with self._lock:
+            return self._model.bucket_json()
+
+    def bucket_replicaset(self, bucket_id: int) -> str:
+        """Name of the replicaset that owns *bucket_id* (``r1``, ``r2`` ...)."""
+        with self._lock:
+            return self._model.owner_of(bucket_id)
+
+    def move_buckets(self, start: int, end: int, replicaset: str) -> None:
+        """Move buckets ``start..end`` (inclusive) to *replicaset*, as vshard's rebalancer would.
+
+        The move is atomic: the new map is written to every live server at
+        once (Picodata's ``_pico_bucket`` never shows a range in transfer).
+
+        Raises:
+            ValueError: the range is not within ``1..bucket_count``.
+            LocalClusterError: no such replicaset.
+        """
+        with self._lock:
+            self._check_open()
+            self._known_replicaset(replicaset)
+            self._model.move_buckets(start, end, replicaset)
+            self._sync_catalog()
+            logger.info("buckets %d..%d moved to %s", start, end, replicaset)
+
+    def rebalance(self) -> None:
+        """Spread the buckets evenly, in contiguous ranges, over the replicasets with a
+        member that is not expelled (say, after :meth:`add_node` made a new one)."""
+        with self._lock:
+            self._check_open()
+            self._model.rebalance()
+            self._sync_catalog()
+            logger.info("buckets rebalanced over %d replicasets", len(self._model.bucket_ranges()))
+
+    def set_master(self, replicaset: str, name: str) -> None:
+        """Switch *replicaset*'s master to node *name*, as the governor does.
+
+        ``_pico_replicaset.target_master_name`` changes first, then
+        ``current_master_name``; each step is written to every live server.
+
+        Raises:
+            UnknownNodeError: no node *name*.
+            LocalClusterError: no such replicaset, *name* is not one of its
+                members, or *name* is not Online.
+        """
+        with self._lock:
+            self._check_open()
+            self._server(name)
+            _, members = self._known_replicaset(replicaset)
+            if name not in members:
+                raise LocalClusterError(
+                    f"node {name} is not a member of replicaset {replicaset} ({', '.join(members)})"
+                )
+            if self._model.states(name)[0][0] != "Online":
+                raise LocalClusterError(f"node {name} is not Online; it cannot become master")
+            self._model.set_target_master(replicaset, name)
+            self._sync_catalog()
+            self._model.apply_target_master(replicaset)
+            self._sync_catalog()
+            logger.info("replicaset %s master is now %s", replicaset, name)
+
+    def set_rebalance_in_progress(self, on: bool = True) -> None:
+        """Make ``_pico_bucket()`` fail on every node (or stop failing), as during a rebalance.
+
+        The error is vshard's: ``_pico_bucket: Bucket 1 cannot be found. Is
+        rebalancing in progress?`` (SQLSTATE XX000). The map itself is kept.
+        """
+        with self._lock:
+            self._check_open()
+            self._model.set_rebalance_in_progress(on)
+            self._sync_catalog()
+
+    def execute_on(self, name: str, sql: str) -> None:
+        """Run *sql* on node *name* only, as the PostgreSQL superuser.
+
+        This is how a test edits one server's copy of the catalog (say,
+        ``DELETE FROM _pico_instance``) to play a lagging or broken node. The
+        edit lasts until the next governor change (any state change, master
+        switch, bucket move, join or restart), which rewrites the catalog of
+        every live server; :meth:`hold_catalog` makes it stick.
+
+        Raises:
+            LocalClusterError: the node is down or paused, or the server
+                rejected the SQL (the message holds its error).
+        """
+        with self._lock:
+            server = self._editable_server(name, "execute SQL on")
+            self._run_sql([(server, sql)])
+
+    def hold_catalog(self, name: str) -> None:
+        """Stop the governor from writing node *name*'s catalog until :meth:`release_catalog`.
+
+        The server keeps whatever catalog it has (edits by :meth:`execute_on`
+        included), even across a restart of the node; sharded tables are still
+        created on it. The hold lives in the server, so it survives this call's
+        process only as long as the server's data does.
+        """
+        with self._lock:
+            server = self._editable_server(name, "hold the catalog of")
+            self._run_sql([(server, self._model.hold_statement(True))])
+
+    def release_catalog(self, name: str) -> None:
+        """Undo :meth:`hold_catalog` and write the governor's catalog into node *name* now."""
+        with self._lock:
+            server = self._editable_server(name, "release the catalog of")
+            self._run_sql([(server, self._model.hold_statement(False))])
+            self._sync_catalog([server])
+
+    def set_identity(self, name: str, uuid: str | None) -> None:
+        """Make node *name*'s server answer ``pico_instance_uuid()`` (and
+        ``instance_uuid()``) with *uuid*, a stranger to its catalog row; ``None``
+        restores its own. The catalog does not change; the answer survives
+        restarts of the node."""
+        if uuid is not None and (not isinstance(uuid, str) or not uuid):
+            raise ValueError(f"uuid must be a non-empty string or None, got {uuid!r}")
+        with self._lock:
+            server = self._editable_server(name, "change the identity of")
+            answer = server.node.uuid if uuid is None else uuid
+            self._run_sql([(server, self._model.answer_uuid_statement(answer))])
+
+    def lock_catalog(
+        self, name: str, table: str = "_pico_instance", *, timeout: float = 10.0
+    ) -> CatalogLock:
+        """Hold an ACCESS EXCLUSIVE lock on *table* of node *name* until released.
+
+        Every reader of that table on that server waits, as behind a stuck
+        transaction. The node's catalog is held meanwhile (:meth:`hold_catalog`)
+        so that the governor does not wait too; releasing the lock writes the
+        governor's catalog into it. Use it as a context manager or call
+        :meth:`CatalogLock.release`::
+
+            with lc.lock_catalog("i2"):
+                ...  # discovery on i2 blocks here
+
+        Raises:
+            ValueError: *table* is not a plain identifier.
+            LocalClusterError: the node is down or paused, or the lock was not
+                granted within *timeout* seconds.
+        """
+        self._model.check_identifier(table, "table")
+        with self._lock:
+            server = self._editable_server(name, "lock the catalog of")
+            self._run_sql([(server, self._model.hold_statement(True))])
+            try:
+                process = self._open_lock_session(server, table, timeout)
+            except BaseException:
+                self._run_sql([(server, self._model.hold_statement(False))])
+                raise
+            logger.info("node %s: %s locked", name, table)
+            return CatalogLock(node=name, table=table, process=process, on_release=self._after_lock)
+
+    def _after_lock(self, name: str) -> None:
+        with self._lock:
+            server = self._server(name)
+            if self._state == "running" and server.live():
+                self._run_sql([(server, self._model.hold_statement(False))])
+                self._sync_catalog([server])
+
+    def _known_replicaset(self, replicaset: str) -> tuple[str, list[str]]:
+        try:
+            return self._model.replicaset_of(replicaset)
+        except KeyError:
+            known = ", ".join(self._model.replicaset_names())
+            raise LocalClusterError(
+                f"unknown replicaset {replicaset!r}; the cluster's replicasets are: {known}"
+            ) from None
+
+    def _editable_server(self, name: str, action: str) -> _Server:
+        server = self._running_server(name, action)
+        if server.paused:
+            raise LocalClusterError(f"cannot {action} node {name}: it is paused")
+        return server
+
+    def _open_lock_session(
+        self, server: _Server, table: str, timeout: float
+    ) -> subprocess.Popen[bytes]:
+        """A psql session that holds the lock; returns once the server granted it."""
+        assert self._bins is not None and self._socket_dir is not None
+        args = [
+            str(self._bins.psql), "-X", "-q", "-A", "-t", "-w",
+            "-v", "ON_ERROR_STOP=1",
+            "-h", str(self._socket_dir),
+            "-p", str(server.node.port),
+            "-U", SUPERUSER,
+            "-d", DATABASE,
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self._base_dir,
+            env={**tool_env(self.base_dir), "PGCONNECT_TIMEOUT": "10"},
+            **self._run_as.popen_kwargs(),
+        )
+        assert process.stdin is not None and process.stdout is not None
+        script = (
+            f"SET lock_timeout = '{max(1, int(timeout * 1000))}ms';\n"
+            "BEGIN;\n"
+            f'LOCK TABLE public."{table}" IN ACCESS EXCLUSIVE MODE;\n'
+            f"SELECT '{_LOCKED_MARK}';\n"
+        )
+        process.stdin.write(script.encode())
+        process.stdin.flush()
+        # psql prints the mark once the lock is granted, or exits on an error
+        # (ON_ERROR_STOP): either way the pipe tells, no polling needed.
+        for line in process.stdout:
+            if line.strip() == _LOCKED_MARK.encode():
+                return process
+        _, err = process.communicate(timeout=_SQL_TIMEOUT)
+        message = self._redact(err.decode("utf-8", "replace").strip())
+        raise LocalClusterError(
+            f"could not lock {table} on node {server.node.name}: {message or 'psql exited'}"
+        )
+
+
+_LOCKED_MARK: Final = "picopyn-catalog-locked"
+
+
+@attrs.define(eq=False)
+class CatalogLock:
+    """A lock taken by :meth:`LocalCluster.lock_catalog`, held until :meth:`release`.
+
+    Release it once (more calls do nothing); as a context manager it is
+    released on exit.
+    """
+
+    node: str
+    """The node whose table is locked."""
+    table: str
+    _process: subprocess.Popen[bytes] = attrs.field(alias="process", repr=False)
+    _on_release: Callable[[str], None] = attrs.field(alias="on_release", repr=False)
+    _released: bool = attrs.field(init=False, default=False)
+
+    @property
+    def held(self) -> bool:
+        """Whether the lock is still held."""
+        return not self._released and self._process.poll() is None
+
+    def release(self) -> None:
+        """End the locking transaction, then let the governor write the node's catalog."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            self._process.communicate(b"ROLLBACK;\n", timeout=_SQL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.communicate()
+        finally:
+            self._on_release(self.node)
+        logger.info("node %s: %s unlocked", self.node, self.table)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
