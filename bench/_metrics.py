@@ -202,15 +202,15 @@ OWNERS: list[tuple[str, tuple[str, ...]]] = [
     ("socket I/O (asyncio transport, syscalls)", ("asyncio/selector_events.py",)),
     ("asyncpg (driver)", ("asyncpg/",)),
     ("dispatcher", ("picopyn_actors/_dispatcher.py", "picopyn_actors/_strategies.py")),
-    ("node worker", ("picopyn_actors/_node.py",)),
-    ("bridge: _bridge.py", ("picopyn_actors/_bridge.py",)),
+    ("node worker", ("picopyn_actors/_node.py", "picopyn_actors/_session.py")),
+    ("bridge: _bridge/", ("picopyn_actors/_bridge/",)),
     (
         "caller side: _cluster.py, _request.py",
         ("picopyn_actors/_cluster.py", "picopyn_actors/_request.py"),
     ),
     ("bridge: trio-asyncio loop", ("trio_asyncio/",)),
     ("picopyn pool", ("picopyn/",)),
-    ("fake backend (bench)", ("fake_backend.py",)),
+    ("fake backend", ("picopyn_actors/testing/_fake.py",)),
     (
         "bench loop",
         # The harness's request loop and the peers' one-line ``call`` wrappers; not

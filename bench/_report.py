@@ -125,7 +125,8 @@ def scale_table(results: dict[str, Any]) -> str:
     if not sc:
         return ""
     lines = [
-        f"picopyn_actors (RoundRobin) on the in-bench fake backend: every query answers at "
+        "picopyn_actors (RoundRobin) on the package's fake backend (`FakeCluster`): "
+        f"every query answers at "
         f"once, so this is the client's own cost. {sc['connections']} connections in total "
         f"at every node count (so the queueing is the same), {sc['concurrency']} tasks, "
         f"`SELECT 1`, {sc['rounds']} alternating rounds.",
@@ -149,7 +150,7 @@ def scale_table(results: dict[str, Any]) -> str:
 #: Profile parts grouped for the report (the JSON keeps the finer split).
 PART_GROUPS: dict[str, str] = {
     "bridge: trio-asyncio loop": "bridge: hand-offs, asyncio loop machinery",
-    "bridge: _bridge.py": "bridge: hand-offs, asyncio loop machinery",
+    "bridge: _bridge/": "bridge: hand-offs, asyncio loop machinery",
     "asyncio event loop": "bridge: hand-offs, asyncio loop machinery",
     "asyncpg (driver)": "asyncpg",
     "socket I/O (asyncio transport, syscalls)": "socket I/O (asyncio transports)",
@@ -160,7 +161,7 @@ PART_GROUPS: dict[str, str] = {
     "node worker": "node (slots, completions)",
     "picopyn pool": "picopyn pool",
     "bench loop": "bench loop, fake backend, other",
-    "fake backend (bench)": "bench loop, fake backend, other",
+    "fake backend": "bench loop, fake backend, other",
     "other": "bench loop, fake backend, other",
 }
 
@@ -175,7 +176,8 @@ def profile_table(results: dict[str, Any]) -> str:
         "(trio's channel code run by the dispatcher is the dispatcher's; asyncio's transport "
         "code run by asyncpg is socket I/O); the kernel row is the system CPU; both from "
         "`os.times()` over the same window. For an asyncio client the first row is its own "
-        "event loop. `-fake`: picopyn_actors on the in-bench fake backend (no bridge, no I/O).",
+        "event loop. `-fake`: picopyn_actors on the package's fake backend "
+        "(`FakeCluster`: no bridge, no I/O).",
         "",
     ]
     runs = pr["runs"]

@@ -1,24 +1,26 @@
 """The dispatcher: the routing table, the wait queue and the strategy.
 
-Requests reach the dispatcher by a synchronous call, :meth:`Dispatcher.submit`,
-made in the caller's task (or, for a retry, in the node actor that lost it).
-When nobody is waiting and a node has an idle connection slot, the strategy
-picks a node and the request is handed to one of its slots right there
-(``_node.Slot.start``, a hand-off that cannot block); otherwise it waits in a
-FIFO queue, first come first served. A slot that finishes comes back the same
-way, by :meth:`Dispatcher.release` from its node actor, and takes the head of
-the queue if there is one. Every one of these calls runs to completion without
-a checkpoint, in trio's single thread, so the routing table needs no lock;
-and the hot path costs no task switch between the caller and the connection.
+The data plane is synchronous. A request reaches the dispatcher by
+:meth:`Dispatcher.submit`, made in the caller's task (or, for a retry, by the
+node that lost it). When nobody is waiting and a node has an idle connection
+slot, the strategy picks a node and the request is handed to one of its slots
+right there (``_session.Slot.start``, a hand-off that cannot block);
+otherwise it waits in a FIFO queue, first come first served. A slot comes to
+the dispatcher one way only, by :meth:`Dispatcher.release`: a new connection
+and one that finished its request alike; it takes the head of the queue if
+there is one. A node whose session ends takes its slots back at once with
+:meth:`Dispatcher.withdraw`, so a stale slot is never handed out. Every one
+of these calls runs to completion without a checkpoint, in trio's single
+thread, so the table needs no lock, and the hot path costs no task switch.
 
-The dispatcher's own task serves a bounded inbox of control messages:
+The control plane is a bounded inbox that the dispatcher's own task serves:
 
-* :class:`Idle`: a new connection slot of a node is ready (a "token");
-* :class:`RouteUpdate`: a node actor's state changed (it carries the node's
-  :class:`~._strategies.Candidate` when the node first appears);
+* :class:`RouteUpdate`: a node actor's state changed (each carries a
+  sequence number; an older one than the route has seen is ignored);
 * :class:`RouteRemoved`: a node actor stopped.
 
-It also fails waiting requests with :class:`~._errors.AcquireTimeout` once
+Node actors wait for room when it is full, so no update is dropped. The
+task also fails waiting requests with :class:`~._errors.AcquireTimeout` once
 they have waited ``acquire_timeout``, and fails them all with
 :class:`~._errors.NoNodesAvailable` when no node can take them any more.
 
@@ -52,31 +54,24 @@ log = logging.getLogger(__name__)
 
 
 class SlotLike(Protocol):
-    """What the dispatcher needs of a node's connection slot (see ``_node.Slot``)."""
+    """What the dispatcher needs of a node's connection slot (see ``_session.Slot``)."""
 
     route_id: int
-    generation: int
+    candidate: Candidate
 
     def start(self, request: Request) -> None:
         """Take ``request``; never blocks."""
 
 
 @attrs.frozen
-class Idle:
-    """``slot`` is free: the dispatcher may hand it one request."""
-
-    slot: SlotLike
-
-
-@attrs.frozen
 class RouteUpdate:
-    """A node actor's state changed."""
+    """A node actor's state changed (``seq`` grows with each update of one route)."""
 
     route_id: int
+    seq: int
     state: NodeState
-    generation: int
+    candidate: Candidate
     last_error: str | None = None
-    candidate: Candidate | None = None
 
 
 @attrs.frozen
@@ -86,7 +81,10 @@ class RouteRemoved:
     route_id: int
 
 
-Message = Idle | RouteUpdate | RouteRemoved
+Message = RouteUpdate | RouteRemoved
+
+# Nodes remembered after their route went, for NoNodesAvailable's message.
+_REMEMBERED = 64
 
 
 @attrs.define(eq=False)
@@ -94,7 +92,7 @@ class _Route:
     id: int
     candidate: Candidate
     state: NodeState = NodeState.CONNECTING
-    generation: int = -1
+    seq: int = 0
     idle: list[SlotLike] = attrs.field(factory=list)
     last_error: str | None = None
 
@@ -113,8 +111,10 @@ class Dispatcher:
     _retries: deque[Request] = attrs.field(init=False, factory=deque)
     failed_unrouted: int = attrs.field(init=False, default=0)
     _closed: bool = attrs.field(init=False, default=False)
+    # Routes that went, newest last: their last state or error, by node name.
+    _gone: dict[str, str] = attrs.field(init=False, factory=dict)
     # The run task's wait, while it waits: submit() moves its deadline.
-    _timer: trio.CancelScope | None = attrs.field(init=False, default=None)
+    _wait: trio.CancelScope | None = attrs.field(init=False, default=None)
     # trio's clock, read directly (made in trio: the dispatcher lives in a run).
     _clock: Callable[[], float] = attrs.field(
         init=False, factory=lambda: trio.lowlevel.current_clock().current_time
@@ -152,29 +152,32 @@ class Dispatcher:
             # one's), and some node is hopeful, or they would have failed
             # when the last one stopped being so.
             return
-        timer = self._timer
-        if timer is not None and timer.deadline == math.inf:
+        wait = self._wait
+        if wait is not None and wait.deadline == math.inf:
             # The run task waits with no deadline: give it this one. When it
             # passes, the run task looks at the queue's head again.
-            timer.deadline = now + self.config.acquire_timeout
+            wait.deadline = now + self.config.acquire_timeout
         if not any(r.state.hopeful for r in self._routes.values()):
             self._fail_if_hopeless()
 
-    def release(self, slot: SlotLike) -> bool:
-        """Take back a slot that finished its request; it serves the queue first.
-
-        ``False``: the slot belongs to a route state this dispatcher has not
-        seen yet; send it as an :class:`Idle` message, behind the updates.
-        """
+    def release(self, slot: SlotLike) -> None:
+        """Take a slot that is free (new, or done with its request); it serves the queue first."""
         route = self._routes.get(slot.route_id)
-        if route is None or route.generation != slot.generation:
-            # Unknown or stale: dropped here as Idle would be, unless it is newer.
-            return route is None or slot.generation < route.generation
+        if route is None:
+            # The node's first RouteUpdate is still in the inbox: the route
+            # exists from now on, not routable until that update says UP.
+            route = self._add_route(slot.route_id, slot.candidate)
         route.idle.append(slot)
         route.candidate.free = len(route.idle)
         if self._pending or self._retries:
             self._dispatch()
-        return True
+
+    def withdraw(self, route_id: int) -> None:
+        """A node's session ended: forget its idle slots now."""
+        route = self._routes.get(route_id)
+        if route is not None:
+            route.idle.clear()
+            route.candidate.free = 0
 
     # -- the actor: control messages and timeouts --------------------------------
 
@@ -185,7 +188,7 @@ class Dispatcher:
         handle = self._handle
         try:
             while True:
-                with trio.CancelScope(deadline=self._next_deadline()) as self._timer:
+                with trio.CancelScope(deadline=self._next_deadline()) as self._wait:
                     handle(await self.inbox.receive())
                     while True:
                         try:
@@ -193,12 +196,12 @@ class Dispatcher:
                         except trio.WouldBlock:
                             break
                         handle(message)
-                self._timer = None
+                self._wait = None
                 if self._pending or self._retries:
                     self._dispatch()
                     self._expire(self._clock())
         finally:
-            self._timer = None
+            self._wait = None
             self._close()
 
     def _next_deadline(self) -> float:
@@ -213,39 +216,42 @@ class Dispatcher:
         self.inbox.close()
 
     def _handle(self, message: Message) -> None:
-        if type(message) is Idle:
-            slot = message.slot
-            route = self._routes.get(slot.route_id)
-            if route is not None and route.generation == slot.generation:
-                route.idle.append(slot)
-                route.candidate.free = len(route.idle)
-        elif type(message) is RouteUpdate:
+        if type(message) is RouteUpdate:
             self._update(message)
         elif type(message) is RouteRemoved:
-            route = self._routes.pop(message.route_id, None)
+            route = self._routes.get(message.route_id)
             if route is not None:
-                self._by_candidate.pop(id(route.candidate), None)
+                self._remove(route, route.last_error or route.state.value)
                 self._fail_if_hopeless()
+
+    def _add_route(self, route_id: int, candidate: Candidate) -> _Route:
+        route = _Route(route_id, candidate)
+        self._routes[route_id] = route
+        self._by_candidate[id(candidate)] = route
+        return route
+
+    def _remove(self, route: _Route, why: str) -> None:
+        self._routes.pop(route.id, None)
+        self._by_candidate.pop(id(route.candidate), None)
+        gone = self._gone
+        gone.pop(route.candidate.name, None)
+        gone[route.candidate.name] = why
+        while len(gone) > _REMEMBERED:
+            del gone[next(iter(gone))]
 
     def _update(self, message: RouteUpdate) -> None:
         route = self._routes.get(message.route_id)
         if route is None:
-            if message.candidate is None:
-                return
-            route = _Route(message.route_id, message.candidate)
-            self._routes[route.id] = route
-            self._by_candidate[id(route.candidate)] = route
-        if message.generation != route.generation:
-            route.idle.clear()
-            route.candidate.free = 0
-            route.generation = message.generation
+            route = self._add_route(message.route_id, message.candidate)
+        if message.seq <= route.seq:
+            return  # an older update overtaken by a newer one
+        route.seq = message.seq
         route.state = message.state
         if message.last_error is not None:
             route.last_error = message.last_error
         if message.state is NodeState.DRAINING:
             # No new work; what runs there finishes.
-            self._routes.pop(route.id, None)
-            self._by_candidate.pop(id(route.candidate), None)
+            self._remove(route, f"draining ({route.last_error or 'leaving'})")
         self._fail_if_hopeless()
 
     # -- routing ---------------------------------------------------------------
@@ -317,20 +323,25 @@ class Dispatcher:
         ):
             return
         errors = self.node_errors()
+        if self._routes:
+            why = "no node of the cluster is available"
+        elif self._gone:
+            why = "no node is routable now: every node the client had is gone or leaving"
+        else:
+            why = "no node is known yet"
         for queue in (self._retries, self._pending):
             while queue:
                 request = queue.popleft()
-                if request.fail(
-                    NoNodesAvailable(
-                        "no node of the cluster is available" if errors else "no node is known yet",
-                        errors,
-                    )
-                ):
+                if request.fail(NoNodesAvailable(why, errors)):
                     self.failed_unrouted += 1
 
     def node_errors(self) -> dict[str, str]:
-        """Each node's last error (or state), for messages."""
-        return {r.candidate.name: r.last_error or r.state.value for r in self._routes.values()}
+        """Each node's last error (or state), for messages; nodes that went included."""
+        errors = {name: f"gone: {why}" for name, why in self._gone.items()}
+        errors.update(
+            {r.candidate.name: r.last_error or r.state.value for r in self._routes.values()}
+        )
+        return errors
 
     def _describe(self) -> str:
         return (
@@ -340,12 +351,3 @@ class Dispatcher:
             )
             or "no nodes"
         )
-
-    def has_routable(self) -> bool:
-        """Some node is up."""
-        return any(r.state is NodeState.UP for r in self._routes.values())
-
-    @property
-    def closed(self) -> bool:
-        """The dispatcher has stopped."""
-        return self._closed

@@ -28,13 +28,17 @@ import trio
 class NodeState(enum.Enum):
     """A node's state as the client sees it (not the catalog's).
 
-    * ``CONNECTING``: opening connections; not routable yet.
+    * ``CONNECTING``: opening its first connections; not routable yet.
     * ``UP``: routable.
-    * ``SUSPECT``: a connection broke; new requests wait while it is checked.
-    * ``DOWN``: unreachable or hung; reconnecting with backoff.
+    * ``SUSPECT``: a connection broke; new requests wait while it is reopened.
+    * ``DOWN``: unreachable or hung; reconnecting with backoff. Reconnect
+      attempts are not states: :class:`NodeStatus` counts them.
     * ``QUARANTINED``: went down too often; left alone for ``quarantine_time``.
-    * ``DRAINING``: leaving (catalog Offline or Expelled); in-flight work finishes.
+    * ``DRAINING``: leaving (catalog Offline or Expelled) while requests run on
+      it; they finish, nothing new is sent.
     * ``RETIRED``: gone; its actor has stopped.
+
+    The allowed changes are :data:`TRANSITIONS`; any other is a bug.
     """
 
     CONNECTING = "connecting"
@@ -54,6 +58,24 @@ class NodeState(enum.Enum):
     def hopeful(self) -> bool:
         """The node may take requests soon: waiting for it is worth it."""
         return self in (NodeState.UP, NodeState.SUSPECT, NodeState.CONNECTING)
+
+    def can_become(self, new: NodeState) -> bool:
+        """``self -> new`` is in :data:`TRANSITIONS`."""
+        return new in TRANSITIONS[self]
+
+
+_S = NodeState
+#: Every state change a node actor may make (docs/concepts.md draws this table).
+TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
+    _S.CONNECTING: frozenset({_S.UP, _S.DOWN, _S.RETIRED}),
+    _S.UP: frozenset({_S.SUSPECT, _S.DOWN, _S.QUARANTINED, _S.DRAINING, _S.RETIRED}),
+    _S.SUSPECT: frozenset({_S.UP, _S.DOWN, _S.QUARANTINED, _S.DRAINING, _S.RETIRED}),
+    _S.DOWN: frozenset({_S.UP, _S.RETIRED}),
+    _S.QUARANTINED: frozenset({_S.UP, _S.DOWN, _S.RETIRED}),
+    _S.DRAINING: frozenset({_S.RETIRED}),
+    _S.RETIRED: frozenset(),
+}
+del _S
 
 
 @attrs.frozen
@@ -218,6 +240,9 @@ class NodeStatus:
         errors: errors seen on this node so far (connection and query).
         last_error: the last connection-level error, or ``None``.
         since: ``trio.current_time()`` of the last state change.
+        attempts: failed reconnect attempts in a row (0 while it is up).
+        next_attempt: ``trio.current_time()`` of the next reconnect attempt,
+            or ``None`` when none is planned.
     """
 
     name: str
@@ -233,6 +258,8 @@ class NodeStatus:
     errors: int
     last_error: str | None
     since: float
+    attempts: int = 0
+    next_attempt: float | None = None
 
 
 @attrs.frozen
@@ -245,6 +272,9 @@ class NodeStatistics:
         requests_retried: failed here and were sent to another node.
         restarts: times the node went down after being up.
         reconnects: connections (re)opened after the first ones.
+        statements_invalidated: requests the node rejected with 42999 (a schema
+            change invalidated their prepared statement) and that were
+            prepared and run again.
     """
 
     requests_ok: int = 0
@@ -252,6 +282,7 @@ class NodeStatistics:
     requests_retried: int = 0
     restarts: int = 0
     reconnects: int = 0
+    statements_invalidated: int = 0
 
 
 @attrs.frozen

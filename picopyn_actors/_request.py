@@ -120,6 +120,7 @@ class Request:
         "enqueued_at",
         "errors",
         "idempotent",
+        "invalidations",
         "last_route",
         "method",
         "phase",
@@ -138,6 +139,7 @@ class Request:
         self.phase = Phase.QUEUED
         self.task: trio.lowlevel.Task | None = None
         self.attempts = 0
+        self.invalidations = 0
         self.last_route: int | None = None
         self.conn: Terminable | None = None
         self.enqueued_at = now  # set by the dispatcher when the request has to wait

@@ -29,6 +29,7 @@ from ._dispatcher import Dispatcher, Message
 from ._dsn import Address
 from ._errors import NoNodesAvailable
 from ._events import EventHub, NodeState, NodeStatistics
+from ._identity import instance_uuid
 from ._node import NodeActor, Stop, UpdateInfo, Wake, backoff_delay
 from ._topology import (
     DISCOVERY_QUERY,
@@ -43,7 +44,6 @@ from ._topology import (
 
 log = logging.getLogger(__name__)
 
-_UUID_FUNCTIONS = ("pico_instance_uuid", "instance_uuid")
 
 
 class DiscoveryFailed(Exception):
@@ -74,7 +74,6 @@ class Supervisor:
     _retired_stats: list[NodeStatistics] = attrs.field(init=False, factory=list)
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
-    _uuid_function: str = attrs.field(init=False, default=_UUID_FUNCTIONS[0])
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -214,16 +213,8 @@ class Supervisor:
         return topology
 
     async def _self_name(self, conn: Connection) -> str | None:
-        """Which instance answered: ``pico_instance_uuid()``, else ``instance_uuid()``."""
-        preferred = self._uuid_function
-        for function in (preferred, *(f for f in _UUID_FUNCTIONS if f != preferred)):
-            try:
-                uuid = await conn.run("fetchval", f"SELECT {function}()", ())
-            except BackendQueryError:
-                continue
-            self._uuid_function = function
-            return str(uuid)
-        return None
+        """Which instance answered (see :func:`~._identity.instance_uuid`)."""
+        return await instance_uuid(conn, self.backend)
 
     async def apply(self, topology: Topology) -> None:
         """Start, stop and wake node actors to match ``topology``."""

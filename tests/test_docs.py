@@ -74,3 +74,16 @@ def test_every_page_is_in_the_nav() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in DOCS.glob("*.md"):
         assert page.name in nav, f"{page.name} is not in the mkdocs.yml nav"
+
+
+def test_the_state_diagram_is_the_transition_table() -> None:
+    from picopyn_actors._events import TRANSITIONS
+
+    text = (DOCS / "concepts.md").read_text()
+    diagram = text[text.index("stateDiagram-v2") :]
+    diagram = diagram[: diagram.index("```")]
+    drawn = {
+        (a, b) for a, b in re.findall(r"^\s+([A-Z]+) --> ([A-Z]+)\b", diagram, re.M)
+    }
+    table = {(old.name, new.name) for old, news in TRANSITIONS.items() for new in news}
+    assert drawn == table

@@ -13,7 +13,6 @@ from fakes import (
     PASSWORD,
     FakeCluster,
     Outcomes,
-    both_paths,  # noqa: F401  (autouse: plain tasks and the submit path)
     bound_every_test,
     drain_events,
     state_of,
@@ -163,10 +162,11 @@ async def test_discovery_falls_back_to_instance_uuid(autojump_clock: object) -> 
         stats = cluster.statistics()
     assert stats.discovery_runs >= 2
     assert stats.discovery_failures == 0
-    # Once pico_instance_uuid() failed, instance_uuid() is asked, and asked first.
-    assert tried >= 1
+    # Once pico_instance_uuid() failed, instance_uuid() is asked, and asked first:
+    # by every discovery run, and by each node session's identity check.
+    assert tried == 1
     assert calls("SELECT pico_instance_uuid()") == tried
-    assert calls("SELECT instance_uuid()") == stats.discovery_runs
+    assert calls("SELECT instance_uuid()") == stats.discovery_runs + len(fake.nodes)
 
 
 # -- the catalog changes ------------------------------------------------------------------

@@ -14,7 +14,6 @@ import trio.testing
 from fakes import (
     FakeCluster,
     Outcomes,
-    both_paths,  # noqa: F401  (autouse: plain tasks and the submit path)
     bound_every_test,
     wait_all_states,
     wait_state,
@@ -50,7 +49,7 @@ async def test_basic_methods_return_what_the_node_answers(autojump_clock: object
     assert stats.requests_ok == 5
     assert stats.requests_failed == 0
     assert fake["i1"].queries == 5
-    assert fake.submitted == (5 if fake.fast_path else 0)
+    assert fake.submitted == 5
 
 
 async def test_sequential_queries_spread_evenly_over_all_nodes(autojump_clock: object) -> None:

@@ -22,8 +22,8 @@ from picopyn_actors import (
     Random,
     RoundRobin,
 )
+from picopyn_actors._backoff import RestartTracker, backoff_delay
 from picopyn_actors._events import EventHub
-from picopyn_actors._node import RestartTracker, backoff_delay
 from picopyn_actors._request import Phase, Request
 from picopyn_actors._strategies import strategy_name
 

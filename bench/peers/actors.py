@@ -4,9 +4,10 @@
 with the strategy named in the config and any extra ``options`` given to
 ``open_cluster``. Reads are sent with ``idempotent=True``.
 
-With ``"fake": N`` in the config it runs on the in-bench fake backend
-(:mod:`fake_backend`) with N fake nodes instead of the stand-in cluster: that
-measures the client's own cost per request, without any I/O.
+With ``"fake": N`` in the config it runs on the package's fake backend
+(``picopyn_actors.testing.FakeCluster(N, instant=True)``, the one the unit
+tests use) instead of the stand-in cluster: that measures the client's own
+cost per request, without any I/O.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ async def amain(cfg: dict[str, Any]) -> None:
     strategy = STRATEGIES[cfg.get("strategy", "RoundRobin")]()
     fake = cfg.get("fake")
     if fake:
-        from fake_backend import FakeBackend
+        from picopyn_actors.testing import FakeCluster
 
-        backend = FakeBackend(int(fake))
-        dsn = backend.dsn
+        backend = FakeCluster(int(fake), instant=True)
+        dsn = backend.dsn()
         options["backend"] = backend
         per_node = int(cfg.get("connections_per_node", 3))
     else:

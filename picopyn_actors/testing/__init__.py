@@ -15,12 +15,26 @@ Example::
 
 The pytest plugin (``picopyn_actors.testing.pytest_plugin``) provides the
 ``local_cluster``, ``shared_cluster`` and ``make_cluster`` fixtures.
+
+:class:`FakeCluster` is the other stand-in: a fake backend in pure trio, no
+sockets, for unit tests of actor logic in virtual time and for measuring the
+client's own cost (``open_cluster(fake.dsn(), backend=fake)``).
 """
 
 from ._catalog import NodeHandle as NodeHandle
 from ._catalog import StateName as StateName
+from ._cluster import CatalogLock as CatalogLock
 from ._cluster import LocalCluster as LocalCluster
 from ._errors import LocalClusterError as LocalClusterError
 from ._errors import UnknownNodeError as UnknownNodeError
+from ._fake import FakeCluster as FakeCluster
 
-__all__ = ["LocalCluster", "LocalClusterError", "NodeHandle", "StateName", "UnknownNodeError"]
+__all__ = [
+    "CatalogLock",
+    "FakeCluster",
+    "LocalCluster",
+    "LocalClusterError",
+    "NodeHandle",
+    "StateName",
+    "UnknownNodeError",
+]

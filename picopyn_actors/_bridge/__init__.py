@@ -1,0 +1,32 @@
+"""The bridge to asyncpg: the only package that imports asyncpg and trio_asyncio.
+
+asyncpg is asyncio-only. The actors see it through two small protocols
+(:mod:`.base`): a :class:`Backend` opens a :class:`Connection`, whose
+``submit`` starts a request on the hot path and calls back in trio. Errors
+are classified once (:mod:`.errors`). Three runners carry the asyncio work,
+one module each:
+
+* :mod:`.embedded`: a plain asyncio loop driven by a trio task in trio's own
+  thread (the default and the fastest);
+* :mod:`.thread`: a plain asyncio loop in a thread of its own;
+* :mod:`.trioasyncio`: a running trio-asyncio loop, shared with the service.
+
+:func:`open_backend` picks one (:mod:`.backend`).
+"""
+
+from .backend import AsyncpgBackend, connect_options, open_backend
+from .base import Backend, BackendBroken, BackendQueryError, Connection, OnDone, Runner
+from .errors import classify
+
+__all__ = [
+    "AsyncpgBackend",
+    "Backend",
+    "BackendBroken",
+    "BackendQueryError",
+    "Connection",
+    "OnDone",
+    "Runner",
+    "classify",
+    "connect_options",
+    "open_backend",
+]

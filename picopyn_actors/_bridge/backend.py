@@ -1,0 +1,143 @@
+"""Opening asyncpg connections: :class:`AsyncpgBackend` and :func:`open_backend`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from .._dsn import Address, Dsn
+from .base import Backend, Connection, Runner
+from .connection import BridgedConnection, EmbeddedConnection
+from .embedded import EmbeddedLoop, self_check
+from .errors import classified, install_handler
+from .thread import LoopThread
+from .trioasyncio import TrioAsyncioRunner
+
+log = logging.getLogger("picopyn_actors._bridge")
+
+
+def connect_options(
+    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """The connect timeout and ``asyncpg.connect`` keyword arguments for a DSN."""
+    kwargs: dict[str, Any] = dict(connect_kwargs)
+    params = dict(dsn.params)
+    if "sslmode" in params:
+        kwargs.setdefault("ssl", params["sslmode"])
+    if "connect_timeout" in params:
+        connect_timeout = float(params["connect_timeout"])
+    if "application_name" in params:
+        settings = dict(kwargs.get("server_settings") or {})
+        settings.setdefault("application_name", params["application_name"])
+        kwargs["server_settings"] = settings
+    kwargs.update(user=dsn.user, password=dsn.password, database=dsn.database)
+    return connect_timeout, kwargs
+
+
+class AsyncpgBackend:
+    """Opens asyncpg connections through one of the runners (its ``kind``)."""
+
+    def __init__(
+        self,
+        dsn: Dsn,
+        connect_timeout: float,
+        connect_kwargs: Mapping[str, Any],
+        runner: Runner,
+    ) -> None:
+        self._timeout, self._kwargs = connect_options(dsn, connect_timeout, connect_kwargs)
+        self._runner = runner
+        self._wrap = EmbeddedConnection if isinstance(runner, EmbeddedLoop) else BridgedConnection
+
+    def __repr__(self) -> str:
+        return f"<AsyncpgBackend {self.kind}>"
+
+    @property
+    def kind(self) -> str:
+        """The runner: ``"embedded"``, ``"thread"`` or ``"trio-asyncio"``."""
+        return self._runner.kind
+
+    async def connect(self, address: Address) -> Connection:
+        kwargs, timeout = self._kwargs, self._timeout
+        conn = await classified(
+            self._runner.await_coro(
+                lambda: asyncpg.connect(
+                    host=address.host, port=address.port, timeout=timeout, **kwargs
+                )
+            ),
+            sent=False,
+        )
+        return self._wrap(conn, self._runner)
+
+
+@asynccontextmanager
+async def open_backend(
+    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any], kind: str = "auto"
+) -> AsyncIterator[AsyncpgBackend]:
+    """Yield a backend whose connections use the runner ``kind`` names.
+
+    ``"embedded"``: a plain asyncio loop driven by a trio task in trio's own
+    thread (falls back to ``"thread"``, with one WARNING, when this Python's
+    asyncio internals fail :func:`~.embedded.self_check`). ``"thread"``: a
+    plain asyncio loop in a thread of its own. ``"trio-asyncio"``: the running
+    trio-asyncio loop, or a new one. ``"auto"``: the running trio-asyncio loop
+    if there is one, else ``"embedded"``.
+
+    Leaving the block closes the runner, shielded and in bounded time.
+    """
+    running = trio_asyncio.current_loop.get()
+    if kind == "auto":
+        kind = "trio-asyncio" if running is not None else "embedded"
+    if kind == "embedded":
+        problem = self_check()
+        if problem is None:
+            async with _embedded(dsn, connect_timeout, connect_kwargs) as backend:
+                yield backend
+            return
+        log.warning(
+            "the embedded asyncio runner cannot run on this Python (%s); "
+            "using the thread runner instead",
+            problem,
+        )
+        kind = "thread"
+    if kind == "thread":
+        bridge = LoopThread(trio.lowlevel.current_trio_token())
+        try:
+            yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, bridge)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.aclose()
+        return
+    if running is not None:
+        install_handler(running)
+        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, TrioAsyncioRunner(running))
+        return
+    async with trio_asyncio.open_loop() as new_loop:
+        install_handler(new_loop)
+        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, TrioAsyncioRunner(new_loop))
+
+
+@asynccontextmanager
+async def _embedded(
+    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any]
+) -> AsyncIterator[AsyncpgBackend]:
+    loop = EmbeddedLoop()
+    async with trio.open_nursery() as nursery:
+        # start_soon, not start: the driver shields itself, and trio's
+        # started() in an already cancelled start() would leave it in a
+        # nursery that waits for it forever.
+        nursery.start_soon(loop.drive, name="picopyn_actors asyncio driver")
+        try:
+            yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, loop)
+        finally:
+            with trio.CancelScope(shield=True):
+                await loop.aclose()
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["AsyncpgBackend", "Backend", "connect_options", "open_backend"]

@@ -1,0 +1,99 @@
+"""An asyncpg connection as the actors see it (the ``Connection`` protocol).
+
+:class:`BridgedConnection` works with any runner; :class:`EmbeddedConnection`
+starts each query straight on the embedded loop, without an asyncio Task.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .base import BackendBroken, OnDone, Runner
+from .errors import classified
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedLoop
+
+#: The health probe: Picodata takes neither comments nor several statements.
+PROBE_QUERY = "SELECT 1"
+
+
+class BridgedConnection:
+    """An asyncpg connection, reached from trio through a runner."""
+
+    __slots__ = ("_conn", "_runner")
+
+    def __init__(self, conn: Any, runner: Runner) -> None:
+        self._conn = conn
+        self._runner = runner
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn.is_closed() else "open"
+        return f"<{type(self).__name__} {self._runner.kind} {state}>"
+
+    async def _call(self, factory: Callable[[], Any]) -> Any:
+        if self._conn.is_closed():
+            raise BackendBroken("connection is closed", sent=False)
+        return await classified(self._runner.await_coro(factory), sent=True)
+
+    async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        bound = getattr(self._conn, method)
+        return await self._call(lambda: bound(query, *args))
+
+    def submit(self, method: str, query: str, args: Sequence[Any], on_done: OnDone) -> None:
+        # A closed connection fails in asyncpg before sending (InterfaceError
+        # "connection is closed"), which classifies as BackendBroken(sent=False).
+        self._runner.start_coro(
+            functools.partial(getattr(self._conn, method), query, *args), on_done
+        )
+
+    async def probe(self) -> None:
+        await self.run("fetchval", PROBE_QUERY, ())
+
+    async def prepare(self, query: str) -> Any:
+        return await self.run("prepare", query, ())
+
+    async def run_prepared(self, handle: Any, method: str, args: Sequence[Any]) -> Any:
+        bound = getattr(handle, method)
+        return await self._call(lambda: bound(*args))
+
+    def terminate(self) -> None:
+        if not self._conn.is_closed():
+            self._runner.run_soon(self._conn.terminate)
+
+    async def close(self) -> None:
+        if self._conn.is_closed():
+            return
+        try:
+            with trio.move_on_after(1.0) as scope:
+                await self._call(lambda: self._conn.close(timeout=1.0))
+            if scope.cancelled_caught:
+                self.terminate()
+        except Exception:
+            self.terminate()
+
+    def is_closed(self) -> bool:
+        return bool(self._conn.is_closed())
+
+    def in_transaction(self) -> bool:
+        return bool(self._conn.is_in_transaction())
+
+    def forget_statements(self) -> None:
+        # asyncpg's own statement cache; its statements are closed on the
+        # server with the next request (asyncpg garbage-collects them).
+        self._conn._drop_local_statement_cache()
+
+
+class EmbeddedConnection(BridgedConnection):
+    """A connection of the embedded runner: :meth:`submit` goes straight to the loop."""
+
+    __slots__ = ()
+
+    _runner: EmbeddedLoop
+
+    def submit(self, method: str, query: str, args: Sequence[Any], on_done: OnDone) -> None:
+        self._runner.start_step(getattr(self._conn, method)(query, *args), on_done)

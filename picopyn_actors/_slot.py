@@ -1,0 +1,196 @@
+"""A connection slot: one query connection of a session, and its request's fate.
+
+The dispatcher holds idle slots as tokens and hands a request to one with
+:meth:`Slot.start`, a call that never blocks. The bridge calls
+:meth:`Slot.completed` back, in trio, when the request ends. Completion is
+*decide, then act*: first the bookkeeping (the slot is free, the node has one
+request fewer) and the decision of what becomes of the request and the
+slot; then the caller's answer, a retry, and the slot's return, in that
+order, so that a call which starts another request synchronously finds
+consistent state and nothing re-enters a half-done completion.
+
+:func:`reroute_or_fail` applies the retry decision (:func:`~._retry.decide`)
+to a request that could not complete on its node.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import outcome
+
+from ._bridge import BackendBroken, BackendQueryError, Connection
+from ._errors import NoNodesAvailable, OutcomeUnknown, QueryError
+from ._request import PIN, Phase, Request
+from ._retry import Action, Failure, decide
+
+if TYPE_CHECKING:
+    from ._node import NodeActor
+    from ._session import Session
+
+#: SQLSTATE of "prepared statement has been invalidated" (Picodata, after DDL).
+INVALIDATED = "42999"
+
+
+class Slot:
+    """One query connection of a session, and the request on it (if any)."""
+
+    __slots__ = ("candidate", "conn", "request", "route_id", "session", "started")
+
+    def __init__(self, session: Session, conn: Connection) -> None:
+        self.session = session
+        self.conn = conn
+        self.route_id = session.node.route_id
+        self.candidate = session.node.candidate
+        self.request: Request | None = None
+        self.started = 0.0
+
+    def __repr__(self) -> str:
+        busy = self.request is not None
+        return f"<Slot {self.session.node.name} gen={self.session.generation} busy={busy}>"
+
+    def start(self, request: Request) -> None:
+        """Run ``request`` on this slot's connection. Never blocks, never raises."""
+        self.candidate.in_flight += 1
+        self.request = request
+        request.phase = Phase.SENT
+        if request.method == PIN:
+            self.session.lend(self, request)
+            return
+        conn = self.conn
+        request.conn = conn  # a caller that gives up terminates it: see Request._abort
+        self.started = self.session.clock()
+        conn.submit(
+            request.method, request.query, request.args, functools.partial(self.completed, request)
+        )
+
+    def completed(self, request: Request, result: outcome.Outcome[Any]) -> None:
+        """``request`` ended. Runs in trio, called by the bridge; never raises."""
+        if self.request is not request:
+            return  # the session ended meanwhile, and dealt with the request then
+        session = self.session
+        node = session.node
+        # Decide: the bookkeeping, and what becomes of the request and the slot.
+        self.request = None
+        request.conn = None
+        node.candidate.in_flight -= 1
+        abandoned = request.phase is Phase.ABANDONED
+        keep = not abandoned and not self.conn.is_closed()
+        run_again = False
+        if type(result) is outcome.Value:
+            if not abandoned:
+                node.counters.ok += 1
+                node.observe_latency(session.clock() - self.started)
+                request.finish(result)
+        else:
+            assert isinstance(result, outcome.Error)
+            exc = result.error
+            if isinstance(exc, BackendQueryError) and exc.sqlstate == INVALIDATED and keep:
+                self.conn.forget_statements()
+                node.counters.invalidated += 1
+                run_again = self._invalidated(request, exc)
+            elif isinstance(exc, BackendQueryError):
+                node.counters.query_errors += 1
+                node.counters.failed += 1
+                error = QueryError(exc.message, sqlstate=exc.sqlstate, node=node.name)
+                error.__cause__ = exc.__cause__
+                request.fail(error)
+            elif isinstance(exc, BackendBroken):
+                keep = False
+                if not abandoned:
+                    session.note_broken(exc.message)
+                    reroute_or_fail(node, request, exc.message, sent=exc.sent)
+            else:  # pragma: no cover - the bridge classifies every error
+                keep = False
+                request.fail(exc)
+        # Act: the slot last, because giving it back may start another request.
+        if run_again:
+            self.start(request)
+        elif keep:
+            session.give_back(self)
+        else:
+            session.replace(self)
+        if not node.serving and node.candidate.in_flight == 0:
+            node.wake()  # draining: the last request is done
+
+    def _invalidated(self, request: Request, exc: BackendQueryError) -> bool:
+        """42999: the statements were dropped; run it again here (``True``), or give up."""
+        node = self.session.node
+        decision = decide(
+            Failure(sent=False, idempotent=request.idempotent, invalidated=True),
+            attempts=request.attempts,
+            max_attempts=node.config.max_attempts,
+            invalidations=request.invalidations,
+        )
+        request.invalidations = decision.invalidations
+        if decision.action is Action.RETRY_HERE and request.open:
+            return True
+        node.counters.failed += 1
+        request.fail(
+            QueryError(
+                f"{exc.message}; prepared again {request.invalidations - 1} times while the "
+                "schema kept changing",
+                sqlstate=exc.sqlstate,
+                node=node.name,
+            )
+        )
+        return False
+
+
+@attrs.define(eq=False)
+class Lease:
+    """A connection lent to one caller by ``cluster.connection()``."""
+
+    conn: Connection
+    node: str
+    _on_return: Callable[..., None]
+    returned: bool = False
+
+    def give_back(self, *, dirty: bool = False) -> None:
+        """Return the connection to its node (``dirty``: it must be replaced). Idempotent."""
+        if not self.returned:
+            self.returned = True
+            self._on_return(dirty=dirty)
+
+
+def reroute_or_fail(node: NodeActor, request: Request, error: str, *, sent: bool) -> None:
+    """``request`` could not complete on ``node``: retry it elsewhere or fail it."""
+    if not request.open:
+        return
+    request.errors.append(f"{node.name}: {error}")
+    if node.closing.is_set():
+        request.close()
+        return
+    decision = decide(
+        Failure(sent=sent, idempotent=request.idempotent),
+        attempts=request.attempts,
+        max_attempts=node.config.max_attempts,
+    )
+    request.attempts = decision.attempts
+    if decision.action is Action.RETRY_ELSEWHERE:
+        node.counters.retried += 1
+        request.phase = Phase.QUEUED
+        request.last_route = node.route_id
+        node.router.submit(request)
+        return
+    node.counters.failed += 1
+    if decision.action is Action.OUTCOME_UNKNOWN:
+        request.fail(
+            OutcomeUnknown(
+                f"the connection to node {node.name} ({node.info.address}) broke after "
+                f"the request was sent ({error}); it may or may not have been executed. "
+                "Pass idempotent=True to let such requests be retried on another node",
+                node=node.name,
+            )
+        )
+        return
+    request.fail(
+        NoNodesAvailable(
+            f"request failed on {request.attempts} node(s) "
+            f"(max_attempts={node.config.max_attempts})",
+            dict(e.split(": ", 1) for e in request.errors if ": " in e),
+        )
+    )
