@@ -221,6 +221,7 @@ class Cluster:
             discovery_failures=self._supervisor.discovery_failures,
             queue_depth=self._dispatcher.queue_depth,
             events_published=self._hub.published,
+            statements_invalidated=sum(s.statements_invalidated for s in every),
         )
 
     @asynccontextmanager

@@ -296,6 +296,7 @@ class ClusterStatistics:
         requests_ok: requests answered with a result.
         requests_failed: requests that ended with an exception.
         requests_retried: attempts re-routed to another node.
+        statements_invalidated: requests prepared and run again after 42999.
         restarts: node restarts (down after up), all nodes.
         discovery_runs: discovery runs that succeeded.
         discovery_failures: discovery runs that failed on every host.
@@ -312,3 +313,4 @@ class ClusterStatistics:
     discovery_failures: int
     queue_depth: int
     events_published: int
+    statements_invalidated: int = 0

@@ -15,6 +15,10 @@ Every fake node lives at ``Address("10.0.0.N", 4327)`` and can be
 * hung: ``connect`` and queries block until the node is resumed (or goes down).
 
 ``drop_connections()`` resets every open connection while the node stays up.
+``change_schema()`` invalidates the statements of every open connection: its
+next query fails with SQLSTATE 42999, as on Picodata after DDL, until the
+client calls the connection's ``forget_statements()``. Setting
+``node.answers_uuid`` makes the server claim another instance's uuid.
 
 A connection serves the ``Connection`` protocol as the real ones do: ``run``
 waits for the answer, and ``submit(method, query, args, on_done)`` starts the
@@ -106,6 +110,7 @@ class FakeNode:
         self.raft_id = index
         self.address = Address(f"10.0.0.{index}", PORT)
         self.uuid = f"00000000-0000-4000-8000-{index:012d}"
+        self.answers_uuid: str | None = None  # set: the server claims another identity
         self.tier = tier
         self.replicaset = replicaset
         self.failure_domain = dict(failure_domain or {})
@@ -125,6 +130,7 @@ class FakeNode:
         self.connect_times: list[float] = []
         self._connect_waiters: list[tuple[int, trio.Event]] = []
         self.connections: set[FakeConnection] = set()
+        self.all_connections: list[FakeConnection] = []  # every one ever opened, in order
         self.opened = 0
         self.queries = 0  # queries other than probes and discovery
         self.probes = 0
@@ -165,6 +171,12 @@ class FakeNode:
         """Reset every open connection, but keep accepting new ones (a network blip)."""
         for conn in list(self.connections):
             conn._break()
+
+    def change_schema(self) -> None:
+        """A schema change: every open connection's statements are invalidated, so its
+        next query fails with 42999 until it forgets its statements."""
+        for conn in self.connections:
+            conn.stale = True
 
     def hang(self) -> None:
         """Keep sockets open but answer nothing: connects and queries block."""
@@ -267,6 +279,7 @@ class FakeNode:
             raise self._refused()
         conn = FakeConnection(self)
         self.connections.add(conn)
+        self.all_connections.append(conn)
         self.opened += 1
         return conn
 
@@ -285,9 +298,9 @@ class FakeNode:
                 raise BackendQueryError(
                     "function pico_instance_uuid() does not exist", "42883"
                 )
-            rows = [{"uuid": self.uuid}]
+            rows = [{"uuid": self.answers_uuid or self.uuid}]
         elif q == UUID_QUERIES[1]:
-            rows = [{"uuid": self.uuid}]
+            rows = [{"uuid": self.answers_uuid or self.uuid}]
         elif q == PROBE_QUERY:
             rows = [{"?column?": 1}]
         elif q == "whoami" or q.startswith("sleep:"):
@@ -329,6 +342,7 @@ class FakeConnection:
         self._broken = False
         self._scope: trio.CancelScope | None = None
         self.forgotten = 0  # forget_statements() calls
+        self.stale = False  # statements invalidated by change_schema()
 
     def __repr__(self) -> str:
         return f"<FakeConnection {self.node.name} closed={self._closed}>"
@@ -377,6 +391,10 @@ class FakeConnection:
         if q == "fatal sql":
             self._close()
             raise BackendQueryError("protocol violation", "08P01")
+        if user and self.stale:
+            raise BackendQueryError(
+                "prepared statement __fake__ has been invalidated", "42999"
+            )
         return node.answer(method, q, args)
 
     def submit(self, method: str, query: str, args: Sequence[Any], on_done: OnDone) -> None:
@@ -412,6 +430,7 @@ class FakeConnection:
 
     def forget_statements(self) -> None:
         self.forgotten += 1
+        self.stale = False
 
     async def probe(self) -> None:
         await self.run("fetchval", PROBE_QUERY, ())
