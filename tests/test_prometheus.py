@@ -272,6 +272,13 @@ async def test_the_collector_must_be_made_in_the_trio_run() -> None:
 # -- real scrapes of a real cluster ------------------------------------------------------------
 
 
+async def all_up(cluster: pa.Cluster, count: int) -> None:
+    """Until ``count`` nodes are up: driven by the node events, not by a timer."""
+    async with cluster.events() as events:
+        while sum(n.state is pa.NodeState.UP for n in cluster.nodes()) < count:
+            await events.receive()
+
+
 @pytest.mark.deadline(90)
 async def test_scrape_shows_every_node_up_and_counts_requests(
     shared_cluster: LocalCluster,
@@ -282,12 +289,7 @@ async def test_scrape_shows_every_node_up_and_counts_requests(
         prometheus.serve(cluster, "127.0.0.1", 0) as server,
     ):
         assert server.url == f"http://127.0.0.1:{server.port}/metrics"
-        # Every node up: wait on the events, not on a timer.
-        async with cluster.events() as events:
-            while not all(n.state is pa.NodeState.UP for n in cluster.nodes()) or len(
-                cluster.nodes()
-            ) < len(names):
-                await events.receive()
+        await all_up(cluster, len(names))
         before = await scrape(server.url)
         for name in names:
             assert value(before, "picopyn_actors_node_up", node=name) == 1
@@ -323,6 +325,7 @@ async def test_serve_on_a_shared_registry_and_unregister(shared_cluster: LocalCl
             assert value(samples, "picopyn_actors_discovery_runs_total") >= 1
         # Gone from the registry once the block has exited.
         assert "picopyn_actors_" not in generate_latest(registry).decode()
+        await all_up(cluster, len(shared_cluster.nodes))
         collector = prometheus.register(cluster, registry, labels={"cluster": "a"})
         with pytest.raises(ValueError):
             prometheus.register(cluster, registry)  # the same names twice
