@@ -72,13 +72,26 @@ def setup_logging(verbosity: int) -> None:
     root.setLevel(level)
 
 
+def stderr_is_terminal() -> bool:
+    """Standard error goes to the terminal (so a log line there would tear a live view)."""
+    stream = sys.__stderr__
+    try:
+        return stream is not None and stream.isatty()
+    except ValueError:  # closed
+        return False
+
+
 @contextmanager
 def live_logging(console: Console) -> Iterator[None]:
     """While a live view runs on ``console``, log records go through rich to
     that console, which prints them above the view instead of over it.
 
-    The handlers set by :func:`setup_logging` come back on exit.
+    Only when stderr is the terminal too: logs sent elsewhere (``2>file``)
+    stay there. The handlers set by :func:`setup_logging` come back on exit.
     """
+    if not stderr_is_terminal():
+        yield
+        return
     root = logging.getLogger()
     saved = list(root.handlers)
     handler = RichHandler(

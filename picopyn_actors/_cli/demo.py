@@ -44,7 +44,14 @@ from .._errors import PicodataError
 from .._events import EventsDropped, NodeEvent, NodeState
 from .._util import unwrap_single_error
 from ..testing import LocalCluster, NodeHandle
-from .common import fetch_catalog, live_logging, make_console, on_signals, serve_metrics
+from .common import (
+    fetch_catalog,
+    live_logging,
+    make_console,
+    on_signals,
+    serve_metrics,
+    stderr_is_terminal,
+)
 from .view import CatalogNode, event_text, format_event, node_table, relative_stamp
 
 DEMO_TABLE = "picopyn_demo"
@@ -606,7 +613,7 @@ class _Demo:
                 console=self.console,
                 auto_refresh=False,
                 redirect_stdout=False,
-                redirect_stderr=True,
+                redirect_stderr=stderr_is_terminal(),
             ) as live,
             live_logging(live.console),
         ):

@@ -31,7 +31,14 @@ from .._cluster import Cluster, open_cluster
 from .._dsn import Address
 from .._events import EventsDropped, NodeEvent, NodeState
 from .._util import unwrap_single_error
-from .common import fetch_catalog, live_logging, make_console, on_signals, serve_metrics
+from .common import (
+    fetch_catalog,
+    live_logging,
+    make_console,
+    on_signals,
+    serve_metrics,
+    stderr_is_terminal,
+)
 from .view import (
     CatalogNode,
     catalog_only,
@@ -284,7 +291,7 @@ async def _live(cluster: Cluster, view: _View, every: float, console: Console) -
             console=console,
             auto_refresh=False,
             redirect_stdout=False,
-            redirect_stderr=True,
+            redirect_stderr=stderr_is_terminal(),
         ) as live,
         live_logging(live.console),
     ):
