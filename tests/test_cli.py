@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -389,6 +390,42 @@ def test_sigint_stops_monitor_cleanly_with_a_paused_node(local_cluster: LocalClu
     assert "Traceback" not in err
     assert "exiting at once" not in err, err
     assert proc.returncode == 0, err
+
+
+def test_sighup_stops_the_demo_and_its_servers() -> None:
+    """The terminal went away: the demo stops the workload and the local servers."""
+    proc = subprocess.Popen(
+        [*CLI, "demo", "--duration", "10", "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    watchdog = threading.Timer(60.0, proc.terminate)
+    watchdog.start()
+    ports: list[int] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "cluster up in" in line:
+                ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
+            if "chaos: kill" in line:  # the workload is running
+                break
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(ports) == 3, out
+    # A stop that hits the library's hang on cancel (issue 16) ends through the
+    # CLI's watchdog, which stops the servers too.
+    assert proc.returncode == 0 or err.endswith(STOP_HUNG.format(grace=5)), err
+    assert "Traceback" not in err
+    for port in ports:
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 STUCK = """

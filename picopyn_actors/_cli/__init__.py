@@ -1,7 +1,7 @@
 """The command line: ``picopyn-actors monitor DSN`` and ``picopyn-actors demo``.
 
 Also reachable as ``python -m picopyn_actors``. Exit codes: 0 on success
-(and on Ctrl-C or SIGTERM), 1 on an error (bad DSN or option, wrong
+(and on Ctrl-C, SIGTERM or SIGHUP), 1 on an error (bad DSN or option, wrong
 password, unreachable cluster, closed stdout, an optional extra missing:
 one line on stderr, never a traceback nor the password; also when a stop
 signal was not obeyed within a few seconds, see
@@ -26,7 +26,7 @@ import trio
 from .._config import BRIDGES, ClusterConfig
 from .._dsn import Address, parse_dsn, redact
 from .._errors import ConfigError, PicodataError
-from .common import one_line, setup_logging, sigterm_as_sigint
+from .common import one_line, setup_logging, stop_signals_as_sigint
 
 log = logging.getLogger("picopyn_actors.cli")
 
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime
     if threading.current_thread() is threading.main_thread():
-        sigterm_as_sigint()
+        stop_signals_as_sigint()
     try:
         args = build_parser().parse_args(args_list)
     except KeyboardInterrupt:

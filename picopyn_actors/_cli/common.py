@@ -125,16 +125,25 @@ def write_stderr(line: str) -> None:
         os.write(2, (line.rstrip("\n") + "\n").encode("utf-8", "replace"))
 
 
-def sigterm_as_sigint() -> None:
-    """Make SIGTERM act as Ctrl-C outside trio too (in the blocking parts, such
-    as starting the demo's local cluster), so that it unwinds and cleans up
-    instead of killing the process on the spot. Main thread only."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a command: Ctrl-C, SIGTERM, and SIGHUP (its
+    terminal went away) unless the command was started with SIGHUP ignored
+    (``nohup``)."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
+def stop_signals_as_sigint() -> None:
+    """Make SIGTERM and SIGHUP act as Ctrl-C outside trio too (in the blocking
+    parts, such as starting the demo's local cluster), so that the command
+    unwinds and cleans up instead of being killed on the spot. Main thread only."""
+    for signum in stop_signals()[1:]:
+        signal.signal(signum, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 @attrs.define(eq=False)
 class Stopper:
-    """Turns Ctrl-C and SIGTERM into a clean stop, with a way out if the stop hangs.
+    """Turns Ctrl-C, SIGTERM and SIGHUP into a clean stop, with a way out if the stop hangs.
 
     The first signal calls ``action`` (typically ``scope.cancel``) and arms a
     watchdog; a second signal, or the watchdog after ``grace`` seconds, calls
@@ -189,8 +198,9 @@ async def on_signals(
     grace: float = STOP_GRACE,
     cleanup: Callable[[], object] | None = None,
 ) -> AsyncIterator[Stopper]:
-    """Call ``action`` (typically ``scope.cancel``) on SIGINT (Ctrl-C) or SIGTERM,
-    instead of raising KeyboardInterrupt somewhere inside the actors; if the
+    """Call ``action`` (typically ``scope.cancel``) on Ctrl-C, SIGTERM or SIGHUP
+    (see :func:`stop_signals`), instead of raising KeyboardInterrupt somewhere
+    inside the actors; if the
     block has not ended ``grace`` seconds later, or on a second signal, exit
     at once (see :class:`Stopper`). Main thread only."""
     stopper = Stopper(action, grace, cleanup)
@@ -199,7 +209,7 @@ async def on_signals(
     watching = trio.CancelScope(shield=True)
 
     async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with watching, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with watching, trio.open_signal_receiver(*stop_signals()) as signals:
             task_status.started()
             async for signum in signals:
                 stopper.signal(signum)
