@@ -42,9 +42,8 @@ from ._strategies import LeastInFlight as LeastInFlight
 from ._strategies import Random as Random
 from ._strategies import RoundRobin as RoundRobin
 from ._strategies import Strategy as Strategy
+from ._version import __version__ as __version__
 from .compat import Client as Client
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AcquireTimeout",

@@ -1,25 +1,34 @@
 """The command line: ``picopyn-actors monitor DSN`` and ``picopyn-actors demo``.
 
 Also reachable as ``python -m picopyn_actors``. Exit codes: 0 on success
-(and on Ctrl-C), 1 on an error (bad DSN, wrong password, unreachable
-cluster: one line on stderr, never a traceback nor the password), 2 when
-``monitor --check`` finds a node that is not up (and on a usage error).
+(and on Ctrl-C, SIGTERM or SIGHUP), 1 on an error (bad DSN or option, wrong
+password, unreachable cluster, closed stdout, an optional extra missing:
+one line on stderr, never a traceback nor the password; also when a stop
+signal was not obeyed within a few seconds, see
+:class:`~picopyn_actors._cli.common.Stopper`), 2 when ``monitor --check``
+finds a node that is not up (and on a usage error).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import trio
 
-from .._config import BRIDGES
-from .._dsn import parse_dsn, redact
+from .._config import BRIDGES, ClusterConfig
+from .._dsn import Address, parse_dsn, redact
 from .._errors import ConfigError, PicodataError
-from .common import one_line, setup_logging
+from .common import one_line, setup_logging, stop_signals_as_sigint
+
+log = logging.getLogger("picopyn_actors.cli")
 
 #: The shortest demo run the chaos schedule fits in (seconds).
 MIN_DURATION = 10.0
@@ -60,6 +69,47 @@ def _count(minimum: int) -> type[int]:
 
     parse.__name__ = f"integer >= {minimum}"
     return parse  # type: ignore[return-value]
+
+
+def _host_port(text: str) -> Address:
+    try:
+        address = Address.parse(text, default_port=0)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if address.port == 0:  # no port given (an explicit 0 is refused above)
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return address
+
+
+_host_port.__name__ = "HOST:PORT"
+
+
+class CommandError(Exception):
+    """A problem the command reports as one line and exit code 1."""
+
+
+#: The optional extras the commands use, by import name.
+EXTRAS = {"prometheus_client": "prometheus", "matplotlib": "plot"}
+
+
+def _require(module: str, option: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise CommandError(
+            f"{option} needs {module}, which is not installed: "
+            f"pip install 'picopyn_actors[{EXTRAS[module]}]'"
+        ) from None
+
+
+def _prometheus_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prometheus",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics while running "
+        "(needs the prometheus extra; see docs/operations.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--events", type=_count(1), default=10, metavar="N", help="recent events shown (default 10)"
     )
+    _prometheus_option(monitor)
     _bridge(monitor)
     _verbosity(monitor)
 
@@ -154,12 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="plain log lines instead of the live view (automatic when stdout is not a terminal)",
     )
     demo.add_argument(
-        "--workers",
+        "--readers",
         type=_count(1),
         default=20,
         metavar="N",
         help="concurrent readers running SELECT pico_instance_uuid() (default 20)",
     )
+    # The old name of --readers, still accepted.
+    demo.add_argument("--workers", type=_count(1), dest="readers", help=argparse.SUPPRESS)
     demo.add_argument(
         "--writers",
         type=_count(0),
@@ -181,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="width of the per-node share buckets in the summary (default 5)",
     )
+    demo.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="at the end, draw throughput and each node's share over time, with the faults "
+        "marked, into FILE (needs the plot extra: matplotlib)",
+    )
+    _prometheus_option(demo)
     _bridge(demo)
     _verbosity(demo)
     return parser
@@ -219,16 +280,34 @@ def _scrub(message: str, argv: Sequence[str]) -> str:
     return message
 
 
-def _fail(message: str, argv: Sequence[str], err: TextIO) -> int:
-    err.write(f"{PROG}: error: {one_line(_scrub(message, argv))}\n")
-    err.flush()
+def _fail(message: str, argv: Sequence[str], err: TextIO | None) -> int:
+    if err is not None:
+        try:
+            err.write(f"{PROG}: error: {one_line(_scrub(message, argv))}\n")
+            err.flush()
+        except (OSError, ValueError):
+            pass  # stderr is gone too: the exit code is all that is left
     return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(args_list)
+    if sys.stdout is None:
+        # Started with stdout closed (``>&-``): there is nowhere to write.
+        return _fail(
+            "standard output is closed; send it to a file, a pipe or /dev/null",
+            args_list,
+            sys.stderr,
+        )
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime
+    if threading.current_thread() is threading.main_thread():
+        stop_signals_as_sigint()
+    try:
+        args = build_parser().parse_args(args_list)
+    except KeyboardInterrupt:
+        return 0
     setup_logging(args.verbose)
     try:
         try:
@@ -246,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except PicodataError as exc:
+    except (PicodataError, CommandError) as exc:
         return _fail(str(exc) or type(exc).__name__, args_list, sys.stderr)
     except Exception as exc:
         from ..testing import LocalClusterError
@@ -255,7 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"local cluster: {exc}", args_list, sys.stderr)
         if isinstance(exc, OSError):
             return _fail(f"{type(exc).__name__}: {exc}", args_list, sys.stderr)
-        raise
+        log.debug("unexpected error", exc_info=True)
+        return _fail(
+            f"{type(exc).__name__}: {exc} (unexpected: -vv shows the traceback)",
+            args_list,
+            sys.stderr,
+        )
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -284,9 +368,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             grace=args.grace,
             events=args.events,
             bridge=args.bridge,
+            prometheus=args.prometheus,
         )
-        # Validate before any I/O: a bad DSN is an error line, not a traceback.
-        parse_dsn(options.dsn)
+        if options.prometheus is not None:
+            if options.once or options.check:
+                raise CommandError("--prometheus serves while the monitor runs: not with --once")
+            _require("prometheus_client", "--prometheus")
+        # Validate before any I/O: a bad DSN or option is an error line, not a traceback.
+        ClusterConfig.create(options.dsn, **options.cluster_options())
         return trio.run(run_monitor, options, sys.stdout)
     from .demo import DemoOptions
     from .demo import run as run_demo
@@ -295,10 +384,37 @@ def _dispatch(args: argparse.Namespace) -> int:
         duration=args.duration,
         nodes=args.nodes,
         live=not args.no_live and sys.stdout.isatty(),
-        workers=args.workers,
+        readers=args.readers,
         writers=args.writers,
         connections=args.connections,
         bucket=args.bucket,
         bridge=args.bridge,
+        plot=args.plot,
+        prometheus=args.prometheus,
     )
+    if options_demo.prometheus is not None:
+        _require("prometheus_client", "--prometheus")
+    if options_demo.plot is not None:
+        _check_plot_path(options_demo.plot)
+    # The local cluster takes seconds to start: check the options first.
+    ClusterConfig.create("postgresql://demo@127.0.0.1", **options_demo.cluster_options())
     return run_demo(options_demo, sys.stdout)
+
+
+def _check_plot_path(path: Path) -> None:
+    """Fail now, not after the run, when the plot cannot be written."""
+    _require("matplotlib", "--plot")
+    from .plot import supported_formats
+
+    suffix = path.suffix.lower().lstrip(".")
+    formats = supported_formats()
+    if suffix not in formats:
+        raise CommandError(
+            f"--plot {str(path)!r}: unknown image format {suffix or '(none)'!r}; "
+            f"use one of {', '.join(sorted(formats))}"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CommandError(f"--plot {str(path)!r}: no directory {str(parent)!r}")
+    if not os.access(parent, os.W_OK):
+        raise CommandError(f"--plot {str(path)!r}: the directory is not writable")

@@ -12,7 +12,9 @@ while a chaos script, scaled to ``--duration``, kills a node, restarts it,
 hangs another one (SIGSTOP), resumes it, adds a node and expels the seed
 node. At the end it prints the requests sent, answered and failed (by
 exception class), each node's share of the answers over time, and how long
-the client took to heal after each fault.
+the client took to heal after each fault; with ``--plot FILE.png`` it also
+draws them (:mod:`picopyn_actors._cli.plot`), and with ``--prometheus
+HOST:PORT`` it serves the client's metrics while it runs.
 
 The bookkeeping (:class:`Recorder`) and the report (:func:`share_rows`,
 :func:`heal_rows`, :func:`chaos_plan`) are plain code with their own tests.
@@ -26,6 +28,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
@@ -36,11 +39,19 @@ from rich.table import Table
 from rich.text import Text
 
 from .._cluster import Cluster, open_cluster
+from .._dsn import Address
 from .._errors import PicodataError
 from .._events import EventsDropped, NodeEvent, NodeState
 from .._util import unwrap_single_error
 from ..testing import LocalCluster, NodeHandle
-from .common import fetch_catalog, make_console, on_signals
+from .common import (
+    fetch_catalog,
+    live_logging,
+    make_console,
+    on_signals,
+    serve_metrics,
+    stderr_is_terminal,
+)
 from .view import CatalogNode, event_text, format_event, node_table, relative_stamp
 
 DEMO_TABLE = "picopyn_demo"
@@ -70,16 +81,31 @@ WRITER_THINK = 0.02
 
 @attrs.frozen
 class DemoOptions:
-    """The command line of ``demo``."""
+    """The command line of ``demo``.
+
+    Attributes:
+        duration: seconds of workload; the chaos script scales with it.
+        nodes: nodes the local cluster starts with.
+        live: the live view (else plain lines).
+        readers: tasks running idempotent ``SELECT pico_instance_uuid()``.
+        writers: tasks running non-idempotent ``INSERT`` statements.
+        connections: connections per node.
+        bucket: seconds per row of the share table.
+        bridge: the bridge to asyncpg (``None``: the library's default).
+        plot: draw the run into this image file at the end.
+        prometheus: serve the client's metrics at this address while running.
+    """
 
     duration: float = 60.0
     nodes: int = 3
     live: bool = True
-    workers: int = 20
+    readers: int = 20
     writers: int = 2
     connections: int = 2
     bucket: float = 5.0
     bridge: str | None = None
+    plot: Path | None = None
+    prometheus: Address | None = None
 
     def cluster_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`open_cluster`."""
@@ -171,6 +197,7 @@ class Recorder:
     failed: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     failures: list[tuple[float, str, str]] = attrs.field(factory=list)
     answers: dict[str, list[float]] = attrs.field(factory=dict)
+    writes: list[float] = attrs.field(factory=list)
     events: list[NodeEvent] = attrs.field(factory=list)
     faults: list[Fault] = attrs.field(factory=list)
     end: float | None = None
@@ -184,6 +211,8 @@ class Recorder:
         self.answered[op] += 1
         if node is not None:
             self.answers.setdefault(node, []).append(at)
+        elif op == "write":
+            self.writes.append(at)
 
     def failure(self, op: str, kind: str, at: float) -> None:
         """It failed with an exception of class ``kind``."""
@@ -336,7 +365,7 @@ def summary(recorder: Recorder, options: DemoOptions, final: Sequence[str]) -> l
     out: list[RenderableType] = [
         Text(
             f"\nSummary: {end - origin:.1f} s, {options.nodes} nodes at start, "
-            f"{options.workers} readers, {options.writers} writers",
+            f"{options.readers} readers, {options.writers} writers",
             style="bold",
         )
     ]
@@ -436,7 +465,19 @@ def run(options: DemoOptions, out: TextIO) -> int:
         out.flush()
         demo = _Demo(lc, options, console, {n.uuid: n.name for n in handles})
         names = [n.name for n in handles]
-        return trio.run(demo.main, lc.dsn, names)
+        code = trio.run(demo.main, lc.dsn, names)
+    if options.plot is not None and demo.cluster is not None:
+        from .plot import bin_width, draw, timeline
+
+        recorder = demo.recorder
+        end = recorder.end if recorder.end is not None else recorder.origin
+        line = timeline(recorder, bin_width(end - recorder.origin), names)
+        title = (
+            f"picopyn_actors demo: {options.readers} readers, {options.writers} writers, "
+            f"{options.nodes} nodes at start"
+        )
+        console.print(f"demo: plot written to {draw(line, options.plot, title)}", markup=False)
+    return code
 
 
 @attrs.define(eq=False)
@@ -447,6 +488,7 @@ class _Demo:
     names_by_uuid: dict[str, str]
     recorder: Recorder = attrs.field(init=False)
     cluster: Cluster | None = attrs.field(init=False, default=None)
+    metrics_url: str | None = attrs.field(init=False, default=None)
     catalog: list[CatalogNode] = attrs.field(init=False, factory=list)
     chaos_log: deque[Text] = attrs.field(init=False, factory=lambda: deque(maxlen=6))
     event_log: deque[NodeEvent | EventsDropped] = attrs.field(
@@ -470,11 +512,16 @@ class _Demo:
                 (run_scope if self.cluster is not None else scope).cancel()
 
             async with (
-                on_signals(stop),
+                # A stop that hangs still stops the servers: they must not outlive us.
+                on_signals(stop, cleanup=self.lc.close),
                 open_cluster(dsn, **options.cluster_options()) as cluster,
+                serve_metrics(cluster, options.prometheus) as metrics_url,
             ):
                 self.cluster = cluster
+                self.metrics_url = metrics_url
                 self.recorder = Recorder(trio.current_time())
+                if metrics_url is not None:
+                    self._say(f"metrics at {metrics_url}")
                 with run_scope:
                     await self._run(cluster, names)
                 self.recorder.end = trio.current_time()
@@ -493,7 +540,7 @@ class _Demo:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_events, cluster)
             nursery.start_soon(self._poll_catalog, cluster)
-            for index in range(options.workers):
+            for index in range(options.readers):
                 nursery.start_soon(self._reader, cluster, name=f"reader {index}")
             for index in range(options.writers):
                 nursery.start_soon(self._writer, cluster, index, name=f"writer {index}")
@@ -536,8 +583,13 @@ class _Demo:
             Text.assemble(
                 ("picopyn_actors demo ", "bold"),
                 f"{min(elapsed, self.options.duration):5.1f}s / {self.options.duration:g}s   "
-                f"{self.options.workers} readers (idempotent SELECT), "
+                f"{self.options.readers} readers (idempotent SELECT), "
                 f"{self.options.writers} writers (non-idempotent INSERT)",
+                *(
+                    [(f"   metrics at {self.metrics_url}", "dim")]
+                    if self.metrics_url is not None
+                    else []
+                ),
             ),
             node_table(self.cluster.nodes(), self.catalog, now=now),
             self._counters_text(rate),
@@ -555,13 +607,16 @@ class _Demo:
     async def _live(self) -> None:
         rate = _Rate()
         rate.update(trio.current_time(), sum(self.recorder.answered.values()))
-        with Live(
-            self._render(0.0),
-            console=self.console,
-            auto_refresh=False,
-            redirect_stdout=False,
-            redirect_stderr=True,
-        ) as live:
+        with (
+            Live(
+                self._render(0.0),
+                console=self.console,
+                auto_refresh=False,
+                redirect_stdout=False,
+                redirect_stderr=stderr_is_terminal(),
+            ) as live,
+            live_logging(live.console),
+        ):
             deadline = trio.current_time()
             while True:
                 deadline = max(deadline + 0.25, trio.current_time())

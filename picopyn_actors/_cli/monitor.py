@@ -9,6 +9,9 @@ Modes:
   ``event``, ``events_dropped`` and periodic ``snapshot`` objects;
 * ``--once``: wait for the nodes to settle, print one snapshot, exit;
 * ``--check``: as ``--once``, then exit 2 when a node is not up.
+
+With ``--prometheus HOST:PORT`` the following modes also serve the
+cluster's metrics (:mod:`picopyn_actors.prometheus`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,17 @@ from rich.live import Live
 from rich.text import Text
 
 from .._cluster import Cluster, open_cluster
+from .._dsn import Address
 from .._events import EventsDropped, NodeEvent, NodeState
 from .._util import unwrap_single_error
-from .common import fetch_catalog, make_console, on_signals
+from .common import (
+    fetch_catalog,
+    live_logging,
+    make_console,
+    on_signals,
+    serve_metrics,
+    stderr_is_terminal,
+)
 from .view import (
     CatalogNode,
     catalog_only,
@@ -64,6 +75,7 @@ class MonitorOptions:
     grace: float | None = None
     events: int = 10
     bridge: str | None = None
+    prometheus: Address | None = None
 
     def cluster_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`open_cluster`."""
@@ -82,10 +94,12 @@ class _View:
 
     events: deque[NodeEvent | EventsDropped]
     catalog: list[CatalogNode] = attrs.field(factory=list)
+    metrics_url: str | None = None
 
 
 async def run(options: MonitorOptions, out: TextIO) -> int:
-    """Run the command; return the exit code. Ctrl-C or SIGTERM end it with 0."""
+    """Run the command; return the exit code. Ctrl-C or SIGTERM end it with 0
+    (or with 1 when the stop hangs, see :func:`~picopyn_actors._cli.common.on_signals`)."""
     code = 0
     with trio.CancelScope() as scope, unwrap_single_error():
         async with on_signals(scope.cancel):
@@ -97,30 +111,44 @@ async def _monitor(options: MonitorOptions, out: TextIO) -> int:
     async with open_cluster(options.dsn, **options.cluster_options()) as cluster:
         if options.once or options.check:
             return await _once(cluster, options, out)
-        view = _View(deque(maxlen=options.events))
-        console = make_console(out)
+        async with serve_metrics(cluster, options.prometheus) as metrics_url:
+            view = _View(deque(maxlen=options.events), metrics_url=metrics_url)
+            return await _follow(cluster, view, options, out)
 
-        def emit_json(event: NodeEvent | EventsDropped) -> None:
-            _emit(out, event_json(event, now=trio.current_time(), wall=time.time()))
 
-        def print_line(event: NodeEvent | EventsDropped) -> None:
-            stamp = clock_stamp(event.at, now=trio.current_time(), wall=time.time())
-            console.print(format_event(event, stamp), soft_wrap=True)
-            out.flush()
+async def _follow(cluster: Cluster, view: _View, options: MonitorOptions, out: TextIO) -> int:
+    """The following modes: until Ctrl-C."""
+    console = make_console(out)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_poll_catalog, cluster, view)
-            if options.json:
-                dsn = str(cluster.config.dsn)
-                _emit(out, {"type": "connected", "at": round(time.time(), 3), "dsn": dsn})
-                nursery.start_soon(_read_events, cluster, view, emit_json)
-                await _json_snapshots(cluster, view, options.refresh or 1.0, out)
-            elif console.is_terminal:
-                nursery.start_soon(_read_events, cluster, view, None)
-                await _live(cluster, view, options.refresh or 0.25, console)
-            else:
-                nursery.start_soon(_read_events, cluster, view, print_line)
-                await _plain(cluster, view, console)
+    def emit_json(event: NodeEvent | EventsDropped) -> None:
+        _emit(out, event_json(event, now=trio.current_time(), wall=time.time()))
+
+    def print_line(event: NodeEvent | EventsDropped) -> None:
+        stamp = clock_stamp(event.at, now=trio.current_time(), wall=time.time())
+        console.print(format_event(event, stamp), soft_wrap=True)
+        out.flush()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_poll_catalog, cluster, view)
+        if options.json:
+            connected: dict[str, Any] = {
+                "type": "connected",
+                "at": round(time.time(), 3),
+                "dsn": str(cluster.config.dsn),
+            }
+            if view.metrics_url is not None:
+                connected["metrics"] = view.metrics_url
+            _emit(out, connected)
+            nursery.start_soon(_read_events, cluster, view, emit_json)
+            await _json_snapshots(cluster, view, options.refresh or 1.0, out)
+        elif console.is_terminal:
+            nursery.start_soon(_read_events, cluster, view, None)
+            await _live(cluster, view, options.refresh or 0.25, console)
+        else:
+            if view.metrics_url is not None:
+                console.print(f"metrics at {view.metrics_url}", markup=False)
+            nursery.start_soon(_read_events, cluster, view, print_line)
+            await _plain(cluster, view, console)
     return 0
 
 
@@ -244,6 +272,8 @@ def render(cluster: Cluster, view: _View) -> RenderableType:
         f"   discovery runs {stats.discovery_runs} (failed {stats.discovery_failures})"
         f"   {time.strftime('%H:%M:%S', time.localtime(wall))}",
     )
+    if view.metrics_url is not None:
+        header.append(f"   metrics at {view.metrics_url}", style="dim")
     lines: list[RenderableType] = [header, node_table(nodes, view.catalog, now=now)]
     lines.append(Text("recent events", style="bold"))
     if view.events:
@@ -255,13 +285,16 @@ def render(cluster: Cluster, view: _View) -> RenderableType:
 
 
 async def _live(cluster: Cluster, view: _View, every: float, console: Console) -> None:
-    with Live(
-        render(cluster, view),
-        console=console,
-        auto_refresh=False,
-        redirect_stdout=False,
-        redirect_stderr=True,
-    ) as live:
+    with (
+        Live(
+            render(cluster, view),
+            console=console,
+            auto_refresh=False,
+            redirect_stdout=False,
+            redirect_stderr=stderr_is_terminal(),
+        ) as live,
+        live_logging(live.console),
+    ):
         deadline = trio.current_time()
         while True:
             deadline = max(deadline + every, trio.current_time())
