@@ -15,6 +15,8 @@ requests over the healthy nodes. Everything lives in the caller's nursery::
     trio.run(main)
 """
 
+import logging as _logging
+
 from ._cluster import Cluster as Cluster
 from ._cluster import PinnedConnection as PinnedConnection
 from ._cluster import PreparedStatement as PreparedStatement
@@ -44,6 +46,9 @@ from ._strategies import RoundRobin as RoundRobin
 from ._strategies import Strategy as Strategy
 from ._version import __version__ as __version__
 from .compat import Client as Client
+
+# A library installs no handler of its own: silent unless the program configures logging.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "AcquireTimeout",

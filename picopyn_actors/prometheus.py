@@ -140,6 +140,11 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
         "discovery_failures",
     ),
     _counter("events_published_total", "Node events published.", "events_published"),
+    _counter(
+        "statements_invalidated_total",
+        "Requests prepared and run again after 42999 (a schema change invalidated them).",
+        "statements_invalidated",
+    ),
     _gauge(
         "queue_depth", "Requests waiting in the dispatcher for a free connection.", "queue_depth"
     ),
@@ -167,6 +172,11 @@ NODE_COUNTERS: Sequence[MetricDef] = (
     _counter(
         "node_reconnects_total", "Connections to the node reopened after the first.", "reconnects"
     ),
+    _counter(
+        "node_statements_invalidated_total",
+        "Requests the node rejected with 42999 and that were prepared and run again.",
+        "statements_invalidated",
+    ),
 )
 
 #: Read from each :class:`~picopyn_actors.NodeStatus`; label ``node``.
@@ -179,6 +189,16 @@ NODE_GAUGES: Sequence[MetricDef] = (
         "latency",
     ),
     _counter("node_errors_total", "Connection and query errors seen on the node.", "errors"),
+    _gauge(
+        "node_reconnect_attempts",
+        "Failed reconnect attempts in a row while the node is down (0 while it is up).",
+        "attempts",
+    ),
+    _gauge(
+        "node_next_attempt_seconds",
+        "trio.current_time() of the next reconnect attempt (absent when none is planned).",
+        "next_attempt",
+    ),
 )
 
 #: Built from each :class:`~picopyn_actors.NodeStatus` by code, not by a table row.

@@ -352,7 +352,6 @@ def test_monitor_serves_prometheus_metrics(shared_cluster: LocalCluster) -> None
 # -- stopping ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="library hang on cancel with a paused node, issue 16")
 def test_sigint_stops_monitor_cleanly_with_a_paused_node(local_cluster: LocalCluster) -> None:
     local_cluster.pause("i2")
     proc = subprocess.Popen(
@@ -538,7 +537,6 @@ def test_bad_dsn_parameter_is_one_line_error() -> None:
     assert_one_line_error(result, "s3cret-pw")
 
 
-@pytest.mark.xfail(strict=True, reason="DSN parameters validated by the library, issue 16")
 def test_bad_dsn_parameter_error_names_it() -> None:
     dsn = f"postgresql://admin:s3cret-pw@127.0.0.1:{free_port()}/db?connect_timeout=abc"
     result = run_cli("monitor", "--once", dsn)
@@ -546,7 +544,6 @@ def test_bad_dsn_parameter_error_names_it() -> None:
     assert "connect_timeout" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the library's bound on connections_per_node, issue 16")
 @pytest.mark.parametrize("command", ["monitor", "demo"])
 def test_too_many_connections_is_refused_before_any_io(command: str, tmp_path: Path) -> None:
     dsn = f"postgresql://admin:s3cret-pw@127.0.0.1:{free_port()}/db"

@@ -42,7 +42,7 @@ async def test_an_outage_logs_one_warning_and_no_event_per_attempt(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(loud) == 1, [r.getMessage() for r in loud]
     assert "up -> down" in loud[0].getMessage()
-    attempts = [r for r in caplog.records if "attempt" in r.getMessage() and "failed" in r.getMessage()]
+    attempts = [r for r in caplog.records if "attempt" in (m := r.getMessage()) and "failed" in m]
     assert len(attempts) >= 10 and all(r.levelno == logging.DEBUG for r in attempts)
     (back_record,) = [r for r in caplog.records if "down -> up" in r.getMessage()]
     assert back_record.levelno == logging.INFO
@@ -139,6 +139,12 @@ async def test_an_illegal_transition_is_refused(autojump_clock: object) -> None:
         with pytest.raises(AssertionError, match="up -> connecting is not allowed"):
             actor._set(NodeState.CONNECTING, "test")
         assert actor.state is UP
+
+
+
+def test_the_package_logger_has_a_null_handler() -> None:
+    handlers = logging.getLogger("picopyn_actors").handlers
+    assert any(isinstance(h, logging.NullHandler) for h in handlers)
 
 
 bound_every_test(globals())
