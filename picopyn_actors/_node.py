@@ -157,6 +157,8 @@ class NodeActor:
     connections: int = attrs.field(init=False, default=0)
     counters: NodeCounters = attrs.field(init=False, factory=NodeCounters)
     candidate: Candidate = attrs.field(init=False)
+    #: The node may take new work: it is not leaving (not DRAINING or RETIRED).
+    serving: bool = attrs.field(init=False, default=True)
 
     control: trio.MemorySendChannel[Control] = attrs.field(init=False)
     _inbox: trio.MemoryReceiveChannel[Control] = attrs.field(init=False)
@@ -190,10 +192,6 @@ class NodeActor:
         """Requests on this node now (kept on the candidate ``LeastInFlight`` sees)."""
         return self.candidate.in_flight
 
-    @property
-    def serving(self) -> bool:
-        """The node may take new work (it is not leaving)."""
-        return self.state not in (NodeState.DRAINING, NodeState.RETIRED)
 
     def __repr__(self) -> str:
         return (
@@ -338,6 +336,7 @@ class NodeActor:
         if not old.can_become(new):
             raise AssertionError(f"node {self.name}: {old.value} -> {new.value} is not allowed")
         self.state = new
+        self.serving = new not in (NodeState.DRAINING, NodeState.RETIRED)
         self.since = now = self._clock()
         if level is None:
             level = logging.WARNING if new in _LOUD else logging.INFO

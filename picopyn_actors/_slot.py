@@ -71,27 +71,37 @@ class Slot:
         """``request`` ended. Runs in trio, called by the bridge; never raises."""
         if self.request is not request:
             return  # the session ended meanwhile, and dealt with the request then
-        session = self.session
-        node = session.node
-        # Decide: the bookkeeping, and what becomes of the request and the slot.
+        node = self.session.node
+        # Decide: the bookkeeping first, and what becomes of the request and the slot.
         self.request = None
         request.conn = None
         node.candidate.in_flight -= 1
+        if type(result) is outcome.Value and request.phase is not Phase.ABANDONED:
+            # The hot path: an answer for a caller who waits.
+            node.counters.ok += 1
+            node.observe_latency(self.session.clock() - self.started)
+            request.finish(result)
+            if node.serving:
+                node.router.release(self)  # last: it may start another request
+            else:
+                self._after(request, keep=True)
+            return
+        self._failed(request, result)
+
+    def _failed(self, request: Request, result: outcome.Outcome[Any]) -> None:
+        """The rest of :meth:`completed`: an error, or a caller who gave up."""
+        session = self.session
+        node = session.node
         abandoned = request.phase is Phase.ABANDONED
         keep = not abandoned and not self.conn.is_closed()
-        run_again = False
-        if type(result) is outcome.Value:
-            if not abandoned:
-                node.counters.ok += 1
-                node.observe_latency(session.clock() - self.started)
-                request.finish(result)
-        else:
-            assert isinstance(result, outcome.Error)
+        if isinstance(result, outcome.Error):
             exc = result.error
             if isinstance(exc, BackendQueryError) and exc.sqlstate == INVALIDATED and keep:
                 self.conn.forget_statements()
                 node.counters.invalidated += 1
-                run_again = self._invalidated(request, exc)
+                if self._invalidated(request, exc):
+                    self.start(request)  # run it again, here
+                    return
             elif isinstance(exc, BackendQueryError):
                 node.counters.query_errors += 1
                 node.counters.failed += 1
@@ -106,13 +116,16 @@ class Slot:
             else:  # pragma: no cover - the bridge classifies every error
                 keep = False
                 request.fail(exc)
-        # Act: the slot last, because giving it back may start another request.
-        if run_again:
-            self.start(request)
-        elif keep:
+        self._after(request, keep=keep)
+
+    def _after(self, request: Request, *, keep: bool) -> None:
+        """Act on the slot, last, because giving it back may start another request."""
+        session = self.session
+        if keep:
             session.give_back(self)
         else:
             session.replace(self)
+        node = session.node
         if not node.serving and node.candidate.in_flight == 0:
             node.wake()  # draining: the last request is done
 
