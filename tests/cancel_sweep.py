@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import threading
 import time
 
 import trio
+from helpers import open_sockets
 
 import picopyn_actors as pa
-
-
-def _sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                count += 1
-        except OSError:
-            pass
-    return count
 
 
 async def _sweep(dsn: str, bridge: str, max_ms: int) -> list[float]:
@@ -45,14 +34,14 @@ async def _sweep(dsn: str, bridge: str, max_ms: int) -> list[float]:
 
 def main() -> None:
     dsn, bridge, max_ms = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    sockets_before = _sockets()
+    sockets_before = open_sockets()
     took = trio.run(_sweep, dsn, bridge, max_ms)
     gc.collect()
     print(
         json.dumps(
             {
                 "took": took,
-                "sockets_left": _sockets() - sockets_before,
+                "sockets_left": open_sockets() - sockets_before,
                 # trio keeps idle worker threads for a while: not ours.
                 "threads_left": [
                     t.name

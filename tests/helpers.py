@@ -26,6 +26,18 @@ if os.environ.get("PICOPYN_TEST_BRIDGE"):
     FAST["bridge"] = os.environ["PICOPYN_TEST_BRIDGE"]
 
 
+def open_sockets() -> int:
+    """Sockets this process has open now."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
 def uuid_names(lc: LocalCluster) -> dict[str, str]:
     """uuid -> node name."""
     return {n.uuid: n.name for n in lc.nodes}

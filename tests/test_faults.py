@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import _asyncio
 import asyncio
-import os
 import uuid as uuidlib
 from collections import Counter
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 import trio
-from helpers import FAST, blocking, spread, state_of, uuid_names, wait_for
+from helpers import FAST, blocking, open_sockets, spread, state_of, uuid_names, wait_for
 from load import Tally, run_load
 
 import picopyn_actors as pa
@@ -25,17 +24,6 @@ from picopyn_actors._dsn import Address
 from picopyn_actors.testing import LocalCluster
 
 UUID = "SELECT pico_instance_uuid()"
-
-
-def _sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                count += 1
-        except OSError:
-            pass
-    return count
 
 
 async def _all_up(cluster: pa.Cluster, events: Any) -> None:
@@ -190,7 +178,7 @@ async def test_flapping_node_is_quarantined_then_readmitted(local_cluster: Local
 async def test_cancelled_callers_leak_nothing(local_cluster: LocalCluster) -> None:
     lc = local_cluster
     tasks_before = trio.lowlevel.current_statistics().tasks_living
-    sockets_before = _sockets()
+    sockets_before = open_sockets()
     async with pa.open_cluster(lc.dsn, connections_per_node=2, **FAST) as cluster:
         async with cluster.events() as events:
             await _all_up(cluster, events)
@@ -213,13 +201,13 @@ async def test_cancelled_callers_leak_nothing(local_cluster: LocalCluster) -> No
         assert sum(n.connections for n in cluster.nodes()) == connections
 
     assert trio.lowlevel.current_statistics().tasks_living == tasks_before
-    assert _sockets() == sockets_before
+    assert open_sockets() == sockets_before
 
 
 async def test_leaving_with_requests_in_flight(local_cluster: LocalCluster) -> None:
     lc = local_cluster
     tasks_before = trio.lowlevel.current_statistics().tasks_living
-    sockets_before = _sockets()
+    sockets_before = open_sockets()
     outcomes: Counter[str] = Counter()
 
     async def inflight(cluster: pa.Cluster) -> None:
@@ -241,7 +229,7 @@ async def test_leaving_with_requests_in_flight(local_cluster: LocalCluster) -> N
     with pytest.raises(pa.ClusterClosed):
         await cluster.fetchval("SELECT 1")
     assert trio.lowlevel.current_statistics().tasks_living == tasks_before
-    assert _sockets() == sockets_before
+    assert open_sockets() == sockets_before
     # No asyncio loop is left marked as running in this thread.
     assert _asyncio._get_running_loop() is None
 

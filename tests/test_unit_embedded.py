@@ -1,0 +1,179 @@
+"""The embedded runner on its own: asyncio work driven by a trio task, no server.
+
+It relies on asyncio internals, so it checks them before use; these tests pin
+that check, the fallback to the thread runner, and how the driver runs
+callbacks, timers, steps, cancellation and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import outcome
+import pytest
+import trio
+
+from picopyn_actors._bridge import BackendBroken, open_backend
+from picopyn_actors._bridge import embedded as embedded_module
+from picopyn_actors._bridge.embedded import EmbeddedLoop, self_check
+from picopyn_actors._dsn import parse_dsn
+
+DSN = parse_dsn("postgresql://admin:pw@127.0.0.1:1/db")
+
+
+@asynccontextmanager
+async def driven_loop() -> AsyncIterator[EmbeddedLoop]:
+    loop = EmbeddedLoop()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.drive)
+        try:
+            yield loop
+        finally:
+            await loop.aclose()
+
+
+def test_the_internals_it_needs_are_there_on_this_python() -> None:
+    assert self_check() is None
+
+
+def test_the_check_names_a_missing_internal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncio.SelectorEventLoop, "_run_once", None)
+    problem = self_check.__wrapped__()
+    assert problem is not None and problem.endswith("SelectorEventLoop._run_once is missing")
+
+
+def test_the_check_notices_an_iteration_that_does_not_run_callbacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(asyncio.SelectorEventLoop, "_run_once", lambda self: None)
+    problem = self_check.__wrapped__()
+    assert problem is not None and "timer" in problem
+
+
+async def test_a_failed_check_falls_back_to_the_thread_runner_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(
+        "picopyn_actors._bridge.backend.self_check", lambda: "Handle._run is missing"
+    )
+    caplog.set_level(logging.WARNING, logger="picopyn_actors")
+    async with open_backend(DSN, 1.0, {}, "embedded") as backend:
+        assert backend.kind == "thread"
+        with pytest.raises(BackendBroken):  # it works: port 1 refuses
+            await backend.connect(DSN.hosts[0])
+    (record,) = caplog.records
+    assert "Handle._run is missing" in record.getMessage()
+    assert "thread runner" in record.getMessage()
+
+
+async def test_it_runs_coroutines_timers_and_callbacks() -> None:
+    async with driven_loop() as loop:
+
+        async def work() -> str:
+            await asyncio.sleep(0.01)
+            future = loop.create_future()
+            loop.call_later(0.01, future.set_result, "done")
+            return await future
+
+        assert await loop.await_coro(work) == "done"
+
+
+async def test_a_step_reports_its_outcome_once() -> None:
+    async with driven_loop() as loop:
+        outcomes: list[outcome.Outcome[Any]] = []
+        finished = trio.Event()
+
+        def on_done(result: outcome.Outcome[Any]) -> None:
+            outcomes.append(result)
+            finished.set()
+
+        async def query() -> int:
+            future = loop.create_future()
+            loop.call_later(0.01, future.set_result, 42)
+            return await future
+
+        loop.start_step(query(), on_done)
+        await finished.wait()
+        await trio.sleep(0.05)
+        assert [o.unwrap() for o in outcomes] == [42]
+
+
+async def test_cancelling_a_wait_cancels_its_asyncio_task_promptly() -> None:
+    async with driven_loop() as loop:
+        cancelled = trio.Event()
+
+        async def forever() -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        with trio.move_on_after(0.05) as scope:
+            await loop.await_coro(forever)
+        assert scope.cancelled_caught
+        assert cancelled.is_set()
+
+
+async def test_a_task_that_ignores_cancellation_is_given_up_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(embedded_module, "_CANCEL_GRACE", 0.1)
+    async with driven_loop() as loop:
+
+        async def stubborn() -> None:
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    continue  # a misbehaving task: it swallows the cancel
+
+        start = trio.current_time()
+        with trio.move_on_after(0.05) as scope:
+            await loop.await_coro(stubborn)
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 2.0
+
+
+async def test_closing_wakes_every_waiter_and_stops_the_driver() -> None:
+    loop = EmbeddedLoop()
+    results: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.drive)
+
+        async def wait_for_ever() -> None:
+            async def stubborn() -> None:
+                while True:
+                    try:
+                        await asyncio.sleep(3600)
+                    except asyncio.CancelledError:
+                        continue
+
+            try:
+                await loop.await_coro(stubborn)
+            except BaseException as exc:
+                results.append(exc)
+
+        nursery.start_soon(wait_for_ever)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            await loop.aclose()
+    assert len(results) == 1 and isinstance(results[0], BackendBroken)
+    assert loop.is_closed()
+
+
+async def test_the_driver_ignores_a_cancellation_from_outside_until_closed() -> None:
+    loop = EmbeddedLoop()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.drive)
+        nursery.cancel_scope.cancel()  # what a cancelled open_cluster does
+        # The loop still serves the waits that are under way.
+        with trio.CancelScope(shield=True):
+            assert await loop.await_coro(lambda: asyncio.sleep(0.01, "still here")) == (
+                "still here"
+            )
+            await loop.aclose()
