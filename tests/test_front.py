@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,6 +21,7 @@ import pytest
 
 from picopyn_actors.testing import FrontStatistics, LocalCluster, LocalClusterError
 from picopyn_actors.testing._front import count_statements, parse_options
+from picopyn_actors.testing._pg import wait_gone
 
 T = TypeVar("T")
 MakeCluster = Callable[..., LocalCluster]
@@ -786,6 +789,18 @@ def test_a_killed_node_drops_its_sessions(local_cluster: LocalCluster) -> None:
 
     run(check, lc.dsn_for("i3"))
     assert stats(lc, "i3").sessions == 0
+
+
+def test_a_front_without_its_server_refuses_logins(local_cluster: LocalCluster) -> None:
+    lc = local_cluster
+    postmaster = lc.server_pids("i2")[0]
+    os.kill(postmaster, signal.SIGKILL)  # the server dies by itself; the front lives on
+    assert wait_gone([postmaster], timeout=10.0)
+    error = connect_error(lc.dsn_for("i2"))
+    assert isinstance(error, asyncpg.PostgresError) and error.sqlstate == "08006"
+    assert "cannot reach its server" in str(error)
+    lc.start("i2")
+    assert run(lambda conn: conn.fetchval("SELECT 1"), lc.dsn_for("i2")) == 1
 
 
 def test_a_paused_node_accepts_tcp_and_never_answers(local_cluster: LocalCluster) -> None:

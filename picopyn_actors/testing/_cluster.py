@@ -521,6 +521,7 @@ class LocalCluster:
             self._check_open()
             if server.running():
                 raise LocalClusterError(f"node {name} is already running")
+            self._stop_front(server)  # left over if the server died by itself
             for port in dict.fromkeys([server.node.port, server.pg_port]):
                 if not port_is_free(HOST, port):
                     raise LocalClusterError(

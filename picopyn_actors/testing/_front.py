@@ -537,6 +537,8 @@ class _Session(asyncio.Protocol):
         self.invalidation = False
         self.named = 0
         self.logged_in = False
+        self.startup: bytes | None = None  # the login to send, once the client's is checked
+        self.unreachable = False
         self.connect_task: asyncio.Task[None] | None = None
 
     # -- the client side ----------------------------------------------------------
@@ -546,6 +548,9 @@ class _Session(asyncio.Protocol):
         self.client = transport
         _small_reads(transport)
         self.node.sessions.add(self)
+        # Connect to the server at once, as a plain relay would: the server's
+        # fork overlaps the client's SSLRequest and startup packet.
+        self.connect_task = asyncio.get_running_loop().create_task(self._connect())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -643,11 +648,12 @@ class _Session(asyncio.Protocol):
         self.invalidation = bool(options.get("pico_stmt_invalidation", False))
         startup = b"user\x00" + user.encode() + b"\x00"
         startup += b"database\x00" + params.get("database", user).encode() + b"\x00\x00"
-        packet = _U32.pack(len(startup) + 8) + _U32.pack(196608) + startup
+        self.startup = _U32.pack(len(startup) + 8) + _U32.pack(196608) + startup
         self.phase = _CONNECTING
-        self.connect_task = asyncio.get_running_loop().create_task(self._connect(packet))
+        if self.upstream is not None or self.unreachable:
+            self._log_in()
 
-    async def _connect(self, startup: bytes) -> None:
+    async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.create_connection(
@@ -655,16 +661,24 @@ class _Session(asyncio.Protocol):
             )
         except OSError as exc:
             logger.info("cannot reach the server: %s", exc)
-            if self.phase != _CLOSED:
-                self._refuse("08006", f"node {self.node.name} cannot reach its server")
+            self.unreachable = True
+        else:
+            if self.phase == _CLOSED:
+                transport.close()
+                return
+            self.upstream = transport
+            _small_reads(transport)
+        if self.phase == _CONNECTING:
+            self._log_in()
+
+    def _log_in(self) -> None:
+        """Send the checked login to the server (connected, or found unreachable)."""
+        if self.upstream is None:
+            self._refuse("08006", f"node {self.node.name} cannot reach its server")
             return
-        if self.phase == _CLOSED:
-            transport.close()
-            return
-        self.upstream = transport
-        _small_reads(transport)
+        assert self.startup is not None
         self.phase = _AUTH_PHASE
-        transport.write(startup)
+        self.upstream.write(self.startup)
         self._relay_auth()
 
     def _relay_auth(self) -> None:

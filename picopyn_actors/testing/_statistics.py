@@ -35,7 +35,11 @@ class FrontStatistics:
     statements_refused: int
     """Parses refused with "Statement storage is full"."""
     schema_changes: int
-    """Schema changes counted on the node's server (through the front or by the harness)."""
+    """How often the server's schema version moved, through the front or by the harness.
+
+    One DDL statement may move it more than once (its completion and the
+    server's event trigger; before and after a harness script): it only
+    ever grows, which is all that invalidation needs."""
     statements_in_use: int
     """Named statements that the node's clients hold now (against ``pg_statement_max``)."""
     sessions: int
