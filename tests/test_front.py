@@ -298,9 +298,7 @@ def test_a_cancel_request_only_closes_its_socket(front: LocalCluster) -> None:
     async def check(conn: asyncpg.Connection) -> int:
         # asyncpg sends a CancelRequest on timeout; PostgreSQL would cancel the insert.
         with pytest.raises(TimeoutError):
-            await conn.execute(
-                "INSERT INTO uncancelled SELECT 1 FROM pg_sleep(0.3)", timeout=0.05
-            )
+            await conn.execute("INSERT INTO uncancelled SELECT 1 FROM pg_sleep(0.3)", timeout=0.05)
         return int(await conn.fetchval("SELECT count(*) FROM uncancelled"))
 
     assert run(check, front.dsn) == 1
@@ -648,9 +646,7 @@ def test_the_statement_limit_is_shared_and_freed(make_cluster: MakeCluster) -> N
             with pytest.raises(asyncpg.InternalServerError) as info:
                 await client.prepare("SELECT 4", name="four")
             assert info.value.sqlstate == "XX000"
-            assert str(info.value).startswith(
-                "Statement storage is full. Current size limit: 3."
-            )
+            assert str(info.value).startswith("Statement storage is full. Current size limit: 3.")
         # Unnamed statements (no statement cache) do not count; the session goes on.
         assert await conn.fetchval("SELECT 5") == 5
         await other.close()  # a client's statements are freed when it disconnects
@@ -882,6 +878,7 @@ def test_bare_clusters_have_no_front(make_cluster: MakeCluster) -> None:
     assert lc.front_pid("i1") is None
     with pytest.raises(LocalClusterError, match="strict=False"):
         lc.front_statistics("i1")
+
     # Bare PostgreSQL: real transactions, and SET sticks.
     async def check(conn: asyncpg.Connection) -> None:
         await conn.execute("BEGIN")
@@ -896,5 +893,3 @@ def test_pg_statement_max_is_checked_at_construction() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="pg_statement_max"):
             LocalCluster(pg_statement_max=bad)  # type: ignore[arg-type]
-
-
