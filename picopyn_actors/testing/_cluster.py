@@ -727,10 +727,12 @@ class LocalCluster:
             return
         assert front.stdout is not None
         deadline = time.monotonic() + self._startup_timeout
+        poller = select.poll()  # not select(): the test process may hold over 1024 files
+        poller.register(front.stdout.fileno(), select.POLLIN)
         line = b""
         while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            readable, _, _ = select.select([front.stdout], [], [], max(0.0, remaining))
+            remaining = max(0.0, deadline - time.monotonic())
+            readable = poller.poll(remaining * 1000)
             chunk = os.read(front.stdout.fileno(), 64) if readable else b""
             if not chunk:
                 self._stop_front(server)
