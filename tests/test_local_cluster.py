@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import trio
 
 from picopyn_actors.testing import LocalCluster, LocalClusterError, UnknownNodeError
 from picopyn_actors.testing._catalog import CatalogModel
+from picopyn_actors.testing._pg import wait_gone
 
 T = TypeVar("T")
 MakeCluster = Callable[..., LocalCluster]
@@ -269,9 +271,12 @@ def test_kill_is_a_crash_the_catalog_does_not_see(local_cluster: LocalCluster) -
     lc = local_cluster
     before = lc.catalog_rows()
     pids = lc.server_pids("i2")
+    front = lc.front_pid("i2")
+    assert front is not None
     lc.kill("i2")
     assert not lc.is_running("i2")
-    assert not any(alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in [*pids, front])
+    assert lc.front_pid("i2") is None
     assert_unreachable(lc.dsn_for("i2"))
     assert lc.catalog_rows() == before
     assert catalog_of(lc.dsn_for("i1")) == before
@@ -432,6 +437,9 @@ def test_close_leaves_no_process_no_shared_memory_no_folder() -> None:
     run(lambda conn: conn.fetchval("SELECT 1"), lc.dsn_for("i3"))  # a backend exists
     pids = [pid for n in lc.nodes for pid in lc.server_pids(n.name)]
     assert len(pids) > 3 * 3  # postmasters and their background processes
+    fronts = [lc.front_pid(n.name) for n in lc.nodes]
+    assert all(fronts)
+    pids += [pid for pid in fronts if pid is not None]
     assert live_processes_mentioning(str(base))
     segments = {recorded_shm_id(base, n.name) for n in lc.nodes}
     assert segments <= shm_ids()
@@ -458,6 +466,41 @@ def test_interrupted_body_still_cleans_up() -> None:
         raise KeyboardInterrupt
     assert not [pid for pid in pids if alive(pid)]
     assert not base.exists()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_sigkilled_owner_leaves_no_orphans(strict: bool) -> None:
+    """The watchdog cleans up after SIGKILL, though a finished thread started the cluster."""
+    script = (
+        "import sys, threading\n"
+        "from picopyn_actors.testing import LocalCluster\n"
+        "def main():\n"
+        f"    lc = LocalCluster(nodes=2, strict={strict}).start_cluster()\n"
+        "    lc.pause('i2')\n"
+        "    pids = [p for n in lc.nodes for p in lc.server_pids(n.name)]\n"
+        "    pids += [lc.front_pid(n.name) or 0 for n in lc.nodes]\n"
+        "    print(lc.base_dir, *pids, flush=True)\n"
+        "thread = threading.Thread(target=main)\n"
+        "thread.start()\n"
+        "thread.join()\n"
+        "sys.stdin.read()\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        out = owner.stdout.readline().split()
+        base, pids = out[0], [int(p) for p in out[1:] if p != "0"]
+        assert len(pids) > 2 * 3 + (2 if strict else 0)
+        assert all(alive(pid) for pid in pids)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=10)
+    # No event tells us when another process is gone: wait_gone looks at /proc.
+    assert wait_gone(pids, timeout=10.0), [pid for pid in pids if alive(pid)]
+    assert wait_gone(live_processes_mentioning(base), timeout=10.0)  # the watchdog itself
+    assert not Path(base).exists()
 
 
 def test_leftovers_are_checked_from_a_fresh_interpreter(tmp_path: Path) -> None:

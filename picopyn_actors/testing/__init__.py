@@ -3,7 +3,10 @@
 :class:`LocalCluster` runs N real PostgreSQL servers that impersonate
 Picodata nodes: the same system tables on every server, a per-server
 ``pico_instance_uuid()``, and a governor that writes state changes to every
-live server. Linux only; needs the PostgreSQL 15 server binaries.
+live server. In strict mode (the default) a pgproto front before each server
+speaks Picodata's dialect: startup options, no cancel, statement invalidation
+(42999), stub transactions, statement limits (see :class:`FrontStatistics`
+for what it counts). Linux only; needs the PostgreSQL 15 server binaries.
 
 Example::
 
@@ -28,10 +31,12 @@ from ._cluster import LocalCluster as LocalCluster
 from ._errors import LocalClusterError as LocalClusterError
 from ._errors import UnknownNodeError as UnknownNodeError
 from ._fake import FakeCluster as FakeCluster
+from ._statistics import FrontStatistics as FrontStatistics
 
 __all__ = [
     "CatalogLock",
     "FakeCluster",
+    "FrontStatistics",
     "LocalCluster",
     "LocalClusterError",
     "NodeHandle",

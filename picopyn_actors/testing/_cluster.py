@@ -1,9 +1,13 @@
 """A local stand-in for a Picodata cluster, made of real PostgreSQL servers.
 
-Each node is one PostgreSQL server on a free loopback port that holds
-Picodata's system tables and answers ``pico_instance_uuid()`` with its own
-uuid. The harness plays Picodata's governor: it keeps the authoritative
-catalog in Python and writes it to every live server on each change.
+Each node is one PostgreSQL server that holds Picodata's system tables and
+answers ``pico_instance_uuid()`` with its own uuid. In strict mode (the
+default) a pgproto front (:mod:`._front`, a process of its own) listens on
+the node's port and speaks Picodata's dialect to clients; the server's own
+port is internal. The harness plays Picodata's governor: it keeps the
+authoritative catalog in Python and writes it to every live server on each
+change. A watchdog process (:mod:`._watchdog`) kills every server and front
+if the process that owns the cluster dies without closing it.
 
 The API is synchronous, so that fixtures, scripts and benchmarks can use it
 directly; trio code calls it through :func:`trio.to_thread.run_sync`::
@@ -22,10 +26,14 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import secrets
+import select
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +55,7 @@ from ._catalog import (
     setup_sql,
 )
 from ._errors import LocalClusterError, UnknownNodeError
+from ._front import DDL_NOTICE, SERVER_SETUP_SQL, bump_harness_ddl, new_stats_file, reset_gauges
 from ._pg import (
     PgBinaries,
     RunAs,
@@ -59,6 +68,7 @@ from ._pg import (
     tool_env,
     wait_gone,
 )
+from ._statistics import FrontStatistics
 from ._template import copy_data_dirs, pristine_data_dir
 
 __all__ = ["LocalCluster"]
@@ -73,6 +83,12 @@ _READY_POLL_INTERVAL: Final = 0.01
 """How often a starting server's ``postmaster.pid`` is read; PostgreSQL sends no event."""
 _SQL_TIMEOUT: Final = 30.0
 _SHUTDOWN_TIMEOUT: Final = 10.0
+_FRONT_SCRIPT: Final = Path(__file__).with_name("_front.py")
+_WATCHDOG_SCRIPT: Final = Path(__file__).with_name("_watchdog.py")
+_DDL_HINT: Final = re.compile(
+    r"(?:^|;)\s*(?:CREATE|ALTER|DROP|TRUNCATE|COMMENT|GRANT|REVOKE|DO)\b", re.I | re.M
+)
+"""A script that may change a schema: the fronts learn of it before and after it runs."""
 
 
 @attrs.define(eq=False)
@@ -82,12 +98,20 @@ class _Server:
     node: NodeHandle
     data_dir: Path
     log_path: Path
+    pg_port: int
+    """The server's own port: the node's port without a front, internal with one."""
+    stats_path: Path | None = None
+    """The front's statistics file (strict mode only)."""
     process: subprocess.Popen[bytes] | None = None
+    front: subprocess.Popen[bytes] | None = None
     paused: bool = False
     initialized: bool = False
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def front_running(self) -> bool:
+        return self.front is not None and self.front.poll() is None
 
     def live(self) -> bool:
         return self.running() and not self.paused
@@ -104,9 +128,18 @@ class LocalCluster:
 
     Args:
         nodes: how many nodes start with the cluster (``i1`` ... ``iN``).
-        strict: make asyncpg misuse fail as on Picodata: the login role is not
-            a superuser, ``pg_type`` is unreadable and
-            ``pg_advisory_unlock_all()`` is not executable.
+        strict: speak Picodata's dialect. A pgproto front before each server
+            imposes Picodata's protocol rules (startup ``options``, no
+            cancel, statement invalidation with 42999, stub transactions,
+            ``SET`` ignored, COPY, LISTEN/NOTIFY and multi-statement strings
+            rejected, ``pg_statement_max``; see docs/dialect.md), and the
+            catalog fails asyncpg misuse as Picodata does: the login role is
+            not a superuser, ``pg_type`` is unreadable and
+            ``pg_advisory_unlock_all()`` is not executable. ``strict=False``
+            is bare PostgreSQL, for benchmarks.
+        pg_statement_max: named statements a node holds for all its clients
+            together (strict mode); past it, Parse fails with "Statement
+            storage is full".
         password: the login role's password; random when not given.
         replication_factor: nodes per replicaset; the first member of each
             replicaset is its master.
@@ -115,9 +148,11 @@ class LocalCluster:
         startup_timeout: seconds a server may take to accept connections.
 
     Use it as a context manager, or call :meth:`start_cluster` and
-    :meth:`close`. Every server and the temporary folder are gone when it
-    closes, whatever happened in between; an ``atexit`` hook is a safety net.
-    The methods are thread-safe (one operation at a time).
+    :meth:`close`. Every server, every front and the temporary folder are
+    gone when it closes, whatever happened in between; an ``atexit`` hook is
+    a safety net, and a watchdog process cleans up within seconds if the
+    owning process is killed (SIGKILL included). The methods are thread-safe
+    (one operation at a time).
     """
 
     def __init__(
@@ -125,6 +160,7 @@ class LocalCluster:
         nodes: int = 3,
         *,
         strict: bool = True,
+        pg_statement_max: int = 100000,
         password: str | None = None,
         replication_factor: int = 1,
         bindir: str | os.PathLike[str] | None = None,
@@ -140,8 +176,17 @@ class LocalCluster:
             raise ValueError("password must be a non-empty string")
         if startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, got {startup_timeout!r}")
+        if (
+            not isinstance(pg_statement_max, int)
+            or isinstance(pg_statement_max, bool)
+            or pg_statement_max < 1
+        ):
+            raise ValueError(
+                f"pg_statement_max must be a positive integer, got {pg_statement_max!r}"
+            )
         self._initial_nodes = nodes
         self._strict = strict
+        self._pg_statement_max = pg_statement_max
         self._password = password if password is not None else secrets.token_urlsafe(18)
         self._bindir = bindir
         self._startup_timeout = startup_timeout
@@ -152,6 +197,7 @@ class LocalCluster:
         self._socket_dir: Path | None = None
         self._bins: PgBinaries | None = None
         self._run_as = RunAs(uid=None, gid=None)
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self._state = "new"
 
     def __repr__(self) -> str:
@@ -198,9 +244,15 @@ class LocalCluster:
                 self._socket_dir.mkdir()
                 (self._base_dir / "nodes").mkdir()
                 self._run_as.chown_tree(self._base_dir)
-                ports = free_ports(HOST, self._initial_nodes)
+                self._start_watchdog()
+                count = self._initial_nodes
+                ports = free_ports(HOST, 2 * count if self._strict else count)
                 servers = self._new_servers(
-                    [self._model.add_instance(host=HOST, port=p, state="Online") for p in ports]
+                    [
+                        self._model.add_instance(host=HOST, port=p, state="Online")
+                        for p in ports[:count]
+                    ],
+                    ports[count:] if self._strict else ports,
                 )
                 for server in servers:
                     self._spawn(server)
@@ -233,6 +285,7 @@ class LocalCluster:
             finally:
                 if self._base_dir is not None:
                     shutil.rmtree(self._base_dir, ignore_errors=True)
+                self._stop_watchdog()
                 self._state = "closed"
                 atexit.unregister(self.close)
 
@@ -242,6 +295,12 @@ class LocalCluster:
             if server.paused:
                 self._signal_server(server, signal.SIGCONT)
                 server.paused = False
+        fronts = [s for s in self._servers.values() if s.front_running()]
+        for server in fronts:
+            assert server.front is not None
+            with contextlib.suppress(ProcessLookupError):
+                server.front.send_signal(signal.SIGCONT)
+                server.front.terminate()
         # SIGQUIT is PostgreSQL's immediate shutdown: no checkpoint, but the
         # postmaster still waits for its backends and removes its shared memory.
         for server in servers:
@@ -256,6 +315,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 logger.warning("node %s did not shut down; killing it", server.node.name)
                 self._kill_server(server)
+        for server in fronts:
+            self._stop_front(server)
         for server in self._servers.values():
             if server.process is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -276,7 +337,13 @@ class LocalCluster:
 
     @property
     def strict(self) -> bool:
+        """Whether a pgproto front speaks Picodata's dialect before each server."""
         return self._strict
+
+    @property
+    def pg_statement_max(self) -> int:
+        """Named statements each node holds for all its clients together (strict mode)."""
+        return self._pg_statement_max
 
     @property
     def nodes(self) -> list[NodeHandle]:
@@ -313,7 +380,10 @@ class LocalCluster:
         return self._server(name).node
 
     def dsn_for(self, name: str) -> str:
-        """``postgresql://admin:<password>@127.0.0.1:<port>/postgres`` for one node."""
+        """``postgresql://admin:<password>@127.0.0.1:<port>/postgres`` for one node.
+
+        The port is the node's pgproto port: its front in strict mode.
+        """
         node = self.node(name)
         secret = quote(self._password, safe="")
         return f"postgresql://{ADMIN_USER}:{secret}@{node.host}:{node.port}/{DATABASE}"
@@ -330,6 +400,38 @@ class LocalCluster:
         """Process ids of node *name*'s postmaster and its backends (empty when down)."""
         with self._lock:
             return self._server(name).pids()
+
+    def server_port(self, name: str) -> int:
+        """The port of node *name*'s PostgreSQL server itself.
+
+        In strict mode it is internal: clients use the node's port (its
+        front); this one bypasses the dialect, for measurements. Without a
+        front it is the node's port.
+        """
+        with self._lock:
+            return self._server(name).pg_port
+
+    def front_pid(self, name: str) -> int | None:
+        """Process id of node *name*'s front, or None (down, or no front)."""
+        with self._lock:
+            server = self._server(name)
+            if server.front is None or not server.front_running():
+                return None
+            return server.front.pid
+
+    def front_statistics(self, name: str) -> FrontStatistics:
+        """What node *name*'s front counted: logins, cancels, invalidations, rejections...
+
+        Readable at any time, even while the node is paused or down.
+
+        Raises:
+            LocalClusterError: the cluster runs without fronts (``strict=False``).
+        """
+        with self._lock:
+            server = self._server(name)
+            if server.stats_path is None:
+                raise LocalClusterError("the cluster has no fronts (strict=False)")
+            return FrontStatistics.read(server.stats_path)
 
     def log_path(self, name: str) -> Path:
         """The server log of node *name* (gone after close)."""
@@ -397,6 +499,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 logger.warning("node %s did not shut down in time; killing it", name)
                 self._kill_server(server)
+            self._forget(server.process)
+            self._stop_front(server)
             self._model.apply_target(name)
             self._sync_catalog()
             logger.info("node %s stopped", name)
@@ -417,11 +521,13 @@ class LocalCluster:
             self._check_open()
             if server.running():
                 raise LocalClusterError(f"node {name} is already running")
-            if not port_is_free(HOST, server.node.port):
-                raise LocalClusterError(
-                    f"cannot start node {name}: port {server.node.port} on {HOST} is taken "
-                    "by another process"
-                )
+            self._stop_front(server)  # left over if the server died by itself
+            for port in dict.fromkeys([server.node.port, server.pg_port]):
+                if not port_is_free(HOST, port):
+                    raise LocalClusterError(
+                        f"cannot start node {name}: port {port} on {HOST} is taken "
+                        "by another process"
+                    )
             self._spawn(server)
             self._wait_ready(server)
             self._initialize([server])
@@ -430,7 +536,11 @@ class LocalCluster:
             logger.info("node %s started", name)
 
     def pause(self, name: str) -> None:
-        """Hang node *name*: SIGSTOP every process; sockets stay open, nothing answers."""
+        """Hang node *name*: SIGSTOP its front, server and backends.
+
+        Sockets stay open and new TCP connections are still accepted (by the
+        kernel), but nothing answers.
+        """
         with self._lock:
             server = self._running_server(name, "pause")
             if server.paused:
@@ -471,8 +581,10 @@ class LocalCluster:
         """
         with self._lock:
             self._check_open()
-            (port,) = free_ports(HOST, 1)
-            (server,) = self._new_servers([self._model.add_instance(host=HOST, port=port)])
+            port, *pg_port = free_ports(HOST, 2 if self._strict else 1)
+            (server,) = self._new_servers(
+                [self._model.add_instance(host=HOST, port=port)], pg_port or [port]
+            )
             self._spawn(server)
             self._wait_ready(server)
             self._initialize([server])  # it holds the catalog that lists it Offline ...
@@ -508,18 +620,32 @@ class LocalCluster:
         self._model.apply_target(name)
         self._sync_catalog()
 
-    def _new_servers(self, nodes: Sequence[NodeHandle]) -> list[_Server]:
-        """Give each node a folder with a copy of the pristine data directory."""
+    def _new_servers(
+        self, nodes: Sequence[NodeHandle], pg_ports: Sequence[int] | None = None
+    ) -> list[_Server]:
+        """Give each node a folder with a copy of the pristine data directory.
+
+        *pg_ports* are the servers' own ports; by default the nodes' ports
+        without a front, free ports with one.
+        """
         assert self._bins is not None
+        if pg_ports is None:
+            pg_ports = free_ports(HOST, len(nodes)) if self._strict else [n.port for n in nodes]
         pristine = pristine_data_dir(self._bins, self._run_as)
         servers = []
-        for node in nodes:
+        for node, pg_port in zip(nodes, pg_ports, strict=True):
             node_dir = self.base_dir / "nodes" / node.name
             node_dir.mkdir()
             self._run_as.chown(node_dir)
             server = _Server(
-                node=node, data_dir=node_dir / "data", log_path=node_dir / "postgres.log"
+                node=node,
+                data_dir=node_dir / "data",
+                log_path=node_dir / "postgres.log",
+                pg_port=pg_port,
             )
+            if self._strict:
+                server.stats_path = node_dir / "front.stats"
+                new_stats_file(server.stats_path)
             self._servers[node.name] = server
             servers.append(server)
         copy_data_dirs(pristine, [s.data_dir for s in servers], self._run_as, self.base_dir)
@@ -530,7 +656,7 @@ class LocalCluster:
         args = [
             str(self._bins.postgres),
             "-D", str(server.data_dir),
-            "-p", str(server.node.port),
+            "-p", str(server.pg_port),
             "-k", str(self._socket_dir),
         ]  # fmt: skip
         with open(server.log_path, "ab") as log:
@@ -545,9 +671,153 @@ class LocalCluster:
                 **self._run_as.popen_kwargs(),
             )
         server.paused = False
+        self._watch(server.process, "server")
+        try:
+            self._spawn_front(server)
+        except BaseException:
+            self._kill_server(server)
+            raise
+
+    def _spawn_front(self, server: _Server) -> None:
+        """Start node *server*'s front on the node's port (strict mode; else nothing).
+
+        The front listens at once (on a socket bound here); until its server is
+        ready, a client that logs in gets the server's own refusal.
+        """
+        if server.stats_path is None:
+            return
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                listener.bind((HOST, server.node.port))
+            except OSError as exc:
+                raise LocalClusterError(
+                    f"cannot start the front of node {server.node.name}: port "
+                    f"{server.node.port} on {HOST} is taken ({exc.strerror})"
+                ) from None
+            listener.listen(128)
+            args = [
+                sys.executable, "-I", "-S", str(_FRONT_SCRIPT),
+                "--listen-fd", str(listener.fileno()),
+                "--upstream-host", HOST,
+                "--upstream-port", str(server.pg_port),
+                "--stats", str(server.stats_path),
+                "--statement-max", str(self._pg_statement_max),
+                "--name", server.node.name,
+            ]  # fmt: skip
+            with open(server.stats_path.with_name("front.log"), "ab") as log:
+                server.front = subprocess.Popen(
+                    args,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    cwd=self._base_dir,
+                    pass_fds=(listener.fileno(),),
+                    start_new_session=True,
+                )
+        finally:
+            listener.close()
+        self._watch(server.front, "front")
+
+    def _wait_front_ready(self, server: _Server) -> None:
+        """Wait until the front says ``ready`` on its stdout (a pipe: no polling)."""
+        front = server.front
+        if front is None:
+            return
+        assert front.stdout is not None
+        deadline = time.monotonic() + self._startup_timeout
+        poller = select.poll()  # not select(): the test process may hold over 1024 files
+        poller.register(front.stdout.fileno(), select.POLLIN)
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = max(0.0, deadline - time.monotonic())
+            readable = poller.poll(remaining * 1000)
+            chunk = os.read(front.stdout.fileno(), 64) if readable else b""
+            if not chunk:
+                self._stop_front(server)
+                why = "exited" if readable else f"did not start within {self._startup_timeout} s"
+                log = log_tail(server.log_path.with_name("front.log"))
+                raise LocalClusterError(
+                    f"the front of node {server.node.name} {why}; end of its log:\n{log}"
+                )
+            line += chunk
+        front.stdout.close()
+
+    def _stop_front(self, server: _Server) -> None:
+        """Stop node *server*'s front (SIGTERM, then SIGKILL) and zero its gauges."""
+        front = server.front
+        if front is None:
+            return
+        if front.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                front.send_signal(signal.SIGCONT)
+                front.terminate()
+            try:
+                front.wait(timeout=_SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                logger.warning("the front of node %s did not stop; killing it", server.node.name)
+                front.kill()
+                front.wait()
+        self._close_front_pipes(server)
+
+    def _close_front_pipes(self, server: _Server) -> None:
+        front = server.front
+        if front is None:
+            return
+        for pipe in (front.stdin, front.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        self._forget(front)
+        server.front = None
+        if server.stats_path is not None:
+            reset_gauges(server.stats_path)
+
+    def _start_watchdog(self) -> None:
+        """Start the process that cleans up if this one dies (see :mod:`._watchdog`)."""
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(_WATCHDOG_SCRIPT), str(self.base_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _tell_watchdog(self, line: str) -> None:
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.stdin is None:
+            return
+        try:
+            watchdog.stdin.write(line.encode() + b"\n")
+            watchdog.stdin.flush()
+        except OSError:
+            logger.warning("the watchdog of %s is gone; nothing cleans up after a crash", self)
+            self._watchdog = None
+
+    def _watch(self, process: subprocess.Popen[bytes], kind: str) -> None:
+        self._tell_watchdog(f"watch {process.pid} {kind}")
+
+    def _forget(self, process: subprocess.Popen[bytes] | None) -> None:
+        if process is not None:
+            self._tell_watchdog(f"forget {process.pid}")
+
+    def _stop_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        if watchdog.stdin is not None:
+            with contextlib.suppress(OSError):
+                watchdog.stdin.write(b"done\n")
+                watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=_SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
 
     def _wait_ready(self, server: _Server) -> None:
-        """Wait until the postmaster says it accepts connections."""
+        """Wait until the postmaster says it accepts connections, then its front."""
         assert server.process is not None
         pid_file = server.data_dir / "postmaster.pid"
         deadline = time.monotonic() + self._startup_timeout
@@ -562,6 +832,8 @@ class LocalCluster:
                 ):
                     break
             if server.process.poll() is not None:
+                self._forget(server.process)
+                self._stop_front(server)
                 raise LocalClusterError(
                     f"node {server.node.name} failed to start (exit {server.process.returncode}); "
                     f"end of its log:\n{self._log_tail(server)}"
@@ -573,6 +845,7 @@ class LocalCluster:
                     f"{self._startup_timeout} s; end of its log:\n{self._log_tail(server)}"
                 )
             time.sleep(_READY_POLL_INTERVAL)
+        self._wait_front_ready(server)
 
     def _initialize(self, servers: Sequence[_Server]) -> None:
         """Write the catalog into freshly started servers, after the first-start set-up."""
@@ -584,6 +857,7 @@ class LocalCluster:
                 sql = "\n".join(
                     [
                         setup_sql(password=self._password, strict=self._strict),
+                        SERVER_SETUP_SQL if self._strict else "",
                         identity_sql(server.node, leader_raft_id=self._model.leader_raft_id),
                         catalog,
                     ]
@@ -600,15 +874,23 @@ class LocalCluster:
         self._run_sql([(s, catalog) for s in candidates if s.live()])
 
     def _run_sql(self, scripts: Sequence[tuple[_Server, str]]) -> None:
-        """Run each script with ``psql`` as superuser over its server's unix socket, in parallel."""
+        """Run each script with ``psql`` as superuser over its server's unix socket, in parallel.
+
+        A script that changes a schema (it looks like DDL, or the server's
+        event trigger reported DDL) counts as a schema change for the node's
+        front, before and after it runs, so that a statement parsed before it
+        is invalidated whatever the timing.
+        """
         assert self._bins is not None and self._socket_dir is not None
         procs = []
         for server, sql in scripts:
+            if server.stats_path is not None and _DDL_HINT.search(sql):
+                bump_harness_ddl(server.stats_path)
             args = [
                 str(self._bins.psql), "-X", "-q", "-w",
                 "-v", "ON_ERROR_STOP=1",
                 "-h", str(self._socket_dir),
-                "-p", str(server.node.port),
+                "-p", str(server.pg_port),
                 "-U", SUPERUSER,
                 "-d", DATABASE,
                 "-f", "-",
@@ -632,6 +914,10 @@ class LocalCluster:
                 proc.communicate()
                 failures.append(f"node {server.node.name}: psql timed out")
                 continue
+            if server.stats_path is not None and (
+                _DDL_HINT.search(sql) or DDL_NOTICE.encode() in err
+            ):
+                bump_harness_ddl(server.stats_path)
             if proc.returncode != 0:
                 message = self._redact(err.decode("utf-8", "replace").strip())
                 failures.append(f"node {server.node.name}: {message}")
@@ -646,23 +932,37 @@ class LocalCluster:
         return self._redact(log_tail(server.log_path))
 
     def _signal_server(self, server: _Server, sig: signal.Signals) -> None:
-        """Signal the postmaster and its backends (each backend is its own session)."""
+        """Signal the front, the postmaster and its backends (each backend is its own session).
+
+        The front is stopped first and continued last, so that no client
+        sees a front that answers before its server does.
+        """
         assert server.process is not None
         pid = server.process.pid
+        front = [server.front.pid] if server.front_running() and server.front else []
         if sig == signal.SIGCONT:
             signal_all([*children_of(pid), pid], sig)
+            signal_all(front, sig)
         else:
+            signal_all(front, sig)
             # Stop the postmaster first so that it forks nothing we would miss.
             signal_all([pid], signal.SIGSTOP)
             signal_all([*children_of(pid), pid], sig)
 
     def _kill_server(self, server: _Server) -> None:
+        """SIGKILL the front (it stops listening at once), the postmaster and its backends."""
         assert server.process is not None
+        if server.front is not None:
+            with contextlib.suppress(ProcessLookupError):
+                server.front.kill()
+            server.front.wait()
+            self._close_front_pipes(server)
         pid = server.process.pid
         signal_all([pid], signal.SIGSTOP)
         backends = children_of(pid)
         signal_all([*backends, pid], signal.SIGKILL)
         server.process.wait()
+        self._forget(server.process)
         server.paused = False
         if not wait_gone(backends, timeout=5.0):
             logger.warning("backends of node %s outlived SIGKILL", server.node.name)

@@ -6,6 +6,10 @@ the fixtures available:
 - ``local_cluster``: a fresh 3-node strict cluster for one test; break it at will.
 - ``shared_cluster``: one 3-node strict cluster for the whole session, for
   read-only tests. Do not kill, stop, pause or change its nodes.
+
+Strict clusters put a pgproto front before each server, so clients meet
+Picodata's dialect (startup options, 42999, no cancel, stub transactions);
+``make_cluster(strict=False)`` is bare PostgreSQL.
 - ``make_cluster``: a factory, ``make_cluster(nodes=4, replication_factor=2)``,
   for tests that need other settings; every cluster it made is closed after
   the test.
