@@ -461,7 +461,11 @@ async def _open(config: ClusterConfig, backend: Backend | None) -> AsyncIterator
             return
         async with (
             open_backend(
-                config.dsn, config.connect_timeout, config.connect_kwargs, config.bridge
+                config.dsn,
+                config.connect_timeout,
+                config.connect_kwargs,
+                config.bridge,
+                config.startup_options,
             ) as real,
             _run_cluster(config, real) as cluster,
         ):

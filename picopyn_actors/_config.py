@@ -75,6 +75,81 @@ def _count(minimum: int, maximum: int) -> Any:
 
 #: How trio reaches asyncpg; see :class:`ClusterConfig`.
 BRIDGES = ("auto", "embedded", "trio-asyncio", "thread")
+#: What the servers speak; see :class:`ClusterConfig`.
+DIALECTS = ("picodata", "postgresql")
+
+# Picodata's session options (its ``options`` startup parameter) and how each
+# value is checked; read from Picodata's src/pgproto/client/startup.rs.
+_BOOLEAN_OPTIONS = frozenset({"pico_stmt_invalidation", "pico_query_metadata"})
+_COUNT_OPTIONS = frozenset({"sql_motion_row_max", "sql_vdbe_opcode_max"})
+_READ_PREFERENCES = ("leader", "replica", "any")
+PICO_OPTIONS = (
+    *sorted(_BOOLEAN_OPTIONS),
+    "read_preference",
+    *sorted(_COUNT_OPTIONS),
+    "forward",
+)
+#: What every connection sends unless the caller says otherwise: a statement
+#: whose tables changed fails with 42999 at Bind instead of running stale.
+DEFAULT_PICO_OPTIONS = {"pico_stmt_invalidation": "true"}
+
+
+def pico_options(value: object, where: str = "pico_options") -> dict[str, str]:
+    """Check Picodata session options and render their values as Picodata reads them.
+
+    ``value`` is a mapping (``{"read_preference": "replica"}``) or the text of
+    the ``options`` startup parameter (``"read_preference=replica,..."``).
+
+    Raises:
+        ConfigError: an unknown key, a malformed pair, or a bad value, named.
+    """
+    if isinstance(value, str):
+        pairs: dict[str, object] = {}
+        for pair in filter(None, value.split(",")):
+            key, equals, text = pair.partition("=")
+            if not equals or "=" in text:
+                raise ConfigError(f"{where}: {pair!r} is not a key=value pair")
+            pairs[key.strip()] = text.strip()
+        value = pairs
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of Picodata session options, got {value!r}")
+    checked: dict[str, str] = {}
+    for key, raw in value.items():
+        if key not in PICO_OPTIONS:
+            raise ConfigError(
+                f"{where}: unknown Picodata session option {key!r} (known: "
+                f"{', '.join(PICO_OPTIONS)})"
+            )
+        checked[key] = _pico_value(key, raw, where)
+    return checked
+
+
+def _pico_value(key: str, raw: object, where: str) -> str:
+    if key in _BOOLEAN_OPTIONS:
+        if isinstance(raw, bool):
+            return "true" if raw else "false"
+        if raw in ("true", "false"):
+            return str(raw)
+        raise ConfigError(f"{where}: {key} must be true or false, got {raw!r}")
+    if key in _COUNT_OPTIONS:
+        try:
+            number = int(raw) if isinstance(raw, int | str) and not isinstance(raw, bool) else -1
+        except ValueError:
+            number = -1
+        if not 0 <= number < 2**63:
+            raise ConfigError(f"{where}: {key} must be an integer >= 0, got {raw!r}")
+        return str(number)
+    if key == "read_preference":
+        if raw not in _READ_PREFERENCES:
+            raise ConfigError(
+                f"{where}: read_preference must be one of {', '.join(_READ_PREFERENCES)}, "
+                f"got {raw!r}"
+            )
+        return str(raw)
+    text = str(raw)
+    if not text or "," in text or "=" in text:
+        raise ConfigError(f"{where}: {key} needs a value without ',' or '=', got {raw!r}")
+    return text
 
 
 def _one_of(choices: tuple[str, ...]) -> Any:
@@ -116,6 +191,13 @@ class ClusterConfig:
         max_attempts: how many nodes one request may be tried on.
         drain_timeout: how long a drained node's in-flight requests may take.
         events_buffer: events kept per slow ``events()`` subscriber.
+        dialect: what the servers speak. ``"picodata"`` (the default): every
+            connection sends Picodata's session options (``pico_options``,
+            with ``pico_stmt_invalidation=true``). ``"postgresql"``: a plain
+            PostgreSQL server, which refuses those options; nothing is sent.
+        pico_options: Picodata session options, as ``{"read_preference":
+            "replica"}``, merged over ``pico_stmt_invalidation=true`` and over
+            the DSN's ``?options=``; see docs/dialect.md.
         bridge: how trio reaches asyncpg. ``"embedded"``: a plain asyncio loop
             driven by a trio task in trio's own thread (the fastest; see
             docs/benchmarks.md). ``"trio-asyncio"``: on the running trio-asyncio
@@ -146,6 +228,8 @@ class ClusterConfig:
     max_attempts: int = attrs.field(default=3, validator=_count(1, MAX_ATTEMPTS))
     drain_timeout: float = attrs.field(default=10.0, validator=_positive)
     events_buffer: int = attrs.field(default=256, validator=_count(1, MAX_EVENTS_BUFFER))
+    dialect: str = attrs.field(default="picodata", validator=_one_of(DIALECTS))
+    pico_options: Mapping[str, str] = attrs.field(factory=dict, converter=pico_options)
     bridge: str = attrs.field(default="auto", validator=_one_of(BRIDGES))
     connect_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -163,6 +247,19 @@ class ClusterConfig:
             )
         for key, value in self.connect_kwargs.items():
             _check_connect_kwarg(key, value)
+        if self.dialect == "postgresql" and self.pico_options:
+            raise ConfigError(
+                "pico_options (or a DSN ?options=) need dialect='picodata': a plain "
+                "PostgreSQL server refuses Picodata's session options"
+            )
+
+    @property
+    def startup_options(self) -> str | None:
+        """The ``options`` startup parameter every connection sends, or ``None``."""
+        if self.dialect != "picodata":
+            return None
+        merged = {**DEFAULT_PICO_OPTIONS, **self.pico_options}
+        return ",".join(f"{key}={value}" for key, value in merged.items())
 
     @classmethod
     def create(
@@ -178,6 +275,10 @@ class ClusterConfig:
         Options that are not fields of this class go to ``asyncpg.connect``.
         """
         parsed = parse_dsn(dsn)
+        dsn_options = dict(parsed.params).get("options")
+        if dsn_options is not None:
+            given = pico_options(options.get("pico_options") or {})
+            options["pico_options"] = {**pico_options(dsn_options, "the DSN's options"), **given}
         fields = {a.name for a in attrs.fields(cls)} - {"dsn", "selector", "connect_kwargs"}
         own = {k: v for k, v in options.items() if k in fields}
         connect_kwargs = {k: v for k, v in options.items() if k not in fields}
@@ -222,6 +323,9 @@ def _check_settings(value: object) -> str | None:
         for k, v in value.items()
     ):
         return "must be a mapping of setting names to string values"
+    picodata = sorted(k for k in value if k == "options" or k.startswith("pico_"))
+    if picodata:
+        return f"must not set {', '.join(picodata)}: pass Picodata session options as pico_options="
     return None
 
 

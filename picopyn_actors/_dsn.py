@@ -31,7 +31,7 @@ _PARAM_RE = re.compile(r"(?P<head>\bpassword=)[^&\s]*", re.I)
 # user:password@host without a scheme (a common typo).
 _BARE_RE = re.compile(r"^(?P<head>[^:/@\s]*:)(?P<pw>\S*)(?P<at>@)")
 _SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
-_QUERY_PARAMS = frozenset({"sslmode", "connect_timeout", "application_name"})
+_QUERY_PARAMS = frozenset({"sslmode", "connect_timeout", "application_name", "options"})
 
 
 @attrs.frozen(order=True)

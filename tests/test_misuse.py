@@ -403,3 +403,57 @@ async def test_client_connect_cancelled_leaves_nothing_open(autojump_clock: obje
 def test_client_refuses_unknown_keywords_at_construction() -> None:
     with pytest.raises(pa.ConfigError, match="bogus"):
         pa.Client(DSN, bogus=1)
+
+
+# -- Picodata's session options --------------------------------------------------------
+
+
+def test_every_connection_asks_for_statement_invalidation() -> None:
+    assert pa.ClusterConfig.create(DSN).startup_options == "pico_stmt_invalidation=true"
+
+
+def test_pico_options_are_merged_checked_and_rendered() -> None:
+    config = pa.ClusterConfig.create(
+        f"postgresql://admin:{SECRET}@h1/db?options=read_preference%3Dany%2Csql_motion_row_max%3D5",
+        pico_options={"read_preference": "replica", "pico_query_metadata": True},
+    )
+    assert config.startup_options == (
+        "pico_stmt_invalidation=true,read_preference=replica,sql_motion_row_max=5,"
+        "pico_query_metadata=true"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"bogus": "1"}, "unknown Picodata session option 'bogus'"),
+        ({"read_preference": "nearest"}, "read_preference must be one of"),
+        ({"pico_stmt_invalidation": "yes"}, "pico_stmt_invalidation must be true or false"),
+        ({"sql_vdbe_opcode_max": -1}, "sql_vdbe_opcode_max must be an integer"),
+        ({"sql_vdbe_opcode_max": True}, "sql_vdbe_opcode_max must be an integer"),
+        ("read_preference", "not a key=value pair"),
+        (42, "must be a mapping"),
+    ],
+)
+def test_bad_pico_options_are_refused_at_construction(options: object, named: str) -> None:
+    with pytest.raises(pa.ConfigError, match=named):
+        pa.open_cluster(DSN, pico_options=options)
+
+
+def test_a_bad_options_parameter_in_the_dsn_is_refused() -> None:
+    with pytest.raises(pa.ConfigError, match="the DSN's options"):
+        pa.open_cluster(f"postgresql://admin:{SECRET}@h1/db?options=read_preference")
+
+
+def test_plain_postgresql_sends_no_picodata_options() -> None:
+    assert pa.ClusterConfig.create(DSN, dialect="postgresql").startup_options is None
+    with pytest.raises(pa.ConfigError, match="dialect='picodata'"):
+        pa.open_cluster(DSN, dialect="postgresql", pico_options={"read_preference": "any"})
+    with pytest.raises(pa.ConfigError, match="dialect"):
+        pa.open_cluster(DSN, dialect="mysql")
+
+
+def test_picodata_options_cannot_hide_in_server_settings() -> None:
+    for key in ("options", "pico_stmt_invalidation"):
+        with pytest.raises(pa.ConfigError, match="pico_options="):
+            pa.open_cluster(DSN, server_settings={key: "x"})

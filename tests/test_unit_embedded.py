@@ -122,7 +122,7 @@ async def test_cancelling_a_wait_cancels_its_asyncio_task_promptly() -> None:
 async def test_a_task_that_ignores_cancellation_is_given_up_after_the_grace(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(embedded_module, "_CANCEL_GRACE", 0.1)
+    monkeypatch.setattr(embedded_module, "CANCEL_GRACE", 0.1)
     async with driven_loop() as loop:
 
         async def stubborn() -> None:

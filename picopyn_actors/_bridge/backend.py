@@ -23,9 +23,16 @@ log = logging.getLogger("picopyn_actors._bridge")
 
 
 def connect_options(
-    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any]
+    dsn: Dsn,
+    connect_timeout: float,
+    connect_kwargs: Mapping[str, Any],
+    startup_options: str | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """The connect timeout and ``asyncpg.connect`` keyword arguments for a DSN."""
+    """The connect timeout and ``asyncpg.connect`` keyword arguments for a DSN.
+
+    ``startup_options`` is Picodata's ``options`` startup parameter
+    (``ClusterConfig.startup_options``), sent as a server setting.
+    """
     kwargs: dict[str, Any] = dict(connect_kwargs)
     params = dict(dsn.params)
     if "sslmode" in params:
@@ -35,6 +42,10 @@ def connect_options(
     if "application_name" in params:
         settings = dict(kwargs.get("server_settings") or {})
         settings.setdefault("application_name", params["application_name"])
+        kwargs["server_settings"] = settings
+    if startup_options:
+        settings = dict(kwargs.get("server_settings") or {})
+        settings["options"] = startup_options
         kwargs["server_settings"] = settings
     kwargs.update(user=dsn.user, password=dsn.password, database=dsn.database)
     return connect_timeout, kwargs
@@ -49,8 +60,11 @@ class AsyncpgBackend:
         connect_timeout: float,
         connect_kwargs: Mapping[str, Any],
         runner: Runner,
+        startup_options: str | None = None,
     ) -> None:
-        self._timeout, self._kwargs = connect_options(dsn, connect_timeout, connect_kwargs)
+        self._timeout, self._kwargs = connect_options(
+            dsn, connect_timeout, connect_kwargs, startup_options
+        )
         self._runner = runner
         self._wrap = EmbeddedConnection if isinstance(runner, EmbeddedLoop) else BridgedConnection
 
@@ -77,7 +91,11 @@ class AsyncpgBackend:
 
 @asynccontextmanager
 async def open_backend(
-    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any], kind: str = "auto"
+    dsn: Dsn,
+    connect_timeout: float,
+    connect_kwargs: Mapping[str, Any],
+    kind: str = "auto",
+    startup_options: str | None = None,
 ) -> AsyncIterator[AsyncpgBackend]:
     """Yield a backend whose connections use the runner ``kind`` names.
 
@@ -88,15 +106,18 @@ async def open_backend(
     trio-asyncio loop, or a new one. ``"auto"``: the running trio-asyncio loop
     if there is one, else ``"embedded"``.
 
-    Leaving the block closes the runner, shielded and in bounded time.
+    Every connection sends ``startup_options`` (Picodata's session options)
+    when given. Leaving the block closes the runner, shielded and in bounded
+    time.
     """
     running = trio_asyncio.current_loop.get()
+    args = (dsn, connect_timeout, connect_kwargs)
     if kind == "auto":
         kind = "trio-asyncio" if running is not None else "embedded"
     if kind == "embedded":
         problem = self_check()
         if problem is None:
-            async with _embedded(dsn, connect_timeout, connect_kwargs) as backend:
+            async with _embedded(*args, startup_options) as backend:
                 yield backend
             return
         log.warning(
@@ -108,23 +129,26 @@ async def open_backend(
     if kind == "thread":
         bridge = LoopThread(trio.lowlevel.current_trio_token())
         try:
-            yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, bridge)
+            yield AsyncpgBackend(*args, bridge, startup_options)
         finally:
             with trio.CancelScope(shield=True):
                 await bridge.aclose()
         return
     if running is not None:
         install_handler(running)
-        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, TrioAsyncioRunner(running))
+        yield AsyncpgBackend(*args, TrioAsyncioRunner(running), startup_options)
         return
     async with trio_asyncio.open_loop() as new_loop:
         install_handler(new_loop)
-        yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, TrioAsyncioRunner(new_loop))
+        yield AsyncpgBackend(*args, TrioAsyncioRunner(new_loop), startup_options)
 
 
 @asynccontextmanager
 async def _embedded(
-    dsn: Dsn, connect_timeout: float, connect_kwargs: Mapping[str, Any]
+    dsn: Dsn,
+    connect_timeout: float,
+    connect_kwargs: Mapping[str, Any],
+    startup_options: str | None,
 ) -> AsyncIterator[AsyncpgBackend]:
     loop = EmbeddedLoop()
     async with trio.open_nursery() as nursery:
@@ -133,7 +157,7 @@ async def _embedded(
         # nursery that waits for it forever.
         nursery.start_soon(loop.drive, name="picopyn_actors asyncio driver")
         try:
-            yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, loop)
+            yield AsyncpgBackend(dsn, connect_timeout, connect_kwargs, loop, startup_options)
         finally:
             with trio.CancelScope(shield=True):
                 await loop.aclose()

@@ -109,10 +109,16 @@ class Runner(Protocol):
 
     kind: str
 
-    async def await_coro(self, factory: Callable[[], Any]) -> Any:
+    async def await_coro(
+        self, factory: Callable[[], Any], on_cancel: Callable[[], object] | None = None
+    ) -> Any:
         """Run ``factory()`` on the asyncio side; wait for it in trio.
 
-        Cancellation cancels the asyncio task and waits (a bounded time) for it to end.
+        Cancellation calls ``on_cancel()`` on the asyncio side when given (a
+        query passes its connection's ``terminate``: cancelling the asyncio
+        task would make asyncpg send a cancel request, which Picodata cannot
+        serve), else cancels the asyncio task; either way it waits, a bounded
+        time, for the task to end, then raises ``Cancelled``.
         """
 
     def start_coro(self, factory: Callable[[], Any], on_done: OnDone) -> None:

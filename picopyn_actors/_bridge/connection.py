@@ -38,7 +38,11 @@ class BridgedConnection:
     async def _call(self, factory: Callable[[], Any]) -> Any:
         if self._conn.is_closed():
             raise BackendBroken("connection is closed", sent=False)
-        return await classified(self._runner.await_coro(factory), sent=True)
+        # A cancelled query drops its connection: cancelling the asyncio task
+        # would make asyncpg send a cancel request, which Picodata cannot serve.
+        return await classified(
+            self._runner.await_coro(factory, on_cancel=self._conn.terminate), sent=True
+        )
 
     async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
         bound = getattr(self._conn, method)

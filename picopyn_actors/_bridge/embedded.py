@@ -94,8 +94,10 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         self.kick()
         return task
 
-    async def await_coro(self, factory: Callable[[], Any]) -> Any:
-        return await _await_on(self, factory())
+    async def await_coro(
+        self, factory: Callable[[], Any], on_cancel: Callable[[], object] | None = None
+    ) -> Any:
+        return await _await_on(self, factory(), on_cancel)
 
     def start_coro(self, factory: Callable[[], Any], on_done: OnDone) -> None:
         self.start_step(factory(), on_done)
@@ -232,7 +234,7 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
 
 # Seconds a cancelled wait gives its asyncio task to end, and :meth:`aclose`
 # gives every task, before trio stops waiting for them.
-_CANCEL_GRACE = 1.0
+CANCEL_GRACE = 1.0
 _CLOSE_GRACE = 1.0
 
 # Bytes asked of each recv() on a connection of the embedded loop.
@@ -326,9 +328,9 @@ class _Waiter:
         task, self.task = self.task, None
         if task is None:
             return
-        if self.raise_cancel is not None and (
-            isinstance(result, outcome.Error) and isinstance(result.error, asyncio.CancelledError)
-        ):
+        if self.raise_cancel is not None and isinstance(result, outcome.Error):
+            # Cancelled (or its connection dropped because of it): the
+            # caller's cancellation is what it sees.
             result = outcome.capture(self.raise_cancel)
         trio.lowlevel.reschedule(task, result)
 
@@ -347,13 +349,15 @@ class _Waiter:
             self.wake(outcome.Error(BackendBroken("the asyncio bridge closed", sent=True)))
 
 
-async def _await_on(loop: EmbeddedLoop, coro: Any) -> Any:
+async def _await_on(
+    loop: EmbeddedLoop, coro: Any, on_cancel: Callable[[], object] | None = None
+) -> Any:
     """Run ``coro`` on the embedded loop and wait for it in trio.
 
-    Cancellation cancels the asyncio task and waits for it to end, at most
-    ``_CANCEL_GRACE`` seconds (the loop keeps running meanwhile: its driver
-    is shielded); then the waiter raises ``Cancelled`` and the asyncio task
-    is left to finish on its own.
+    Cancellation calls ``on_cancel()`` (or cancels the asyncio task) and
+    waits for the task to end, at most ``CANCEL_GRACE`` seconds (the loop
+    keeps running meanwhile: its driver is shielded); then the waiter raises
+    ``Cancelled`` and the asyncio task is left to finish on its own.
     """
     aio_task = loop.start_task(coro)
     waiter = _Waiter(trio.lowlevel.current_task(), aio_task)
@@ -362,8 +366,11 @@ async def _await_on(loop: EmbeddedLoop, coro: Any) -> Any:
 
     def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         waiter.raise_cancel = raise_cancel
-        aio_task.cancel()
-        loop.call_later(_CANCEL_GRACE, waiter.give_up, loop)
+        if on_cancel is not None:
+            on_cancel()
+        else:
+            aio_task.cancel()
+        loop.call_later(CANCEL_GRACE, waiter.give_up, loop)
         loop.kick()
         return trio.lowlevel.Abort.FAILED
 

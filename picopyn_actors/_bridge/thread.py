@@ -31,15 +31,25 @@ from .errors import call_back, log_loop_error, task_outcome
 class _Job:
     """A coroutine to run on the asyncio side, and who to tell: a parked task or a callback."""
 
-    __slots__ = ("aio_task", "callback", "coro_factory", "outcome", "raise_cancel", "task")
+    __slots__ = (
+        "aio_task",
+        "callback",
+        "coro_factory",
+        "on_cancel",
+        "outcome",
+        "raise_cancel",
+        "task",
+    )
 
     def __init__(
         self,
         coro_factory: Any,
         task: trio.lowlevel.Task | None = None,
         callback: OnDone | None = None,
+        on_cancel: Callable[[], object] | None = None,
     ) -> None:
         self.coro_factory = coro_factory
+        self.on_cancel = on_cancel
         self.task = task
         self.callback = callback
         self.aio_task: asyncio.Task[Any] | None = None
@@ -94,12 +104,15 @@ class LoopThread:
         with suppress(BackendBroken):
             self.post(fn)
 
-    async def await_coro(self, coro_factory: Any) -> Any:
+    async def await_coro(
+        self, coro_factory: Any, on_cancel: Callable[[], object] | None = None
+    ) -> Any:
         """Run ``coro_factory()`` on the asyncio loop; wait for its outcome.
 
-        Cancellation cancels the asyncio task and waits for it to end.
+        Cancellation calls ``on_cancel()`` in the loop's thread (or cancels
+        the asyncio task) and waits for the task to end.
         """
-        job = _Job(coro_factory, task=trio.lowlevel.current_task())
+        job = _Job(coro_factory, task=trio.lowlevel.current_task(), on_cancel=on_cancel)
         self.post(job)
 
         def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
@@ -123,11 +136,7 @@ class LoopThread:
                 call_back(job.callback, result)
                 continue
             assert job.task is not None
-            if (
-                job.raise_cancel is not None
-                and isinstance(result, outcome.Error)
-                and isinstance(result.error, asyncio.CancelledError)
-            ):
+            if job.raise_cancel is not None and isinstance(result, outcome.Error):
                 result = outcome.capture(job.raise_cancel)
             reschedule(job.task, result)
 
@@ -143,9 +152,12 @@ class LoopThread:
                 item.aio_task = task = create_task(item.coro_factory())
                 task.add_done_callback(functools.partial(self._done, item))
             elif isinstance(item, _Cancel):
-                aio_task = item.job.aio_task
-                if aio_task is not None:
-                    aio_task.cancel()
+                job = item.job
+                if job.aio_task is not None and not job.aio_task.done():
+                    if job.on_cancel is not None:
+                        job.on_cancel()
+                    else:
+                        job.aio_task.cancel()
             else:
                 item()
 

@@ -11,7 +11,11 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .base import OnDone
+import outcome
+import trio
+
+from .base import BackendBroken, OnDone
+from .embedded import CANCEL_GRACE
 from .errors import call_back, task_outcome
 
 
@@ -23,8 +27,37 @@ class TrioAsyncioRunner:
     def __init__(self, loop: Any) -> None:
         self.loop = loop
 
-    async def await_coro(self, factory: Callable[[], Any]) -> Any:
-        return await self.loop.run_aio_coroutine(factory())
+    async def await_coro(
+        self, factory: Callable[[], Any], on_cancel: Callable[[], object] | None = None
+    ) -> Any:
+        task = self.loop.create_task(factory())
+        waiting: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        cancel: list[trio.lowlevel.RaiseCancelT] = []
+
+        def wake(result: outcome.Outcome[Any]) -> None:
+            nonlocal waiting
+            if waiting is None:
+                return
+            if cancel and isinstance(result, outcome.Error):
+                result = outcome.capture(cancel[0])
+            trio.lowlevel.reschedule(waiting, result)
+            waiting = None
+
+        task.add_done_callback(lambda t: wake(task_outcome(t)))
+
+        def give_up() -> None:
+            wake(outcome.Error(BackendBroken("operation cancelled", sent=True)))
+
+        def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            cancel.append(raise_cancel)
+            if on_cancel is not None:
+                on_cancel()
+            else:
+                task.cancel()
+            self.loop.call_later(CANCEL_GRACE, give_up)
+            return trio.lowlevel.Abort.FAILED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
 
     def start_coro(self, factory: Callable[[], Any], on_done: OnDone) -> None:
         # Done callbacks run on the trio-asyncio loop, that is, in trio.

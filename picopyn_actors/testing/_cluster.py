@@ -1206,7 +1206,7 @@ class LocalCluster:
             str(self._bins.psql), "-X", "-q", "-A", "-t", "-w",
             "-v", "ON_ERROR_STOP=1",
             "-h", str(self._socket_dir),
-            "-p", str(server.node.port),
+            "-p", str(server.pg_port),
             "-U", SUPERUSER,
             "-d", DATABASE,
         ]  # fmt: skip
