@@ -222,7 +222,12 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self._serve(task_status)
+                try:
+                    await self._serve(task_status)
+                finally:
+                    # At once, not after the node actors wound down: the bridge
+                    # closes the socket on its next turn, which must still come.
+                    self._drop_link()
         finally:
             self._drop_link()
 
