@@ -217,18 +217,31 @@ async def test_empty_catalog_on_another_node_then_the_seed_dies(
     assert seen.left({"i2"}) == []  # down, not retired: the catalog still says Online
 
 
-async def test_stale_catalog_listing_only_itself(local_cluster: LocalCluster, caplog: Any) -> None:
+@pytest.mark.parametrize(
+    ("stale", "judge"),
+    [
+        # i1 leads raft in the stand-in: its word about itself does not count, i2 is asked.
+        ("i1", "i2 (127.0.0.1:{i2}) disagrees; keeping the last good view"),
+        # i2 names i1 (by raft id: its copy lacks i1's row) and the leader's catalog wins.
+        ("i2", "the raft leader i1 disagrees; following the leader's catalog"),
+    ],
+)
+async def test_stale_catalog_listing_only_itself(
+    local_cluster: LocalCluster, caplog: Any, stale: str, judge: str
+) -> None:
     lc = local_cluster
 
     async def bend(cluster: pa.Cluster, backend: CountingBackend) -> None:
-        await edit(lc, "i1", "DELETE FROM public._pico_instance WHERE name <> 'i1'")
+        await edit(lc, stale, f"DELETE FROM public._pico_instance WHERE name <> '{stale}'")
 
-    seen = await under_load(lc, caplog, bend)
-    check(seen, "stale catalog (only its own row)", {"i1", "i2", "i3"})
-    warning = one_warning(seen, "i1", "i2, i3", "a majority", "disagrees")
-    assert "keeping the last good view" in warning
+    # Discovery rides the first seed: the stale node.
+    seen = await under_load(lc, caplog, bend, seeds=(stale,))
+    check(seen, f"stale catalog (only its own row) on {stale}", {"i1", "i2", "i3"})
+    others = ", ".join(n for n in ("i1", "i2", "i3") if n != stale)
+    judge = judge.format(i2=lc.node("i2").port)
+    one_warning(seen, stale, f"would stop {others} (2 of 3 serving nodes, a majority)", judge)
     assert seen.views_rejected == 1
-    assert any("disagrees" in r for r in seen.notes("i1"))
+    assert any(judge in r for r in seen.notes(stale))
 
 
 # ---------------------------------------------------------------- rows that cannot be used
