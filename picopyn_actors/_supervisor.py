@@ -1,11 +1,35 @@
 """The supervisor actor: periodic discovery, and the node actors' lifecycle.
 
-Every ``discovery_interval`` it reads the catalog from any live node, falling
-back through every node it knows and then every seed host of the DSN, so one
-dead node (the seed included) never stops discovery. It diffs the result
-against the running node actors (:func:`~._topology.diff`, a pure function)
-and starts, drains, retires and wakes node actors accordingly. A node actor
-that crashes is logged and started again by the next discovery.
+Every ``discovery_interval`` it reads the catalog on a connection of its own,
+kept open between runs (an idle client logs in nowhere), and opens another
+only when that one breaks or is too slow. It falls back through the nodes it
+knows and then every seed host of the DSN, so one dead or hung node (the
+seed included) never stops discovery. Each attempt at one node has a
+deadline (:func:`~._topology.discovery_deadline`); a connection that outlives
+it is terminated, and the node is asked last for a while.
+
+No single node's word is taken on trust (the pure decisions are in
+:mod:`._topology`):
+
+* a view is accepted only when it is sane (:func:`~._topology.check_view`);
+* a row that cannot be used, or two nodes on one address, never take a node
+  out of service (:func:`~._topology.guard`);
+* a plan that would drain or retire nodes serving now is first confirmed
+  (:func:`~._topology.confirmation`) by the raft leader's catalog, when the
+  answering node names another node as leader and it answers, or else by a
+  second node whose view stops the same nodes. Otherwise the last good view
+  is kept, and the node that disagreed is named in one WARNING.
+
+Each warning is logged once, and again only after :data:`QUIET_PERIOD` without
+it; a warning about a node that has an actor also goes to the event stream
+as a :class:`NodeEvent` whose ``old`` and ``new`` states are the same (a note:
+nothing changed on the client). ``views_rejected`` counts the views not acted
+on, ``discovery_connects`` the connections discovery opened.
+
+It then diffs the accepted view against the running node actors
+(:func:`~._topology.diff`), and starts (at most one per address), drains,
+retires and wakes node actors accordingly. A node actor that crashes is
+logged and started again by the next discovery.
 
 Example (inside the library)::
 
@@ -18,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 import attrs
 import trio
@@ -28,22 +52,43 @@ from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Message
 from ._dsn import Address
 from ._errors import NoNodesAvailable
-from ._events import EventHub, NodeState, NodeStatistics
+from ._events import EventHub, NodeEvent, NodeState, NodeStatistics
 from ._identity import instance_uuid
 from ._node import NodeActor, Stop, UpdateInfo, Wake, backoff_delay
 from ._topology import (
     DISCOVERY_QUERY,
+    LEADER_QUERIES,
     MASTERS_QUERY,
+    Confirmation,
     NodeInfo,
+    Note,
     Role,
     Topology,
+    agrees,
     build_topology,
     check_tiers,
+    check_view,
+    confirmation,
     diff,
+    discovery_deadline,
+    find_node,
+    guard,
+    order_addresses,
 )
 
 log = logging.getLogger(__name__)
 
+#: A warning about the same thing is logged again only after this many
+#: seconds in which it did not happen.
+QUIET_PERIOD = 60.0
+#: A node that was too slow, or whose catalog was rejected, is asked last for
+#: this many discovery intervals, and at least ``_AVOID_MIN`` seconds.
+_AVOID_INTERVALS = 10
+_AVOID_MIN = 10.0
+#: Nodes asked for a second opinion in one run, at most.
+_SECOND_OPINIONS = 3
+#: Client states in which a node serves requests (or is about to again).
+_SERVING = frozenset({NodeState.UP, NodeState.SUSPECT})
 
 
 class DiscoveryFailed(Exception):
@@ -54,9 +99,64 @@ class DiscoveryFailed(Exception):
         super().__init__("; ".join(f"{a}: {e}" for a, e in errors.items()))
 
 
+@attrs.define
+class WarnOnce:
+    """Rate limit for warnings: a key is ready when it was not seen for ``quiet`` seconds.
+
+    Every call counts as seeing the key, so a condition that persists is told
+    once, however often it is seen. Keys not seen for ``quiet`` seconds are
+    forgotten, so the bookkeeping stays bounded.
+    """
+
+    quiet: float
+    _seen: dict[Hashable, float] = attrs.field(init=False, factory=dict)
+
+    def __call__(self, key: Hashable, now: float) -> bool:
+        """Record ``key`` as seen at ``now``; ``True`` when it should be told."""
+        last = self._seen.pop(key, None)
+        self._seen[key] = now
+        if len(self._seen) > 64:
+            self._seen = {k: t for k, t in self._seen.items() if now - t < self.quiet}
+        return last is None or now - last >= self.quiet
+
+
+@attrs.define(eq=False)
+class _Link:
+    """A discovery connection, and the uuid its server gave (once per connection)."""
+
+    address: Address
+    conn: Connection
+    uuid: str | None = None
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.conn.terminate()
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.conn.is_closed()
+
+
+def _fold(total: NodeStatistics, more: NodeStatistics) -> NodeStatistics:
+    """Field by field sum of two counter snapshots."""
+    names = [f.name for f in attrs.fields(NodeStatistics)]
+    return NodeStatistics(**{n: getattr(total, n) + getattr(more, n) for n in names})
+
+
 @attrs.define(eq=False)
 class Supervisor:
-    """Discovery and node actor lifecycle; see the module docstring."""
+    """Discovery and node actor lifecycle; see the module docstring.
+
+    Counters (read them any time):
+
+    Attributes:
+        discovery_runs: discovery runs whose view was accepted.
+        discovery_failures: runs in which no node gave a usable view.
+        views_rejected: views not acted on: not sane, or stopping serving
+            nodes without confirmation, or contradicted by the raft leader.
+        discovery_connects: connections discovery opened (or tried to).
+    """
 
     config: ClusterConfig
     backend: Backend
@@ -67,13 +167,19 @@ class Supervisor:
 
     discovery_runs: int = attrs.field(init=False, default=0)
     discovery_failures: int = attrs.field(init=False, default=0)
+    views_rejected: int = attrs.field(init=False, default=0)
+    discovery_connects: int = attrs.field(init=False, default=0)
     topology: Topology | None = attrs.field(init=False, default=None)
     last_discovery_error: str | None = attrs.field(init=False, default=None)
     _actors: dict[str, NodeActor] = attrs.field(init=False, factory=dict)
     _leaving: set[NodeActor] = attrs.field(init=False, factory=set)
-    _retired_stats: list[NodeStatistics] = attrs.field(init=False, factory=list)
+    _retired_total: NodeStatistics = attrs.field(init=False, factory=NodeStatistics)
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+    _link: _Link | None = attrs.field(init=False, default=None)
+    _opened: list[_Link] = attrs.field(init=False, factory=list)
+    _avoid: dict[Address, float] = attrs.field(init=False, factory=dict)
+    _warn_once: WarnOnce = attrs.field(init=False, factory=lambda: WarnOnce(QUIET_PERIOD))
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -90,8 +196,17 @@ class Supervisor:
         return [*self._actors.values(), *self._leaving]
 
     def retired_statistics(self) -> list[NodeStatistics]:
-        """Counters of node actors that have stopped."""
-        return list(self._retired_stats)
+        """Counters of every node actor that has stopped, folded into one total.
+
+        A list (of one), so that callers can sum it with the live actors'
+        counters; its size never grows with churn.
+        """
+        return [self._retired_total]
+
+    @property
+    def discovery_address(self) -> Address | None:
+        """Where the long-lived discovery connection goes now, if it is open."""
+        return self._link.address if self._link is not None else None
 
     # -- the actor -------------------------------------------------------------------
 
@@ -100,102 +215,177 @@ class Supervisor:
 
         Raises :class:`NoNodesAvailable` (before ``started``) when the first
         discovery fails on every seed host within ``connect_timeout``, and
-        :class:`ConfigError` when a requested tier does not exist.
+        :class:`ConfigError` when a requested tier does not exist. On the way
+        out (cancellation included) the discovery connection is terminated.
         """
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._serve(task_status)
+                finally:
+                    # At once, not after the node actors wound down: the bridge
+                    # closes the socket on its next turn, which must still come.
+                    self._drop_link()
+        finally:
+            self._drop_link()
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            topology = await self.discover()
+        except DiscoveryFailed as exc:
+            raise NoNodesAvailable(
+                f"discovery failed on every seed host of {self.config.dsn}; check the "
+                "DSN, the password and that the nodes are reachable",
+                exc.errors,
+            ) from None
+        if topology is not None:
+            check_tiers(self.config.selector, topology)
+            await self.apply(topology)
+        task_status.started()
+        interval = self.config.discovery_interval
+        deadline = trio.current_time() + interval
+        failures = 0
+        while True:
+            await trio.sleep_until(deadline)
+            # Reschedule first, so that a slow or failing run never loses the beat.
+            deadline = max(deadline + interval, trio.current_time())
             try:
                 topology = await self.discover()
             except DiscoveryFailed as exc:
-                raise NoNodesAvailable(
-                    f"discovery failed on every seed host of {self.config.dsn}; check the "
-                    "DSN, the password and that the nodes are reachable",
-                    exc.errors,
-                ) from None
-            check_tiers(self.config.selector, topology)
-            await self.apply(topology)
-            task_status.started()
-            interval = self.config.discovery_interval
-            deadline = trio.current_time() + interval
+                # Every node refused: back off like the node actors do,
+                # so that a dead cluster is not hammered.
+                failures += 1
+                pause = backoff_delay(failures, interval, max(interval, self.config.backoff_max))
+                deadline = trio.current_time() + pause
+                log.warning(
+                    "discovery failed on every known node (next try in %.2fs): %s", pause, exc
+                )
+                continue
             failures = 0
-            while True:
-                await trio.sleep_until(deadline)
-                # Reschedule first, so that a slow or failing run never loses the beat.
-                deadline = max(deadline + interval, trio.current_time())
-                try:
-                    topology = await self.discover()
-                except DiscoveryFailed as exc:
-                    # Every node refused: back off like the node actors do,
-                    # so that a dead cluster is not hammered.
-                    failures += 1
-                    pause = backoff_delay(
-                        failures, interval, max(interval, self.config.backoff_max)
-                    )
-                    deadline = trio.current_time() + pause
-                    log.warning(
-                        "discovery failed on every known node (next try in %.2fs): %s", pause, exc
-                    )
-                    continue
-                failures = 0
+            if topology is not None:
                 await self.apply(topology)
 
+    # -- one discovery run -------------------------------------------------------------
+
     def _addresses(self) -> list[Address]:
-        """Where to ask, in order: nodes that are up, other known nodes, seeds."""
-        seen: set[Address] = set()
-        ordered: list[Address] = []
+        """Where to ask, in order: the open discovery connection, nodes that are
+        up, other known nodes, seeds; nodes that were slow or wrong lately last."""
+        now = trio.current_time()
+        self._avoid = {a: until for a, until in self._avoid.items() if until > now}
+        actors = sorted(self._actors.values(), key=lambda a: a.name)
+        groups: list[Iterable[Address]] = [
+            [self._link.address] if self._link is not None else [],
+            [a.info.address for a in actors if a.state.routable],
+            [a.info.address for a in actors],
+            [n.address for n in self.topology.nodes.values()] if self.topology else [],
+            self.config.dsn.hosts,
+        ]
+        return order_addresses(groups, self._avoid)
 
-        def add(addresses: Iterable[Address]) -> None:
-            for address in addresses:
-                if address not in seen:
-                    seen.add(address)
-                    ordered.append(address)
+    def _serving(self) -> frozenset[str]:
+        return frozenset(n for n, a in self._actors.items() if a.state in _SERVING)
 
-        actors = self.actors()
-        add(a.info.address for a in actors if a.state.routable)
-        add(a.info.address for a in actors)
-        if self.topology is not None:
-            add(n.address for n in self.topology.nodes.values())
-        add(self.config.dsn.hosts)
-        return ordered
+    def _running(self) -> dict[str, NodeInfo]:
+        return {name: actor.info for name, actor in self._actors.items()}
 
-    async def discover(self) -> Topology:
-        """One discovery run, trying every known address in turn.
+    def _known(self) -> dict[str, NodeInfo]:
+        """The last good entry of every node: the last accepted view, then the actors'."""
+        known = dict(self.topology.nodes) if self.topology is not None else {}
+        known.update(self._running())
+        return known
 
-        The run as a whole gets ``connect_timeout``, shared among the
-        addresses, so that a hung first seed cannot use up the time of the
-        others.
+    async def discover(self) -> Topology | None:
+        """One discovery run: the view to act on, or ``None`` to keep the last good one.
+
+        Every address is tried in turn (see :meth:`_addresses`) until one
+        gives a sane view. The first run shares ``connect_timeout`` among the
+        seed hosts; later runs give each attempt the discovery deadline.
+        Links opened here and not kept are terminated, whatever happens.
+
+        Raises:
+            DiscoveryFailed: no address gave a sane view.
         """
         errors: dict[str, str] = {}
         addresses = self._addresses()
-        up = {a.info.address for a in self._actors.values() if a.state.routable}
-        timeout = self.config.connect_timeout
-        share = max(timeout / len(addresses), min(1.0, timeout))
-        for address in addresses:
-            try:
-                # A node that is up gets the whole time (a slow catalog read is
-                # not a dead node); others share it, so that a hung seed cannot
-                # use up the time of the rest.
-                topology = await self._discover_from(address, timeout if address in up else share)
-            except BackendBroken as exc:
-                errors[str(address)] = exc.message
-                continue
-            except BackendQueryError as exc:
-                errors[str(address)] = f"discovery query failed: {exc.message}"
-                continue
-            self.discovery_runs += 1
-            self.topology = topology
-            self.last_discovery_error = None
-            return topology
+        serving = self._serving()
+        if self.topology is None:
+            timeout = self.config.connect_timeout
+            each = max(timeout / len(addresses), min(1.0, timeout))
+        else:
+            each = discovery_deadline(self.config.connect_timeout, self.config.discovery_interval)
+        try:
+            for address in addresses:
+                link = self._take_link(address)
+                try:
+                    link, view = await self._read(address, link, each)
+                except (BackendBroken, BackendQueryError) as exc:
+                    errors[str(address)] = self._attempt_failed(address, exc, each)
+                    continue
+                problem = check_view(view, serving)
+                if problem is not None:
+                    self._abandon(link, None)
+                    self._rejected(view, link.address, f"its catalog is rejected: {problem}")
+                    errors[str(address)] = f"catalog rejected: {problem}"
+                    continue
+                return await self._judge(link, view, serving, each)
+        finally:
+            self._close_unkept()
         self.discovery_failures += 1
         self.last_discovery_error = "; ".join(f"{a}: {e}" for a, e in errors.items())
         raise DiscoveryFailed(errors)
 
-    async def _discover_from(self, address: Address, timeout: float) -> Topology:
-        conn: Connection | None = None
+    def _take_link(self, address: Address) -> _Link | None:
+        """The long-lived link, if it goes to ``address`` and is still open."""
+        link = self._link
+        if link is None or link.address != address:
+            return None
+        if not link.usable:
+            self._drop_link()
+            return None
+        return link
+
+    def _keep(self, link: _Link) -> None:
+        """Make ``link`` the long-lived discovery connection (unless it was closed)."""
+        if self._link is not link:
+            self._drop_link()
+            if link.usable:
+                self._link = link
+
+    def _drop_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    def _close_unkept(self) -> None:
+        opened, self._opened = self._opened, []
+        for link in opened:
+            if link is not self._link:
+                link.close()
+
+    async def _read(
+        self, address: Address, link: _Link | None, timeout: float
+    ) -> tuple[_Link, Topology]:
+        """Read the catalog at ``address``, on ``link`` or on a new connection.
+
+        On any failure the connection is terminated (a query cut off by the
+        deadline must not keep a session waiting on the server).
+
+        Raises:
+            BackendBroken: cannot connect, the connection broke, or no answer
+                within ``timeout`` (``timed_out``).
+            BackendQueryError: the server rejected the discovery query.
+        """
+        conn = link.conn if link is not None else None
         try:
             with trio.fail_after(timeout):
-                conn = await self.backend.connect(address)
-                source = await self._self_name(conn)
+                if link is None:
+                    self.discovery_connects += 1
+                    conn = await self.backend.connect(address)
+                    link = _Link(address, conn)
+                    self._opened.append(link)
+                    link.uuid = await self._ask_uuid(conn)
+                assert conn is not None
                 rows = await conn.run("fetch", DISCOVERY_QUERY, ())
                 masters: dict[str, str | None] = {}
                 if self.config.selector.role is not Role.ANY:
@@ -204,34 +394,276 @@ class Supervisor:
                         for r in await conn.run("fetch", MASTERS_QUERY, ())
                     }
         except trio.TooSlowError:
-            raise BackendBroken(f"discovery timed out after {timeout}s", sent=False) from None
-        finally:
-            if conn is not None:
-                conn.terminate()
-        topology = build_topology(rows, masters, source=source or str(address))
-        log.debug("discovery from %s: %d nodes", address, len(topology.nodes))
-        return topology
+            self._abandon(link, conn)
+            raise BackendBroken(
+                f"discovery got no answer within {timeout:.2f}s", sent=False, timed_out=True
+            ) from None
+        except BaseException:
+            self._abandon(link, conn)
+            raise
+        view = build_topology(rows, masters, source=str(address), source_uuid=link.uuid)
+        name = self._name_of(view, address)
+        if name is not None:
+            view = attrs.evolve(view, source=f"{name} ({address})")
+        log.debug("discovery from %s: %d nodes", view.source, len(view.nodes))
+        return link, view
 
-    async def _self_name(self, conn: Connection) -> str | None:
-        """Which instance answered (see :func:`~._identity.instance_uuid`)."""
+    def _abandon(self, link: _Link | None, conn: Connection | None) -> None:
+        """Terminate a discovery connection that failed or ran out of time."""
+        if link is not None:
+            link.close()
+            if self._link is link:
+                self._link = None
+        elif conn is not None:
+            conn.terminate()
+
+    def _name_of(self, view: Topology, address: Address) -> str | None:
+        """The node that answered ``view``: by the uuid it gave, else by its address."""
+        uuid = view.source_uuid
+        if uuid is not None:
+            name = view.named(uuid)
+            if name is not None:
+                return name
+            node = find_node(uuid, self._known().values())
+            if node is not None:
+                return node.name
+        for name, info in self._running().items():
+            if info.address == address:
+                return name
+        return None
+
+    async def _ask_uuid(self, conn: Connection) -> str | None:
+        """Which instance answers (see :func:`~._identity.instance_uuid`)."""
         return await instance_uuid(conn, self.backend)
 
+    def _attempt_failed(
+        self, address: Address, exc: BackendBroken | BackendQueryError, timeout: float
+    ) -> str:
+        if isinstance(exc, BackendQueryError):
+            log.debug("discovery at %s: query failed: %s", address, exc.message)
+            return f"discovery query failed: {exc.message}"
+        if exc.timed_out:
+            pause = self._avoid_address(address)
+            if self._warn_once(("slow", address), trio.current_time()):
+                what = (
+                    f"within {timeout:.2f}s; its connection was terminated, and it is "
+                    f"asked last for the next {pause:.0f}s"
+                )
+                log.warning("discovery: no answer from %s %s", address, what)
+                for name, info in self._running().items():
+                    if info.address == address:
+                        self._note(name, f"no answer to discovery {what}")
+        else:
+            log.debug("discovery at %s failed: %s", address, exc.message)
+        return exc.message
+
+    def _avoid_address(self, address: Address) -> float:
+        pause = max(_AVOID_MIN, _AVOID_INTERVALS * self.config.discovery_interval)
+        self._avoid[address] = trio.current_time() + pause
+        return pause
+
+    # -- trusting a view -------------------------------------------------------------
+
+    async def _judge(
+        self, link: _Link, view: Topology, serving: frozenset[str], timeout: float
+    ) -> Topology | None:
+        """Accept ``view``, confirm it first, or keep the last good view (``None``)."""
+        running, known = self._running(), self._known()
+        guarded, notes = guard(view, known, running)
+        plan = diff(running, guarded, self.config.selector)
+        needed = confirmation(plan, serving)
+        if needed is None:
+            return self._accept(link, guarded, notes)
+        leader = await self._leader_of(link, view, timeout)
+        if (
+            leader is not None
+            and leader.address != link.address
+            and leader.uuid != link.uuid
+            and leader.address not in self._avoid
+        ):
+            answer = await self._second_view(leader.address, serving, timeout)
+            if answer is not None:
+                leader_link, leader_view = answer
+                leader_guarded, leader_notes = guard(leader_view, known, running)
+                if not agrees(needed, diff(running, leader_guarded, self.config.selector)):
+                    self._disagreed(
+                        view,
+                        link,
+                        needed,
+                        f"the raft leader {leader.name}",
+                        "following the leader's catalog",
+                    )
+                else:
+                    log.info(
+                        "discovery: the raft leader %s confirms the catalog of %s: stopping %s",
+                        leader.name,
+                        view.source,
+                        needed,
+                    )
+                # The leader has the freshest catalog: ride it from now on.
+                return self._accept(leader_link, leader_guarded, leader_notes)
+        return await self._second_opinion(link, view, guarded, notes, needed, serving, timeout)
+
+    async def _second_opinion(
+        self,
+        link: _Link,
+        view: Topology,
+        guarded: Topology,
+        notes: tuple[Note, ...],
+        needed: Confirmation,
+        serving: frozenset[str],
+        timeout: float,
+    ) -> Topology | None:
+        """Ask other nodes (those staying first) whether they stop the same nodes."""
+        running, known = self._running(), self._known()
+        staying = [
+            info.address
+            for name, info in sorted(running.items())
+            if name in serving and name not in needed.stops
+        ]
+        stopping = [running[name].address for name in sorted(needed.stops)]
+        others = [n.address for n in guarded.nodes.values() if n.routable]
+        # A node that was slow or wrong lately is not asked for an opinion.
+        ordered = order_addresses([staying, stopping, others], self._avoid)
+        candidates = [a for a in ordered if a != link.address and a not in self._avoid]
+        for address in candidates[:_SECOND_OPINIONS]:
+            answer = await self._second_view(address, serving, timeout)
+            if answer is None:
+                continue
+            other_link, other_view = answer
+            other_guarded, _ = guard(other_view, known, running)
+            if agrees(needed, diff(running, other_guarded, self.config.selector)):
+                log.info(
+                    "discovery: %s confirms the catalog of %s: stopping %s",
+                    other_view.source,
+                    view.source,
+                    needed,
+                )
+                return self._accept(link, guarded, notes)
+            # They disagree: act on neither; ride the node that disagreed, so
+            # that the next run reads a catalog that may be sane.
+            self._disagreed(view, link, needed, other_view.source)
+            self._abandon(link, None)
+            self._keep(other_link)
+            return None
+        self._disagreed(view, link, needed, None)
+        self._keep(link)
+        return None
+
+    async def _second_view(
+        self, address: Address, serving: frozenset[str], timeout: float
+    ) -> tuple[_Link, Topology] | None:
+        """A sane view read on a new connection to ``address``, or ``None``."""
+        try:
+            link, view = await self._read(address, None, timeout)
+        except (BackendBroken, BackendQueryError) as exc:
+            self._attempt_failed(address, exc, timeout)
+            return None
+        problem = check_view(view, serving)
+        if problem is not None:
+            log.debug("discovery: second view from %s is not sane: %s", view.source, problem)
+            link.close()
+            return None
+        return link, view
+
+    async def _leader_of(self, link: _Link, view: Topology, timeout: float) -> NodeInfo | None:
+        """The raft leader as the node behind ``link`` knows it, if it can say."""
+        with trio.move_on_after(timeout) as scope:
+            for query in LEADER_QUERIES:
+                try:
+                    value = await link.conn.run("fetchval", query, ())
+                except BackendQueryError:
+                    continue
+                except BackendBroken:
+                    return None
+                if value is None:
+                    continue
+                key: str | int = str(value) if query == LEADER_QUERIES[0] else int(value)
+                return find_node(key, view.nodes.values(), self._known().values())
+        if scope.cancelled_caught:
+            self._abandon(link, None)  # a query may still run on it
+        return None
+
+    def _accept(self, link: _Link, view: Topology, notes: Iterable[Note]) -> Topology:
+        self._keep(link)
+        self.topology = view
+        self.discovery_runs += 1
+        self.last_discovery_error = None
+        now = trio.current_time()
+        for note in notes:
+            if self._warn_once((note.kind, note.node or note.message), now):
+                log.warning("discovery: %s", note.message)
+                for name in (note.node, *note.others):
+                    if name is not None:
+                        self._note(name, note.message)
+        # A node that is leaving is a poor source: read another from the next run on.
+        name = view.named(link.uuid) if link.uuid is not None else None
+        me = view.nodes.get(name) if name is not None else None
+        if name is not None and (me is None or not me.routable):
+            self._drop_link()
+        return view
+
+    def _rejected(
+        self, view: Topology, address: Address, why: str, action: str = "keeping the last good view"
+    ) -> None:
+        """A view not acted on: count it, ask its node last, tell once."""
+        self.views_rejected += 1
+        self._avoid_address(address)
+        name = self._name_of(view, address)
+        if self._warn_once(("rejected", name or address), trio.current_time()):
+            log.warning("discovery: %s: %s; %s", view.source, why, action)
+            if name is not None:
+                self._note(name, f"{why}; {action}")
+
+    def _disagreed(
+        self,
+        view: Topology,
+        link: _Link,
+        needed: Confirmation,
+        other: str | None,
+        action: str = "keeping the last good view",
+    ) -> None:
+        if other is None:
+            why = f"its catalog would stop {needed}, and no other node could confirm it"
+        else:
+            why = f"its catalog would stop {needed}, and {other} disagrees"
+        self._rejected(view, link.address, why, action)
+
+    def _note(self, name: str, reason: str) -> None:
+        """Publish a note about node ``name``: an event with its state unchanged."""
+        actor = self._actors.get(name)
+        if actor is not None:
+            state = actor.state
+            self.hub.publish(NodeEvent(name, state, state, reason, trio.current_time()))
+
+    # -- acting on a view --------------------------------------------------------------
+
     async def apply(self, topology: Topology) -> None:
-        """Start, stop and wake node actors to match ``topology``."""
-        running = {name: actor.info for name, actor in self._actors.items()}
-        plan = diff(running, topology, self.config.selector)
+        """Start, stop and wake node actors to match ``topology``.
+
+        Each stopped node gets the plan's reason; a node whose address is
+        served already (by another node actor) is not started.
+        """
+        plan = diff(self._running(), topology, self.config.selector)
         for info in plan.update:
             await self._actors[info.name].control.send(UpdateInfo(info))
         for name in plan.wake:
             await self._actors[name].control.send(Wake())
-        for name in plan.drain:
-            info = topology.nodes[name]
-            await self._stop(name, f"catalog: current {info.current}, target {info.target}")
-        for name in plan.retire:
-            info_or_none = topology.nodes.get(name)
-            reason = "expelled" if info_or_none is not None else "no longer in the catalog"
-            await self._stop(name, reason)
+        for name in (*plan.drain, *plan.retire):
+            await self._stop(name, plan.reasons.get(name, "catalog"))
+        serving_at = {actor.info.address: name for name, actor in self._actors.items()}
         for info in plan.start:
+            holder = serving_at.get(info.address)
+            if holder is not None:
+                if self._warn_once(("duplicate-address", info.name), trio.current_time()):
+                    log.warning(
+                        "discovery: node %s not started: its address %s is served as node %s",
+                        info.name,
+                        info.address,
+                        holder,
+                    )
+                continue
+            serving_at[info.address] = info.name
             await self._start(info)
 
     async def _stop(self, name: str, reason: str) -> None:
@@ -270,4 +702,4 @@ class Supervisor:
             if self._actors.get(actor.name) is actor:
                 del self._actors[actor.name]
             self._leaving.discard(actor)
-            self._retired_stats.append(actor.statistics())
+            self._retired_total = _fold(self._retired_total, actor.statistics())

@@ -1,10 +1,15 @@
 """Actor tests on the fake backend in virtual time: opening, discovery and the
-catalog (drain, expel, join, seed failures, tiers and roles).
+catalog (drain, expel, join, seed failures, tiers and roles), and trusting no
+single node's word (bent catalogs, confirmation, the discovery connection and
+its deadline, bounded bookkeeping).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -12,6 +17,7 @@ import trio.testing
 from fakes import (
     PASSWORD,
     FakeCluster,
+    FakeNode,
     Outcomes,
     bound_every_test,
     drain_events,
@@ -29,6 +35,9 @@ from picopyn_actors import (
     NoNodesAvailable,
     open_cluster,
 )
+from picopyn_actors._bridge import BackendQueryError
+from picopyn_actors._supervisor import QUIET_PERIOD, WarnOnce
+from picopyn_actors._topology import DISCOVERY_QUERY, LEADER_QUERIES
 
 UP = NodeState.UP
 DOWN = NodeState.DOWN
@@ -156,17 +165,21 @@ async def test_discovery_falls_back_to_instance_uuid(autojump_clock: object) -> 
 
     async with fake.open(discovery_interval=1.0) as cluster:
         await wait_all_states(cluster, fake.nodes, UP)
-        tried = calls("SELECT pico_instance_uuid()")
         fake.add_node()
         await wait_state(cluster, "i3", UP)
+        # The discovery connection breaks: the next one is asked instance_uuid() first.
+        fake["i1"].drop_connections()
+        await trio.sleep(2.5)
         stats = cluster.statistics()
-    assert stats.discovery_runs >= 2
+        connects = cluster._supervisor.discovery_connects
+    assert stats.discovery_runs >= 4
     assert stats.discovery_failures == 0
-    # Once pico_instance_uuid() failed, instance_uuid() is asked, and asked first:
-    # by every discovery run, and by each node session's identity check.
-    assert tried == 1
-    assert calls("SELECT pico_instance_uuid()") == tried
-    assert calls("SELECT instance_uuid()") == stats.discovery_runs + len(fake.nodes)
+    assert connects == 2
+    # pico_instance_uuid() failed once; then instance_uuid() is asked first:
+    # once per discovery connection (not once per run), and by each node
+    # session's identity check.
+    assert calls("SELECT pico_instance_uuid()") == 1
+    assert calls("SELECT instance_uuid()") == connects + len(fake.nodes)
 
 
 # -- the catalog changes ------------------------------------------------------------------
@@ -457,6 +470,333 @@ async def test_slow_but_healthy_catalog_is_still_discovered(autojump_clock: obje
         new_state = state_of(cluster, "i7")
     assert stats.discovery_failures == 0
     assert new_state is UP
+
+
+# -- trusting the catalog ----------------------------------------------------------------------
+
+SUPERVISOR = "picopyn_actors._supervisor"
+
+
+def bend(
+    node: FakeNode,
+    *,
+    rows: Callable[[], list[dict[str, Any]]] | None = None,
+    leader: Callable[[], str | None] | None = None,
+    refuse: str | None = None,
+) -> None:
+    """Give one fake node a catalog of its own: ``rows`` for the discovery query,
+    ``leader`` for ``pico_raft_leader_uuid()``, or ``refuse`` the discovery query."""
+    real = node.answer
+
+    def shaped(method: str, result: list[dict[str, Any]]) -> Any:
+        if method == "fetch":
+            return result
+        return next(iter(result[0].values())) if result else None
+
+    def answer(method: str, query: str, args: Sequence[Any]) -> Any:
+        if query == DISCOVERY_QUERY:
+            if refuse is not None:
+                raise BackendQueryError(refuse, "XX000")
+            if rows is not None:
+                return shaped(method, rows())
+        if query == LEADER_QUERIES[0] and leader is not None:
+            return shaped(method, [{"uuid": leader()}])
+        return real(method, query, args)
+
+    node.answer = answer  # type: ignore[method-assign]
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == SUPERVISOR and r.levelno >= logging.WARNING
+    ]
+
+
+def notes(received: list[Any], name: str) -> list[str]:
+    """Reasons of the events about ``name`` whose state did not change."""
+    return [
+        e.reason
+        for e in received
+        if isinstance(e, NodeEvent) and e.node == name and e.old is e.new
+    ]
+
+
+async def test_empty_catalog_on_the_discovery_node_is_rejected_once(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        supervisor = cluster._supervisor
+        assert supervisor.discovery_address == fake["i1"].address
+        caplog.clear()
+        async with cluster.events() as events:
+            bend(fake["i1"], rows=list)
+            await trio.sleep(30)
+            received = drain_events(events)
+        states = {s.name: s.state for s in cluster.nodes()}
+        rejected = supervisor.views_rejected
+        moved_to = supervisor.discovery_address
+        runs = cluster.statistics().discovery_runs
+    assert states == {"i1": UP, "i2": UP, "i3": UP}
+    assert rejected == 1  # once: discovery rides another node from then on
+    assert moved_to == fake["i2"].address
+    assert runs >= 30
+    (warning,) = warnings(caplog)
+    assert "i1 (10.0.0.1:4327): its catalog is rejected: it lists no node while 3 serve" in warning
+    assert "keeping the last good view" in warning
+    assert [e for e in received if isinstance(e, NodeEvent) and e.old is not e.new] == []
+    assert len(notes(received, "i1")) == 1 and "lists no node" in notes(received, "i1")[0]
+
+
+async def test_stale_catalog_is_checked_against_the_raft_leader(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        caplog.clear()
+        # i1 lags: it lists only itself, and says i3 leads.
+        bend(fake["i1"], rows=lambda: [fake["i1"].catalog_row()], leader=lambda: fake["i3"].uuid)
+        await trio.sleep(5)
+        supervisor = cluster._supervisor
+        states = {s.name: s.state for s in cluster.nodes()}
+        rides = supervisor.discovery_address
+        rejected = supervisor.views_rejected
+    assert states == {"i1": UP, "i2": UP, "i3": UP}
+    assert rides == fake["i3"].address  # the leader's catalog is the freshest
+    assert rejected == 1
+    (warning,) = warnings(caplog)
+    assert "i1 (10.0.0.1:4327): its catalog would stop i2, i3 (2 of 3 serving nodes" in warning
+    assert "the raft leader i3 disagrees; following the leader's catalog" in warning
+
+
+async def test_stale_catalog_without_a_leader_is_checked_against_another_node(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        caplog.clear()
+        # i1 lists only itself and names itself the leader: its own word is not enough.
+        bend(fake["i1"], rows=lambda: [fake["i1"].catalog_row()], leader=lambda: fake["i1"].uuid)
+        await trio.sleep(5)
+        supervisor = cluster._supervisor
+        states = {s.name: s.state for s in cluster.nodes()}
+        rides = supervisor.discovery_address
+    assert states == {"i1": UP, "i2": UP, "i3": UP}
+    assert rides == fake["i2"].address
+    assert supervisor.views_rejected == 1
+    (warning,) = warnings(caplog)
+    assert "would stop i2, i3" in warning and "i2 (10.0.0.2:4327) disagrees" in warning
+
+
+async def test_a_stop_confirmed_by_the_leader_is_carried_out(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(3)
+    for node in fake.nodes.values():
+        bend(node, leader=lambda: fake["i2"].uuid)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        caplog.set_level(logging.INFO, logger=SUPERVISOR)
+        caplog.clear()
+        async with cluster.events() as events:
+            fake["i3"].set_state("Expelled", "Expelled")
+            await wait_gone(cluster, "i3")
+            received = [e for e in drain_events(events) if isinstance(e, NodeEvent)]
+        rides = cluster._supervisor.discovery_address
+        rejected = cluster._supervisor.views_rejected
+    assert warnings(caplog) == []
+    assert rejected == 0
+    assert rides == fake["i2"].address  # confirmed by the leader, which it now rides
+    assert any("the raft leader i2 confirms" in r.getMessage() for r in caplog.records)
+    assert [(e.new, e.reason.split(" (")[0]) for e in received if e.node == "i3"] == [
+        (NodeState.DRAINING, "expelled"),
+        (NodeState.RETIRED, "expelled"),
+    ]
+
+
+async def test_a_stop_nobody_can_confirm_waits_until_the_node_stops_serving(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        caplog.clear()
+        # i1 says i2 left; i2 itself cannot be asked (its catalog query fails).
+        bend(fake["i1"], rows=lambda: [fake["i1"].catalog_row()])
+        bend(fake["i2"], refuse="catalog unavailable")
+        await trio.sleep(5)
+        assert state_of(cluster, "i2") is UP
+        rejected = cluster._supervisor.views_rejected
+        (warning,) = warnings(caplog)
+        # Once i2 really stops serving, one node's word is enough to retire it.
+        fake["i2"].down()
+        await wait_gone(cluster, "i2")
+    assert rejected >= 4  # counted on every run...
+    assert "no other node could confirm it" in warning  # ... told once
+
+
+async def test_a_row_that_cannot_be_decoded_keeps_the_last_good_entry(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        caplog.clear()
+        def rows() -> list[dict[str, Any]]:
+            bad = fake.catalog_rows()
+            bad[1]["current_state"] = '["Online"]'  # i2: a state that cannot be decoded
+            bad[2]["address"] = None  # i3: no pgproto row
+            return bad
+
+        async with cluster.events() as events:
+            for node in fake.nodes.values():  # in every node's catalog
+                bend(node, rows=rows)
+            await trio.sleep(10)
+            received = drain_events(events)
+        states = {s.name: s.state for s in cluster.nodes()}
+        rejected = cluster._supervisor.views_rejected
+    assert states == {"i1": UP, "i2": UP, "i3": UP}
+    assert rejected == 0
+    told = warnings(caplog)
+    assert len(told) == 2, told
+    assert any("node i2: catalog row unreadable: not an instance state" in w for w in told)
+    assert any("node i3: no pgproto address in the catalog" in w for w in told)
+    assert all("keeping its last good entry" in w for w in told)
+    assert len(notes(received, "i2")) == 1 and len(notes(received, "i3")) == 1
+
+
+async def test_two_nodes_on_one_address_are_never_served_twice(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        caplog.clear()
+        clone = fake["i3"].catalog_row() | {"name": "i9", "uuid": "uuid-i9", "raft_id": 9}
+        moved = fake["i2"].catalog_row() | {"address": str(fake["i3"].address)}
+        bend(
+            fake["i1"],
+            rows=lambda: [fake["i1"].catalog_row(), moved, fake["i3"].catalog_row(), clone],
+        )
+        await trio.sleep(5)
+        statuses = {s.name: s.address for s in cluster.nodes()}
+        states = {s.name: s.state for s in cluster.nodes()}
+    assert statuses == {n: str(fake[n].address) for n in ("i1", "i2", "i3")}
+    assert set(states.values()) == {UP}
+    told = warnings(caplog)
+    assert len(told) == 2, told
+    assert any("node i2: the catalog gives it 10.0.0.3:4327, the address of i3" in w for w in told)
+    assert any("node i9: the catalog gives it 10.0.0.3:4327, the address of i3" in w for w in told)
+
+
+async def test_honest_reasons_for_an_address_or_uuid_change(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        async with cluster.events() as events:
+            fake.move("i2", 9)
+            fake["i3"].uuid = "00000000-0000-4000-8000-0000000000ff"
+            await trio.sleep(3)
+            received = [e for e in drain_events(events) if isinstance(e, NodeEvent)]
+    retired = {e.node: e.reason for e in received if e.new is NodeState.RETIRED}
+    assert retired["i2"] == "address changed from 10.0.0.2:4327 to 10.0.0.9:4327"
+    assert retired["i3"] == (
+        "uuid changed from 00000000-0000-4000-8000-000000000003 to "
+        "00000000-0000-4000-8000-0000000000ff"
+    )
+    assert not any("expelled" in e.reason for e in received)
+
+
+async def test_an_idle_cluster_makes_no_discovery_logins(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=0.5) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        before = fake.total_connects()
+        runs = cluster.statistics().discovery_runs
+        await trio.sleep(30)
+        after = fake.total_connects()
+        runs = cluster.statistics().discovery_runs - runs
+        connects = cluster._supervisor.discovery_connects
+    assert runs >= 59
+    assert after == before
+    assert connects == 1  # the first discovery's connection, kept ever since
+
+
+async def test_discovery_survives_the_death_of_the_node_it_rides(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i1"].down()
+        fake.add_node()
+        await wait_state(cluster, "i4", UP)
+        supervisor = cluster._supervisor
+        rides = supervisor.discovery_address
+        await trio.sleep(10)
+        connects = supervisor.discovery_connects
+    assert rides == fake["i2"].address
+    assert connects == 3  # the first, one refused by the dead node, one elsewhere; then none
+    assert cluster.statistics().discovery_failures == 0
+
+
+async def test_a_hung_discovery_node_is_abandoned_at_the_deadline(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(discovery_interval=1.0, connect_timeout=5.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        caplog.clear()
+        fake["i1"].hang()
+        hung_at = trio.current_time()
+        fake.add_node()
+        seen_at = await wait_state(cluster, "i4", UP)
+        supervisor = cluster._supervisor
+        rides = supervisor.discovery_address
+        await trio.sleep(20)
+        fake["i1"].resume()
+        await trio.sleep(20)
+        still = supervisor.discovery_address
+    # The next run gives up on i1 after the deadline (1 s), not connect_timeout (5 s).
+    assert seen_at - hung_at <= 2.0 + EPS
+    assert rides == still == fake["i2"].address  # and never goes back to it meanwhile
+    told = [w for w in warnings(caplog) if "10.0.0.1" in w]
+    assert len(told) == 1 and "no answer from 10.0.0.1:4327 within 1.00s" in told[0]
+
+
+async def test_retired_statistics_stay_bounded_and_keep_every_count(
+    autojump_clock: object,
+) -> None:
+    fake = FakeCluster(1)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_state(cluster, "i1", UP)
+        for _ in range(20):
+            node = fake.add_node()
+            await wait_state(cluster, node.name, UP)
+            while fake.executed("whoami")[node.name] == 0:
+                await cluster.fetchval("whoami")
+            node.set_state("Expelled", "Expelled")
+            await wait_gone(cluster, node.name)
+        stats = cluster.statistics()
+        retired = cluster._supervisor.retired_statistics()
+    answered = fake.executed("whoami")
+    assert len(retired) == 1
+    assert stats.requests_ok == sum(answered.values())
+    assert retired[0].requests_ok == sum(q for n, q in answered.items() if n != "i1") >= 20
+
+
+def test_warn_once_tells_again_only_after_a_quiet_period() -> None:
+    warn = WarnOnce(QUIET_PERIOD)
+    told = [t for t in range(0, 300) if warn("key", float(t))]
+    assert told == [0]  # seen every second: told once
+    assert warn("key", 300 + QUIET_PERIOD)  # quiet for a whole period: told again
+    assert warn("other", 0.0)
+    for k in range(200):
+        warn(k, 1000.0 + k)
+    assert len(warn._seen) <= 64 + 1 + int(QUIET_PERIOD)
 
 
 # Every test above runs on a mock clock: bound each one in virtual time.

@@ -1,4 +1,5 @@
-"""Unit tests: catalog states, build_topology, the topology diff and check_tiers."""
+"""Unit tests: catalog states, build_topology, the topology diff and check_tiers, and the
+decisions about trusting a view (check_view, guard, confirmation, where and how long to ask)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,24 @@ import pytest
 from picopyn_actors import Address, ConfigError
 from picopyn_actors._topology import (
     CatalogState,
+    Confirmation,
     NodeInfo,
+    Plan,
     Role,
+    RowProblem,
     Selector,
     StateValue,
     Topology,
+    agrees,
     build_topology,
     check_tiers,
+    check_view,
+    confirmation,
     diff,
+    discovery_deadline,
+    find_node,
+    guard,
+    order_addresses,
     parse_state,
 )
 
@@ -122,15 +133,36 @@ def test_build_topology_decodes_rows() -> None:
     assert i2.incarnation == 2
 
 
-def test_build_topology_skips_rows_it_cannot_decode() -> None:
+def test_build_topology_reports_rows_it_cannot_decode() -> None:
     good = row("i1", 1)
     bad_address = row("i2", 2, address="::1:bad")
     bad_state = row("i3", 3, current='["Zombie",1]')
-    missing = {k: v for k, v in row("i4", 4).items() if k != "uuid"}
+    missing = {k: v for k, v in row("i4", 4).items() if k != "tier"}
     bad_raft = row("i5", 5) | {"raft_id": "five"}
     bad_domain = row("i6", 6, failure_domain="{not json")
-    topo = build_topology([good, bad_address, bad_state, missing, bad_raft, bad_domain])
+    no_pgproto = row("i7", 7) | {"address": None}
+    nameless = {k: v for k, v in row("i8", 8).items() if k not in ("name", "uuid")}
+    topo = build_topology(
+        [good, bad_address, bad_state, missing, bad_raft, bad_domain, no_pgproto, nameless]
+    )
     assert set(topo.nodes) == {"i1"}
+    problems = {p.name: p for p in topo.problems}
+    assert set(problems) == {"i2", "i3", "i4", "i5", "i6", "i7", None}
+    assert all(p.uuid == f"uuid-{p.name}" for p in topo.problems if p.name is not None)
+    assert problems["i7"].reason == "no pgproto address in the catalog"
+    assert problems["i3"].reason.startswith("catalog row unreadable: not an instance state")
+    assert "'tier'" in problems["i4"].reason
+    assert problems[None].reason.startswith("catalog row unreadable")
+    assert all(
+        p.reason.startswith("catalog row unreadable") for n, p in problems.items() if n != "i7"
+    )
+
+
+def test_topology_named_finds_nodes_and_problem_rows_by_uuid() -> None:
+    topo = build_topology([row("i1", 1), row("i2", 2, current='["Online"]')])
+    assert topo.named("uuid-i1") == "i1"
+    assert topo.named("uuid-i2") == "i2"  # its row is unreadable, but it is there
+    assert topo.named("uuid-stranger") is None
 
 
 def test_node_info_routable_and_expelled() -> None:
@@ -310,3 +342,218 @@ def test_rows_round_trip_through_json_text() -> None:
     assert node.current.incarnation == 9
     assert node.incarnation == 9
     assert node.failure_domain == ()
+
+
+# -- check_view ------------------------------------------------------------------------------
+
+
+def view(*rows: dict[str, Any], uuid: str | None = "uuid-i1") -> Topology:
+    return build_topology(rows, source="i1", source_uuid=uuid)
+
+
+@pytest.mark.parametrize(
+    ("topo", "serving", "expected"),
+    [
+        (view(row("i1", 1), row("i2", 2)), {"i1", "i2"}, None),
+        (view(row("i1", 1)), {"i1", "i2", "i3"}, None),  # stale, but sane: confirmation decides
+        (view(uuid=None), set(), None),  # nothing serves, nobody to name: nothing to check
+        (view(), {"i1"}, "lists no node while 1 serve"),
+        (view(uuid=None), {"i1", "i2"}, "lists no node while 2 serve"),
+        (view(), set(), "does not list the node that answered (uuid uuid-i1)"),
+        (view(row("i2", 2)), {"i2"}, "does not list the node that answered"),
+        (view(row("i2", 2), uuid="uuid-stranger"), set(), "does not list the node"),
+        (view(row("i1", 1, current='["Online"]')), {"i1"}, None),  # there, though unreadable
+        (view(row("i2", 2), uuid=None), {"i1"}, None),
+    ],
+)
+def test_check_view(topo: Topology, serving: set[str], expected: str | None) -> None:
+    problem = check_view(topo, serving)
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and expected in problem
+
+
+# -- guard -------------------------------------------------------------------------------------
+
+
+def test_guard_keeps_the_last_good_entry_of_a_node_whose_row_is_bad() -> None:
+    known = BASE.nodes
+    bad = view(row("i1", 1), row("i2", 2, current='["Online"]'), row("i3", 3) | {"address": None})
+    guarded, notes = guard(bad, known, dict(known))
+    assert guarded.nodes["i2"] is known["i2"]
+    assert guarded.nodes["i3"] is known["i3"]
+    assert {(n.node, n.kind) for n in notes} == {("i2", "unreadable"), ("i3", "no-address")}
+    assert all("keeping its last good entry" in n.message for n in notes)
+    assert all(n.message.startswith("catalog of i1: node ") for n in notes)
+    assert diff(dict(known), guarded).empty  # nobody retired on the word of one bad row
+
+
+def test_guard_leaves_out_a_bad_row_it_has_no_good_entry_for() -> None:
+    bad = view(row("i1", 1), row("i4", 4, current='["Online"]'), row("i5", 5) | {"name": None})
+    guarded, notes = guard(bad, BASE.nodes, {})
+    assert set(guarded.nodes) == {"i1"}
+    assert [(n.node, n.kind) for n in notes] == [("i4", "unreadable"), (None, "unreadable")]
+    assert "not used" in notes[0].message
+
+
+@pytest.mark.parametrize(
+    ("rows", "running_names", "kept", "moved", "left_out"),
+    [
+        # i2's row points at i3's address: i3 runs there, i2 goes back to its own.
+        ([row("i1", 1), row("i2", 2, address="10.0.0.3:4327"), row("i3", 3)], "123", "13", "2", ""),
+        # A new row on i3's address: not served.
+        ([row("i1", 1), row("i3", 3), row("i9", 9, address="10.0.0.3:4327")], "13", "13", "", "9"),
+        # Two new rows on one address, neither running: neither served.
+        ([row("i1", 1), row("i8", 8, address="10.0.0.8:1"), row("i9", 9, address="10.0.0.8:1")],
+         "1", "1", "", "89"),
+        # An Offline or Expelled row does not claim its address.
+        ([row("i1", 1), row("i9", 9, address="10.0.0.1:4327", current='["Offline",1]')],
+         "1", "19", "", ""),
+        ([row("i1", 1), row("i9", 9, address="10.0.0.1:4327", target='["Expelled",2]')],
+         "1", "19", "", ""),
+        # Two nodes swap addresses in one view: no clash, nothing to do here (diff replaces them).
+        ([row("i1", 1, address="10.0.0.2:4327"), row("i2", 2, address="10.0.0.1:4327")],
+         "12", "12", "", ""),
+    ],
+)
+def test_guard_never_lets_two_nodes_share_an_address(
+    rows: list[dict[str, Any]], running_names: str, kept: str, moved: str, left_out: str
+) -> None:
+    running = {f"i{n}": BASE.nodes[f"i{n}"] for n in running_names}
+    guarded, notes = guard(view(*rows), BASE.nodes, running)
+    given = {r["name"]: r for r in rows}
+    assert {f"i{n}" for n in kept + moved} == set(guarded.nodes)
+    for n in moved:
+        assert guarded.nodes[f"i{n}"] is BASE.nodes[f"i{n}"]
+    for n in kept:
+        assert str(guarded.nodes[f"i{n}"].address) == given[f"i{n}"]["address"]
+    assert {n.node for n in notes} == {f"i{n}" for n in moved + left_out}
+    assert all(n.kind == "duplicate-address" for n in notes)
+    served = [n.address for n in guarded.nodes.values() if n.routable]
+    assert len(served) == len(set(served))
+
+
+def test_guard_notes_name_the_node_whose_address_was_claimed() -> None:
+    rows = [row("i1", 1), row("i2", 2, address="10.0.0.3:4327"), row("i3", 3)]
+    _, (note,) = guard(view(*rows), BASE.nodes, dict(BASE.nodes))
+    assert note.node == "i2" and note.others == ("i3",)
+    assert "the catalog gives it 10.0.0.3:4327, the address of i3" in note.message
+    assert "keeping its last good address 10.0.0.2:4327" in note.message
+
+
+def test_guard_is_pure() -> None:
+    bad = view(row("i1", 1), row("i2", 2, current='["Online"]'))
+    known = dict(BASE.nodes)
+    first = guard(bad, known, known)
+    assert first == guard(bad, known, known)
+    assert known == BASE.nodes and set(bad.nodes) == {"i1"}
+
+
+# -- reasons ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "plan_field", "reason"),
+    [
+        ({"target": '["Expelled",2]'}, "retire", "expelled (catalog: current Online(1), target"),
+        ({"address": "10.0.0.9:4327"}, "retire",
+         "address changed from 10.0.0.2:4327 to 10.0.0.9:4327"),
+        ({"uuid": "uuid-new"}, "retire", "uuid changed from uuid-i2 to uuid-new"),
+        ({"target": '["Offline",1]'}, "drain", "catalog: current Online(1), target Offline(1)"),
+        ({"tier": "other"}, "drain", "tier other is not selected"),
+    ],
+)
+def test_diff_gives_an_honest_reason_for_each_node_it_stops(
+    change: dict[str, str], plan_field: str, reason: str
+) -> None:
+    new = topology(row("i1", 1), row("i2", 2, **change))
+    plan = diff(running(BASE, "i1", "i2"), new, Selector(tiers=frozenset({"default"})))
+    assert getattr(plan, plan_field) == ("i2",)
+    assert plan.reasons["i2"].startswith(reason)
+    if "expelled" not in reason:
+        assert "expelled" not in plan.reasons["i2"]
+
+
+def test_diff_reasons_for_a_vanished_node_a_moved_one_and_a_role_change() -> None:
+    plan = diff(running(BASE, "i1", "i3"), topology(row("i1", 1)))
+    assert plan.reasons == {"i3": "no longer in the catalog"}
+    both = topology(row("i1", 1, address="10.0.0.7:1", uuid="uuid-x"))
+    assert diff(running(BASE, "i1"), both).reasons["i1"] == (
+        "address changed from 10.0.0.1:4327 to 10.0.0.7:1; uuid changed from uuid-i1 to uuid-x"
+    )
+    switched = topology(row("i1", 1, replicaset="r1"), masters={"r1": "i9"})
+    leader = diff(running(BASE, "i1"), switched, Selector(role=Role.LEADER))
+    assert leader.reasons["i1"] == "no longer the master of r1 (role=leader)"
+
+
+# -- confirmation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("drain", "retire", "serving", "stops", "majority"),
+    [
+        ((), (), "123", None, False),
+        (("i2",), (), "", None, False),  # nobody serves: act at once
+        (("i2",), (), "13", None, False),  # i2 is down already
+        (("i2",), (), "123", "2", False),
+        ((), ("i2", "i3"), "123", "23", True),
+        (("i1",), ("i2",), "12", "12", True),
+        (("i4",), ("i2",), "123", "2", False),  # i4 does not serve
+        (("i3", "i4"), (), "1234", "34", False),  # half is not a majority
+    ],
+)
+def test_confirmation_is_needed_to_stop_serving_nodes(
+    drain: tuple[str, ...],
+    retire: tuple[str, ...],
+    serving: str,
+    stops: str | None,
+    majority: bool,
+) -> None:
+    plan = Plan(drain=drain, retire=retire)
+    needed = confirmation(plan, {f"i{n}" for n in serving})
+    if stops is None:
+        assert needed is None
+        return
+    assert needed == Confirmation(frozenset(f"i{n}" for n in stops), len(serving))
+    assert needed.majority is majority
+    assert ("a majority" in str(needed)) is majority
+
+
+def test_confirmation_text_and_agreement() -> None:
+    needed = Confirmation(frozenset({"i3", "i2"}), 3)
+    assert str(needed) == "i2, i3 (2 of 3 serving nodes, a majority)"
+    assert agrees(needed, Plan(retire=("i2",), drain=("i3",)))
+    assert agrees(needed, Plan(retire=("i1", "i2", "i3")))
+    assert not agrees(needed, Plan(retire=("i2",)))
+    assert not agrees(needed, Plan())
+
+
+def test_find_node_by_uuid_or_raft_id_in_order() -> None:
+    first = [BASE.nodes["i1"]]
+    second = list(BASE.nodes.values())
+    assert find_node("uuid-i2", first, second) is BASE.nodes["i2"]
+    assert find_node(3, first, second) is BASE.nodes["i3"]
+    assert find_node(1, first, second) is first[0]
+    assert find_node("uuid-none", first, second) is None
+    assert find_node(9) is None
+
+
+def test_order_addresses_once_each_avoided_last() -> None:
+    a, b, c, d = (Address(f"10.0.0.{i}", 1) for i in range(1, 5))
+    assert order_addresses([[b], [a, b, c], [d, a]], avoid=set()) == [b, a, c, d]
+    assert order_addresses([[b], [a, b, c], [d, a]], avoid={b, c}) == [a, d, b, c]
+    assert order_addresses([], avoid={a}) == []
+
+
+@pytest.mark.parametrize(
+    ("connect_timeout", "interval", "expected"),
+    [(5.0, 2.0, 2.0), (3.0, 0.3, 1.0), (5.0, 10.0, 5.0), (0.5, 0.1, 0.5), (5.0, 1.0, 1.0)],
+)
+def test_discovery_deadline(connect_timeout: float, interval: float, expected: float) -> None:
+    assert discovery_deadline(connect_timeout, interval) == expected
+
+
+def test_row_problem_is_a_value() -> None:
+    assert RowProblem("i1", "u", "x") == RowProblem("i1", "u", "x")
+    assert NodeInfo is not None  # re-exported names stay importable
