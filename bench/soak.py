@@ -4,7 +4,8 @@ Not part of the test suite. Run it as::
 
     .venv/bin/python bench/soak.py --minutes 10 --tasks 60
 
-Random faults (kill, start, pause, resume, expel, join) hit a 4-node
+Random faults (kill, start, pause, resume, expel, join, and schema changes:
+ALTER TABLE on every live node) hit a 4-node
 ``LocalCluster`` while trio tasks run idempotent reads and non-idempotent
 writes with unique keys through one ``open_cluster``. At the end every
 expelled or stopped server is counted too, and the script prints: requests
@@ -91,6 +92,7 @@ class Soak:
         self.faults: Counter[str] = Counter()
         self.keys = itertools.count(1)
         self.paused: set[str] = set()
+        self.altered = 0
         self.down: set[str] = set()
         self.expelled: set[str] = set()
 
@@ -134,7 +136,7 @@ class Soak:
             alive = [
                 n.name for n in lc.nodes if n.name not in self.down | self.paused | self.expelled
             ]
-            choices = ["start", "resume"]
+            choices = ["start", "resume", "alter"]
             if len(alive) > 1:
                 choices += ["kill", "kill", "pause", "stop"]
             if len(alive) > 2:
@@ -162,6 +164,12 @@ class Soak:
                 elif action == "join":
                     name = (await trio.to_thread.run_sync(lc.add_node)).name
                     await trio.to_thread.run_sync(lc.execute_everywhere, CREATE)
+                elif action == "alter":
+                    # Prepared statements on every node go stale (42999 on the front).
+                    name = "every node"
+                    self.altered += 1
+                    ddl = f"ALTER TABLE {TABLE} ADD COLUMN extra{self.altered} int"
+                    await trio.to_thread.run_sync(lc.execute_everywhere, ddl)
                 else:
                     continue
             except Exception as exc:  # a harness hiccup is reported, not fatal
@@ -238,6 +246,7 @@ class Soak:
             "faults": dict(self.faults),
             "restarts": stats.restarts,
             "retried": stats.requests_retried,
+            "statements_invalidated": stats.statements_invalidated,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_mib_after_warmup": rss_warm,
             "rss_mib_end_of_load": rss_end,

@@ -26,7 +26,7 @@ import trio
 from ._bridge import Backend, BackendBroken, BackendQueryError, Connection, open_backend
 from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Message
-from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown, QueryError
+from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown
 from ._events import (
     ClusterStatistics,
     EventHub,
@@ -38,6 +38,8 @@ from ._events import (
 )
 from ._node import Lease
 from ._request import PIN, Request, changes_session, check_query, check_timeout
+from ._retry import MAX_INVALIDATIONS
+from ._slot import INVALIDATED, query_error
 from ._strategies import Strategy
 from ._supervisor import Supervisor
 from ._util import unwrap_single_error
@@ -222,6 +224,8 @@ class Cluster:
             queue_depth=self._dispatcher.queue_depth,
             events_published=self._hub.published,
             statements_invalidated=sum(s.statements_invalidated for s in every),
+            views_rejected=self._supervisor.views_rejected,
+            discovery_connects=self._supervisor.discovery_connects,
         )
 
     @asynccontextmanager
@@ -259,6 +263,8 @@ class PinnedConnection:
         self._busy = False
         self._broken = False
         self._session_state = False
+        # Raised by each 42999: a PreparedStatement of an older one prepares again.
+        self._generation = 0
 
     @property
     def node(self) -> str:
@@ -274,7 +280,13 @@ class PinnedConnection:
             return True
         return self._lease.conn.in_transaction()
 
-    async def _run(self, method: str, query: str, args: Sequence[Any], handle: Any = None) -> Any:
+    async def _run(
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        statement: PreparedStatement | None = None,
+    ) -> Any:
         lease = self._lease
         if lease.returned:
             raise ClusterClosed("this pinned connection was given back")
@@ -283,38 +295,56 @@ class PinnedConnection:
                 f"another task is using this pinned connection to node {lease.node}; "
                 "a pinned connection runs one query at a time"
             )
-        if handle is None:
+        if statement is None:
             check_query(query)
             if changes_session(query):
                 self._session_state = True
         await trio.lowlevel.checkpoint_if_cancelled()
         self._busy = True
-        conn: Connection = lease.conn
         try:
-            if handle is not None:
-                result = await conn.run_prepared(handle, method, args)
-            elif method == "prepare":
-                result = await conn.prepare(query)
-            else:
-                result = await conn.run(method, query, args)
-        except BackendQueryError as exc:
+            return await self._attempts(method, query, args, statement)
+        finally:
             self._busy = False
-            if conn.is_closed():
+
+    async def _attempts(
+        self, method: str, query: str, args: Sequence[Any], statement: PreparedStatement | None
+    ) -> Any:
+        """Run it; after 42999 (a schema change) prepare again and run again, a few times."""
+        lease = self._lease
+        conn: Connection = lease.conn
+        invalidations = 0
+        while True:
+            try:
+                if statement is not None:
+                    if statement._generation != self._generation:
+                        statement._handle = await conn.prepare(statement.query)
+                        statement._generation = self._generation
+                    return await conn.run_prepared(statement._handle, method, args)
+                if method == "prepare":
+                    return await conn.prepare(query)
+                return await conn.run(method, query, args)
+            except BackendQueryError as exc:
+                if conn.is_closed():
+                    self._broken = True
+                elif exc.sqlstate == INVALIDATED and invalidations < MAX_INVALIDATIONS:
+                    # Nothing ran. Every statement of this connection is stale:
+                    # asyncpg's cache goes now, prepare()'s ones on next use.
+                    invalidations += 1
+                    conn.forget_statements()
+                    self._generation += 1
+                    continue
+                raise query_error(exc, lease.node) from exc.__cause__
+            except BackendBroken as exc:
                 self._broken = True
-            raise QueryError(exc.message, sqlstate=exc.sqlstate, node=lease.node) from exc.__cause__
-        except BackendBroken as exc:
-            self._busy = False
-            self._broken = True
-            if exc.sent:
-                raise OutcomeUnknown(
-                    f"the pinned connection to node {lease.node} broke mid-request ({exc.message})",
-                    node=lease.node,
+                if exc.sent:
+                    raise OutcomeUnknown(
+                        f"the pinned connection to node {lease.node} broke mid-request "
+                        f"({exc.message})",
+                        node=lease.node,
+                    ) from None
+                raise NoNodesAvailable(
+                    f"the pinned connection to node {lease.node} is closed ({exc.message})"
                 ) from None
-            raise NoNodesAvailable(
-                f"the pinned connection to node {lease.node} is closed ({exc.message})"
-            ) from None
-        self._busy = False
-        return result
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         """As :meth:`Cluster.fetch`, on this connection."""
@@ -338,19 +368,47 @@ class PinnedConnection:
         """As :meth:`Cluster.executemany`, on this connection."""
         await self._run("executemany", query, (list(args),))
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """``BEGIN`` ... ``COMMIT`` (``ROLLBACK`` if the block raises), for code
+        written for PostgreSQL.
+
+        On Picodata this is *not* a transaction: ``BEGIN``, ``COMMIT`` and
+        ``ROLLBACK`` succeed and do nothing, so every statement takes effect
+        at once and a rollback undoes nothing. For atomicity on one bucket,
+        use an anonymous block, ``DO $$ BEGIN ... END $$``. On PostgreSQL it
+        is a real transaction. Either way the connection is replaced when
+        given back (it ran transaction statements).
+        """
+        await self.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if not self._lease.conn.is_closed():
+                with trio.CancelScope(shield=True):
+                    await self.execute("ROLLBACK")
+            raise
+        await self.execute("COMMIT")
+
     async def prepare(self, query: str) -> PreparedStatement:
-        """Prepare a named statement on this connection."""
+        """Prepare a named statement on this connection.
+
+        If a schema change invalidates it (42999), it is prepared again on its
+        next use, and the call runs as if nothing happened.
+        """
+        generation = self._generation
         handle = await self._run("prepare", query, ())
-        return PreparedStatement(self, handle, query)
+        return PreparedStatement(self, handle, query, generation)
 
 
 class PreparedStatement:
     """A statement prepared on a :class:`PinnedConnection`; errors and
     cancellation as there."""
 
-    def __init__(self, owner: PinnedConnection, handle: Any, query: str) -> None:
+    def __init__(self, owner: PinnedConnection, handle: Any, query: str, generation: int) -> None:
         self._owner = owner
         self._handle = handle
+        self._generation = generation
         self.query = query
 
     def __repr__(self) -> str:
@@ -358,16 +416,16 @@ class PreparedStatement:
 
     async def fetch(self, *args: Any) -> list[Any]:
         """Run it and return all rows."""
-        rows: list[Any] = await self._owner._run("fetch", self.query, args, self._handle)
+        rows: list[Any] = await self._owner._run("fetch", self.query, args, self)
         return rows
 
     async def fetchrow(self, *args: Any) -> Any:
         """Run it and return the first row, or ``None``."""
-        return await self._owner._run("fetchrow", self.query, args, self._handle)
+        return await self._owner._run("fetchrow", self.query, args, self)
 
     async def fetchval(self, *args: Any) -> Any:
         """Run it and return the first column of the first row."""
-        return await self._owner._run("fetchval", self.query, args, self._handle)
+        return await self._owner._run("fetchval", self.query, args, self)
 
 
 def open_cluster(

@@ -297,6 +297,9 @@ class ClusterStatistics:
         requests_failed: requests that ended with an exception.
         requests_retried: attempts re-routed to another node.
         statements_invalidated: requests prepared and run again after 42999.
+        views_rejected: catalog views discovery did not act on (not sane, or
+            they would stop serving nodes and no second source agreed).
+        discovery_connects: connections discovery opened (it keeps one).
         restarts: node restarts (down after up), all nodes.
         discovery_runs: discovery runs that succeeded.
         discovery_failures: discovery runs that failed on every host.
@@ -314,3 +317,5 @@ class ClusterStatistics:
     queue_depth: int
     events_published: int
     statements_invalidated: int = 0
+    views_rejected: int = 0
+    discovery_connects: int = 0

@@ -33,6 +33,22 @@ if TYPE_CHECKING:
 
 #: SQLSTATE of "prepared statement has been invalidated" (Picodata, after DDL).
 INVALIDATED = "42999"
+# Picodata's error when a node's statements (pg_statement_max) are used up.
+_STORAGE_FULL = "Statement storage is full"
+
+
+def query_error(exc: BackendQueryError, node: str) -> QueryError:
+    """The :class:`QueryError` for a query the server rejected, with advice where
+    the server gives none."""
+    message = exc.message
+    if _STORAGE_FULL.lower() in message.lower():
+        message = (
+            f"{message}: node {node} holds as many prepared statements as its "
+            "pg_statement_max allows, for every client together. Lower "
+            "statement_cache_size= (each connection caches that many), or "
+            "connections_per_node, or raise pg_statement_max on the node"
+        )
+    return QueryError(message, sqlstate=exc.sqlstate, node=node)
 
 
 class Slot:
@@ -105,7 +121,7 @@ class Slot:
             elif isinstance(exc, BackendQueryError):
                 node.counters.query_errors += 1
                 node.counters.failed += 1
-                error = QueryError(exc.message, sqlstate=exc.sqlstate, node=node.name)
+                error = query_error(exc, node.name)
                 error.__cause__ = exc.__cause__
                 request.fail(error)
             elif isinstance(exc, BackendBroken):

@@ -47,8 +47,6 @@ DISCOVERY_QUERY = (
 )
 #: Replicaset masters, for ``role="leader"`` / ``"replica"``.
 MASTERS_QUERY = "SELECT name, current_master_name FROM _pico_replicaset"
-#: Which instance answers: the newest name first (``instance_uuid()`` is older).
-UUID_QUERIES = ("SELECT pico_instance_uuid()", "SELECT instance_uuid()")
 #: The raft leader as the answering node knows it: by uuid, else by raft id.
 LEADER_QUERIES = ("SELECT pico_raft_leader_uuid()", "SELECT pico_raft_leader_id()")
 #: The shortest deadline a discovery attempt gets (see :func:`discovery_deadline`).

@@ -141,6 +141,16 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
     ),
     _counter("events_published_total", "Node events published.", "events_published"),
     _counter(
+        "views_rejected_total",
+        "Catalog views discovery did not act on (not sane, or not confirmed).",
+        "views_rejected",
+    ),
+    _counter(
+        "discovery_connects_total",
+        "Connections discovery opened (it keeps one between runs).",
+        "discovery_connects",
+    ),
+    _counter(
         "statements_invalidated_total",
         "Requests prepared and run again after 42999 (a schema change invalidated them).",
         "statements_invalidated",

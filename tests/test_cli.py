@@ -614,11 +614,14 @@ def test_chaos_plan_scales_with_the_duration() -> None:
         ("restart", "i2"),
         ("pause", "i3"),
         ("resume", "i3"),
+        ("alter", None),
         ("add", None),
         ("expel", "i1"),
     ]
     assert plan[0].at == 6.0 and plan[-1].at == 48.0
-    assert [s.at for s in chaos_plan(20, ["a", "b", "c"])] == [2.0, 5.0, 8.0, 10.4, 13.0, 16.0]
+    assert [s.at for s in chaos_plan(20, ["a", "b", "c"])] == [
+        2.0, 5.0, 8.0, 10.4, 11.6, 13.0, 16.0
+    ]  # fmt: skip
     with pytest.raises(ValueError):
         chaos_plan(60, ["i1", "i2"])
 

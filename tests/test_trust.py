@@ -342,10 +342,6 @@ async def test_server_answering_with_a_stranger_uuid(
     assert seen.views_rejected == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the node actor does not check pico_instance_uuid() at session start yet",
-)
 async def test_node_whose_server_answers_a_stranger_uuid_is_not_routable(
     local_cluster: LocalCluster,
 ) -> None:

@@ -67,6 +67,8 @@ async def amain(cfg: dict[str, Any]) -> None:
     else:
         dsn = cfg["dsn"]
         per_node = max(1, cfg["connections"] // len(cfg["nodes"]))
+        # The bench's servers are bare PostgreSQL, which refuses Picodata's options.
+        options.setdefault("dialect", "postgresql")
     async with pa.open_cluster(
         dsn, connections_per_node=per_node, strategy=strategy, **options
     ) as cluster:

@@ -23,7 +23,7 @@ from typing import TextIO
 
 import trio
 
-from .._config import BRIDGES, ClusterConfig
+from .._config import BRIDGES, DIALECTS, ClusterConfig
 from .._dsn import Address, parse_dsn, redact
 from .._errors import ConfigError, PicodataError
 from .common import one_line, setup_logging, stop_signals_as_sigint
@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _prometheus_option(monitor)
     _bridge(monitor)
+    monitor.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        help="what the servers speak: picodata (the default) sends Picodata's session "
+        "options; postgresql, for a plain PostgreSQL server, sends none",
+    )
     _verbosity(monitor)
 
     demo = commands.add_parser(
@@ -369,6 +375,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             events=args.events,
             bridge=args.bridge,
             prometheus=args.prometheus,
+            dialect=args.dialect,
         )
         if options.prometheus is not None:
             if options.once or options.check:

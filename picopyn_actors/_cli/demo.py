@@ -136,6 +136,7 @@ class Step:
             "resume": f"resume {node} (SIGCONT)",
             "add": "add a node (it joins the catalog Offline, then Online)",
             "expel": f"expel {node}, the seed node (catalog: Expelled; the server keeps running)",
+            "alter": "change the schema (ALTER TABLE on every node: prepared statements go stale)",
         }[self.action]
 
 
@@ -145,6 +146,7 @@ SCHEDULE: Sequence[tuple[float, str]] = (
     (0.25, "restart"),
     (0.40, "pause"),
     (0.52, "resume"),
+    (0.58, "alter"),
     (0.65, "add"),
     (0.80, "expel"),
 )
@@ -153,7 +155,8 @@ SCHEDULE: Sequence[tuple[float, str]] = (
 def chaos_plan(duration: float, names: Sequence[str]) -> list[Step]:
     """The chaos script for a run of ``duration`` seconds on nodes ``names``
     (at least three): kill and restart the second node, hang and resume the
-    third, add a node, expel the first (the seed)."""
+    third, change the schema on every node, add a node, expel the first (the
+    seed)."""
     if len(names) < 3:
         raise ValueError("the chaos script needs at least three nodes")
     targets = {
@@ -163,6 +166,7 @@ def chaos_plan(duration: float, names: Sequence[str]) -> list[Step]:
         "resume": names[2],
         "add": None,
         "expel": names[0],
+        "alter": None,
     }
     return [
         Step(round(fraction * duration, 3), action, targets[action])
@@ -200,6 +204,8 @@ class Recorder:
     writes: list[float] = attrs.field(factory=list)
     events: list[NodeEvent] = attrs.field(factory=list)
     faults: list[Fault] = attrs.field(factory=list)
+    #: Requests the servers rejected with 42999 and the client ran again.
+    invalidated: int = 0
     end: float | None = None
 
     def send(self, op: str) -> None:
@@ -314,7 +320,9 @@ def heal_rows(recorder: Recorder) -> list[Healing]:
             rows.append(Healing(fault, "the operation failed", "start", None, fault.error))
             continue
         if action in ("kill", "pause", "expel"):
-            left = _first_event(events, node, start, lambda e: e.old is NodeState.UP)
+            left = _first_event(
+                events, node, start, lambda e: e.old is NodeState.UP and e.new is not e.old
+            )
             rows.append(
                 Healing(
                     fault,
@@ -335,6 +343,15 @@ def heal_rows(recorder: Recorder) -> list[Healing]:
                         "" if down is None else down.reason,
                     )
                 )
+        elif action == "alter":
+            rows.append(
+                Healing(
+                    fault,
+                    f"statements prepared again after 42999: {recorder.invalidated}",
+                    "start",
+                    None if fault.done is None else fault.done - start,
+                )
+            )
         else:
             since = fault.done if fault.done is not None else start
             first = _first_answer(answers, node, since)
@@ -495,6 +512,7 @@ class _Demo:
         init=False, factory=lambda: deque(maxlen=8)
     )
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
+    altered: int = attrs.field(init=False, default=0)  # schema changes made so far
 
     async def main(self, dsn: str, names: list[str]) -> int:
         options = self.options
@@ -525,6 +543,7 @@ class _Demo:
                 with run_scope:
                     await self._run(cluster, names)
                 self.recorder.end = trio.current_time()
+                self.recorder.invalidated = cluster.statistics().statements_invalidated
                 final = [f"{n.name} {n.state.value}" for n in cluster.nodes()]
         if interrupted:
             self.console.print("demo: interrupted, stopped early", style="yellow", markup=False)
@@ -731,6 +750,9 @@ class _Demo:
             lc.resume(node)
         elif step.action == "expel":
             lc.set_state(node, "Expelled")
+        elif step.action == "alter":
+            self.altered += 1
+            lc.execute_everywhere(f"ALTER TABLE {DEMO_TABLE} ADD COLUMN extra{self.altered} int")
         elif step.action == "add":
             handle = lc.add_node()
             # The stand-in's tables are per server: give the new node the demo table.

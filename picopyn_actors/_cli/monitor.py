@@ -76,10 +76,13 @@ class MonitorOptions:
     events: int = 10
     bridge: str | None = None
     prometheus: Address | None = None
+    dialect: str | None = None
 
     def cluster_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`open_cluster`."""
         options: dict[str, Any] = {"connections_per_node": self.connections}
+        if self.dialect is not None:
+            options["dialect"] = self.dialect
         if self.interval is not None:
             options["discovery_interval"] = self.interval
             options["health_interval"] = self.interval
