@@ -23,7 +23,14 @@ from typing import Any
 import attrs
 import trio
 
-from ._bridge import Backend, BackendBroken, BackendQueryError, Connection, open_backend
+from ._bridge import (
+    INVALIDATED,
+    Backend,
+    BackendBroken,
+    BackendQueryError,
+    Connection,
+    open_backend,
+)
 from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Message
 from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown
@@ -39,7 +46,7 @@ from ._events import (
 from ._node import Lease
 from ._request import PIN, Request, changes_session, check_query, check_timeout
 from ._retry import MAX_INVALIDATIONS
-from ._slot import INVALIDATED, query_error
+from ._slot import query_error
 from ._strategies import Strategy
 from ._supervisor import Supervisor
 from ._util import unwrap_single_error
@@ -278,7 +285,8 @@ class PinnedConnection:
         """The connection must not serve anybody else: replace it."""
         if self._busy or self._broken or self._session_state:
             return True
-        return self._lease.conn.in_transaction()
+        conn = self._lease.conn
+        return conn.is_closed() or conn.in_transaction()
 
     async def _run(
         self,
@@ -326,9 +334,14 @@ class PinnedConnection:
             except BackendQueryError as exc:
                 if conn.is_closed():
                     self._broken = True
-                elif exc.sqlstate == INVALIDATED and invalidations < MAX_INVALIDATIONS:
+                elif (
+                    exc.sqlstate == INVALIDATED
+                    and (statement is not None or method == "prepare")
+                    and invalidations < MAX_INVALIDATIONS
+                ):
                     # Nothing ran. Every statement of this connection is stale:
                     # asyncpg's cache goes now, prepare()'s ones on next use.
+                    # (A plain query the connection's run() prepares again itself.)
                     invalidations += 1
                     conn.forget_statements()
                     self._generation += 1

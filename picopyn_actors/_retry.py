@@ -15,9 +15,11 @@ import enum
 
 import attrs
 
+from ._bridge import MAX_RERUNS
+
 #: How many times one request may be re-prepared after 42999 before it fails:
 #: a storm of schema changes must not loop a request forever.
-MAX_INVALIDATIONS = 5
+MAX_INVALIDATIONS = MAX_RERUNS
 
 
 class Action(enum.Enum):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import outcome
 
-from ._bridge import BackendBroken, BackendQueryError, Connection
+from ._bridge import INVALIDATED, BackendBroken, BackendQueryError, Connection
 from ._errors import NoNodesAvailable, OutcomeUnknown, QueryError
 from ._request import PIN, Phase, Request
 from ._retry import Action, Failure, decide
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from ._node import NodeActor
     from ._session import Session
 
-#: SQLSTATE of "prepared statement has been invalidated" (Picodata, after DDL).
-INVALIDATED = "42999"
 # Picodata's error when a node's statements (pg_statement_max) are used up.
 _STORAGE_FULL = "Statement storage is full"
 

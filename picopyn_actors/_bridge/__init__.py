@@ -16,9 +16,11 @@ one module each:
 
 from .backend import AsyncpgBackend, connect_options, open_backend
 from .base import Backend, BackendBroken, BackendQueryError, Connection, OnDone, Runner
-from .errors import classify
+from .errors import INVALIDATED, MAX_RERUNS, classify
 
 __all__ = [
+    "INVALIDATED",
+    "MAX_RERUNS",
     "AsyncpgBackend",
     "Backend",
     "BackendBroken",

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .base import BackendBroken, OnDone, Runner
-from .errors import classified
+from .base import BackendBroken, BackendQueryError, OnDone, Runner
+from .errors import INVALIDATED, MAX_RERUNS, classified
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedLoop
@@ -45,8 +45,17 @@ class BridgedConnection:
         )
 
     async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        """Run it; after 42999 (nothing ran) drop the cached statements and run it again."""
         bound = getattr(self._conn, method)
-        return await self._call(lambda: bound(query, *args))
+        reruns = 0
+        while True:
+            try:
+                return await self._call(lambda: bound(query, *args))
+            except BackendQueryError as exc:
+                if exc.sqlstate != INVALIDATED or reruns == MAX_RERUNS or self.is_closed():
+                    raise
+            reruns += 1
+            self.forget_statements()
 
     def submit(self, method: str, query: str, args: Sequence[Any], on_done: OnDone) -> None:
         # A closed connection fails in asyncpg before sending (InterfaceError
@@ -56,7 +65,9 @@ class BridgedConnection:
         )
 
     async def probe(self) -> None:
-        await self.run("fetchval", PROBE_QUERY, ())
+        # execute() with no arguments is the simple query protocol: no
+        # prepared statement, nothing a schema change can invalidate.
+        await self.run("execute", PROBE_QUERY, ())
 
     async def prepare(self, query: str) -> Any:
         return await self.run("prepare", query, ())
@@ -84,7 +95,8 @@ class BridgedConnection:
         return bool(self._conn.is_closed())
 
     def in_transaction(self) -> bool:
-        return bool(self._conn.is_in_transaction())
+        conn = self._conn
+        return not conn.is_closed() and bool(conn.is_in_transaction())
 
     def forget_statements(self) -> None:
         # asyncpg's own statement cache; its statements are closed on the

@@ -21,6 +21,13 @@ from .base import BackendBroken, BackendQueryError, OnDone
 
 log = logging.getLogger("picopyn_actors._bridge")
 
+#: SQLSTATE of "prepared statement has been invalidated": Picodata rejects, at
+#: Bind and before running anything, a statement prepared before a schema
+#: change of its tables (when the session asked for pico_stmt_invalidation).
+INVALIDATED = "42999"
+#: How many times in a row a request is prepared again after 42999.
+MAX_RERUNS = 5
+
 # SQLSTATE classes and codes that mean "this connection is finished".
 _BROKEN_SQLSTATE_PREFIXES = ("08",)
 _BROKEN_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})

@@ -62,7 +62,7 @@ from typing import Any
 import outcome
 import trio
 
-from .._bridge import BackendBroken, BackendQueryError, OnDone
+from .._bridge import INVALIDATED, MAX_RERUNS, BackendBroken, BackendQueryError, OnDone
 from .._cluster import Cluster, open_cluster
 from .._dsn import Address
 from .._topology import DISCOVERY_QUERY, MASTERS_QUERY
@@ -358,6 +358,18 @@ class FakeConnection:
             self._scope.cancel()
 
     async def run(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        """As the bridge's: after 42999 the statements are dropped and it runs again."""
+        for _ in range(MAX_RERUNS):
+            try:
+                return await self._query(method, query, args)
+            except BackendQueryError as exc:
+                if exc.sqlstate != INVALIDATED or self._closed:
+                    raise
+            self.forget_statements()
+        return await self._query(method, query, args)
+
+    async def _query(self, method: str, query: str, args: Sequence[Any]) -> Any:
+        """One query, as the server answers it."""
         node = self.node
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -420,7 +432,7 @@ class FakeConnection:
     ) -> None:
         result: outcome.Outcome[Any]
         try:
-            result = outcome.Value(await self.run(method, query, args))
+            result = outcome.Value(await self._query(method, query, args))
         except (BackendBroken, BackendQueryError) as exc:
             result = outcome.Error(exc)
         try:
