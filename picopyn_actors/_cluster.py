@@ -33,7 +33,7 @@ from ._bridge import (
 )
 from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Message
-from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown
+from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown, PicodataError
 from ._events import (
     ClusterStatistics,
     EventHub,
@@ -311,6 +311,10 @@ class PinnedConnection:
         self._busy = True
         try:
             return await self._attempts(method, query, args, statement)
+        except BaseException as exc:
+            if not isinstance(exc, PicodataError):
+                self._broken = True  # cancelled mid-query: the connection cannot be trusted
+            raise
         finally:
             self._busy = False
 

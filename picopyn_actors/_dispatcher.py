@@ -48,7 +48,9 @@ from ._config import ClusterConfig
 from ._errors import AcquireTimeout, NoNodesAvailable, StrategyError
 from ._events import NodeState
 from ._request import Phase, Request
-from ._strategies import Candidate, strategy_name
+from ._routing import Routing
+from ._strategies import Candidate, strategy_name, takes_bucket
+from ._topology import Role
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,14 @@ class RouteRemoved:
     route_id: int
 
 
-Message = RouteUpdate | RouteRemoved
+@attrs.frozen
+class RoutingUpdate:
+    """Fresh bucket routing data, from the supervisor."""
+
+    routing: Routing
+
+
+Message = RouteUpdate | RouteRemoved | RoutingUpdate
 
 # Nodes remembered after their route went, for NoNodesAvailable's message.
 _REMEMBERED = 64
@@ -105,6 +114,15 @@ class Dispatcher:
     inbox: trio.MemoryReceiveChannel[Message]
     _routes: dict[int, _Route] = attrs.field(init=False, factory=dict)
     _by_candidate: dict[int, _Route] = attrs.field(init=False, factory=dict)
+    _by_name: dict[str, _Route] = attrs.field(init=False, factory=dict)
+    _routing: Routing = attrs.field(init=False, factory=Routing)
+    #: Keyed requests sent to the node that owns their bucket, and the others.
+    routed: int = attrs.field(init=False, default=0)
+    routing_fallbacks: int = attrs.field(init=False, default=0)
+    _strategy_takes_bucket: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._strategy_takes_bucket = takes_bucket(self.config.strategy)
     _pending: deque[Request] = attrs.field(init=False, factory=deque)
     # Requests coming back for another try go first, in a queue of their own,
     # so that both queues stay ordered by enqueue time for acquire_timeout.
@@ -141,6 +159,12 @@ class Dispatcher:
             return
         retries, pending = self._retries, self._pending
         if not (retries or pending):
+            if request.bucket is not None:
+                route = self._owner(request)
+                if route is not None:  # the fast way for a keyed request
+                    self.routed += 1
+                    self._hand(route, request)
+                    return
             available = self._available()
             if available:
                 self._start(request, available)
@@ -218,6 +242,8 @@ class Dispatcher:
     def _handle(self, message: Message) -> None:
         if type(message) is RouteUpdate:
             self._update(message)
+        elif type(message) is RoutingUpdate:
+            self._routing = message.routing
         elif type(message) is RouteRemoved:
             route = self._routes.get(message.route_id)
             if route is not None:
@@ -228,11 +254,14 @@ class Dispatcher:
         route = _Route(route_id, candidate)
         self._routes[route_id] = route
         self._by_candidate[id(candidate)] = route
+        self._by_name[candidate.name] = route
         return route
 
     def _remove(self, route: _Route, why: str) -> None:
         self._routes.pop(route.id, None)
         self._by_candidate.pop(id(route.candidate), None)
+        if self._by_name.get(route.candidate.name) is route:
+            del self._by_name[route.candidate.name]
         gone = self._gone
         gone.pop(route.candidate.name, None)
         gone[route.candidate.name] = why
@@ -262,11 +291,50 @@ class Dispatcher:
 
     def _start(self, request: Request, available: list[_Route]) -> None:
         """Hand ``request`` to an idle slot of the route the strategy picks."""
-        route = self._choose(request, available)
+        if request.bucket is None:
+            route = self._choose(request, available)
+        else:
+            route = self._owner(request)
+            if route is not None:
+                self.routed += 1
+            else:
+                # The owner cannot take it: any node of the tier will (Picodata
+                # forwards it to the bucket's storage). Counted.
+                self.routing_fallbacks += 1
+                tier = request.bucket.tier
+                route = self._choose(
+                    request, [r for r in available if r.candidate.tier == tier] or available
+                )
         if route is not None:
-            slot = route.idle.pop()
-            route.candidate.free = len(route.idle)
-            slot.start(request)
+            self._hand(route, request)
+
+    def _hand(self, route: _Route, request: Request) -> None:
+        slot = route.idle.pop()
+        route.candidate.free = len(route.idle)
+        slot.start(request)
+
+    def _owner(self, request: Request) -> _Route | None:
+        """The route that owns ``request``'s bucket, if it can take it now.
+
+        The current master of the owning replicaset, or with ``role="replica"``
+        a replica of it (the strategy picks one). Not the route the request
+        just failed on.
+        """
+        bucket = request.bucket
+        assert bucket is not None
+        routing = self._routing
+        if self.config.selector.role is Role.REPLICA:
+            owner = routing.owner(bucket.tier, bucket.bucket_id)
+            replicas = [
+                r
+                for r in self._routes.values()
+                if r.candidate.replicaset == owner and r.idle and r.state is NodeState.UP
+            ]
+            return self._choose(request, replicas) if replicas else None
+        route = self._by_name.get(routing.master_of(bucket.tier, bucket.bucket_id) or "")
+        if route is None or not route.idle or route.state is not NodeState.UP:
+            return None
+        return None if route.id == request.last_route else route
 
     def _dispatch(self) -> None:
         pending, retries = self._pending, self._retries
@@ -285,7 +353,10 @@ class Dispatcher:
             available = others or available
         candidates = [r.candidate for r in available]
         try:
-            chosen = strategy(candidates)
+            if self._strategy_takes_bucket:
+                chosen = strategy(candidates, bucket=request.bucket)  # type: ignore[call-arg]
+            else:
+                chosen = strategy(candidates)
         except Exception as exc:
             request.fail(
                 StrategyError(f"balance strategy {strategy_name(strategy)} raised {exc!r}")

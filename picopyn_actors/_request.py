@@ -17,6 +17,7 @@ from typing import Any, Final, Protocol
 import outcome
 import trio
 
+from ._bucket import Bucket
 from ._errors import ClusterClosed, QueryError
 
 #: The method of a request that borrows a connection (``cluster.connection()``).
@@ -116,6 +117,7 @@ class Request:
     __slots__ = (
         "args",
         "attempts",
+        "bucket",
         "conn",
         "enqueued_at",
         "errors",
@@ -130,9 +132,16 @@ class Request:
     )
 
     def __init__(
-        self, method: str, query: str, args: Sequence[Any], idempotent: bool, now: float = 0.0
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        idempotent: bool,
+        now: float = 0.0,
+        bucket: Bucket | None = None,
     ) -> None:
         self.method = method
+        self.bucket = bucket
         self.query = query
         self.args = args
         self.idempotent = idempotent

@@ -118,8 +118,9 @@ class Session:
         node.observe_latency(self.clock() - start)
         if uuid != node.info.uuid:
             raise BackendBroken(
-                f"identity mismatch: the server at {node.info.address} is instance {uuid}, "
-                f"but the catalog says {node.info.name} is {node.info.uuid}",
+                f"identity mismatch: the server at {node.info.address} answers uuid {uuid}, "
+                f"but the catalog row of {node.info.name} says uuid {node.info.uuid} (is the "
+                "address in the catalog wrong, or another server on it?)",
                 sent=False,
                 identity=True,
             )

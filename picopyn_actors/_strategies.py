@@ -2,7 +2,12 @@
 
 A strategy is any callable ``strategy(candidates) -> candidate``. It is given
 the nodes that are up and have a free connection right now (never an empty
-list) and must return one of them. The built-in ones keep a little state of
+list) and must return one of them. A strategy that takes a keyword argument
+``bucket`` is also given the request's :class:`~picopyn_actors.Bucket` (``None``
+for a request without one): a keyed request goes straight to the master that
+owns its bucket when that node can take it, and the strategy chooses, seeing
+the bucket, when it cannot (among the nodes of the bucket's tier) and among
+the replicas of the owner with ``role="replica"``. The built-in ones keep a little state of
 their own and are cheap: they run once per request on the hot path.
 
 Example::
@@ -16,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable, Mapping, Sequence
 
@@ -117,6 +123,18 @@ class Fastest:
 
     def __repr__(self) -> str:
         return "Fastest()"
+
+
+def takes_bucket(strategy: object) -> bool:
+    """``strategy`` accepts a ``bucket`` keyword argument."""
+    try:
+        parameters = inspect.signature(strategy).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    bucket = parameters.get("bucket")
+    if bucket is not None:
+        return bucket.kind in (bucket.KEYWORD_ONLY, bucket.POSITIONAL_OR_KEYWORD)
+    return any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def strategy_name(strategy: object) -> str:

@@ -49,12 +49,13 @@ import trio
 
 from ._bridge import Backend, BackendBroken, BackendQueryError, Connection
 from ._config import ClusterConfig
-from ._dispatcher import Dispatcher, Message
+from ._dispatcher import Dispatcher, Message, RoutingUpdate
 from ._dsn import Address
 from ._errors import NoNodesAvailable
 from ._events import EventHub, NodeEvent, NodeState, NodeStatistics
 from ._identity import instance_uuid
 from ._node import NodeActor, Stop, UpdateInfo, Wake, backoff_delay
+from ._routing import REPLICASETS_QUERY, TIERS_QUERY, Routing, buckets_query
 from ._topology import (
     DISCOVERY_QUERY,
     LEADER_QUERIES,
@@ -180,6 +181,11 @@ class Supervisor:
     _opened: list[_Link] = attrs.field(init=False, factory=list)
     _avoid: dict[Address, float] = attrs.field(init=False, factory=dict)
     _warn_once: WarnOnce = attrs.field(init=False, factory=lambda: WarnOnce(QUIET_PERIOD))
+    # Bucket routing: the tiers that want it, the last good data, and who waits.
+    routing: Routing = attrs.field(init=False, factory=Routing)
+    _routed: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
+    _nap: trio.CancelScope | None = attrs.field(init=False, default=None)
+    _wished: bool = attrs.field(init=False, default=False)
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -247,7 +253,15 @@ class Supervisor:
         deadline = trio.current_time() + interval
         failures = 0
         while True:
-            await trio.sleep_until(deadline)
+            self._wished = False
+            await self._refresh_routing()  # for a tier that wants it and has none yet
+            if self._wished:
+                continue  # another tier asked meanwhile
+            with trio.CancelScope(deadline=deadline) as self._nap:
+                await trio.sleep_forever()
+            self._nap = None
+            if trio.current_time() < deadline:
+                continue  # woken early by want_routing(): the routing data comes first
             # Reschedule first, so that a slow or failing run never loses the beat.
             deadline = max(deadline + interval, trio.current_time())
             try:
@@ -265,6 +279,56 @@ class Supervisor:
             failures = 0
             if topology is not None:
                 await self.apply(topology)
+            await self._refresh_routing(every=True)
+
+    # -- bucket routing ----------------------------------------------------------------
+
+    def want_routing(self, tier: str) -> trio.Event:
+        """Keep ``tier``'s bucket map from now on; the event is set once a first
+        answer (or failure) for it is in. Wakes the actor if it has none yet."""
+        event = self._routed.get(tier)
+        if event is None:
+            self._routed[tier] = event = trio.Event()
+            self._wished = True
+            if self._nap is not None:
+                self._nap.cancel()
+        return event
+
+    async def _refresh_routing(self, *, every: bool = False) -> None:
+        """Read the routing data of the tiers that want it (``every``: all of them,
+        else only those with none yet) on the discovery connection, and hand a
+        new snapshot to the dispatcher. A tier whose ``_pico_bucket`` fails keeps
+        its last good map."""
+        tiers = sorted(t for t, e in self._routed.items() if every or not e.is_set())
+        link = self._link
+        if not tiers or link is None or not link.usable:
+            return
+        timeout = discovery_deadline(self.config.connect_timeout, self.config.discovery_interval)
+        answers: dict[str, object] = {}
+        try:
+            with trio.fail_after(timeout):
+                replicasets = await link.conn.run("fetch", REPLICASETS_QUERY, ())
+                tier_rows = await link.conn.run("fetch", TIERS_QUERY, ())
+                for tier in tiers:
+                    try:
+                        answers[tier] = await link.conn.run("fetchval", buckets_query(tier), ())
+                    except BackendQueryError as exc:
+                        answers[tier] = exc
+        except (BackendBroken, BackendQueryError, trio.TooSlowError) as exc:
+            self._abandon(link, None)  # the next discovery run opens another one
+            log.debug("routing data not read from %s: %r", link.address, exc)
+            return
+        self.routing, problems = self.routing.refreshed(replicasets, tier_rows, answers)
+        for tier, problem in problems.items():
+            if self._warn_once(("routing", tier), trio.current_time()):
+                log.warning(
+                    "bucket map of tier %s not refreshed (the last good one is kept): %s",
+                    tier,
+                    problem,
+                )
+        await self.dispatcher.send(RoutingUpdate(self.routing))
+        for tier in tiers:
+            self._routed[tier].set()
 
     # -- one discovery run -------------------------------------------------------------
 

@@ -67,7 +67,7 @@ def test_parse_dsn_percent_encoded_credentials_and_params() -> None:
         (f"postgresql://admin:{SECRET}@[::1]x/db", "bad address"),
         (f"postgresql://admin:{SECRET}@::1/db", "IPv6"),
         (f"postgresql://admin:{SECRET}@h1,,h2/db", "empty host"),
-        (f"postgresql://admin:{SECRET}@h1/db?options=x", "unsupported parameter"),
+        (f"postgresql://admin:{SECRET}@h1/db?sslrootcert=x", "unsupported parameter"),
     ],
 )
 def test_parse_dsn_rejects_bad_dsns_without_leaking_the_password(dsn: str, fragment: str) -> None:
