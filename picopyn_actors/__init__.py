@@ -17,6 +17,10 @@ requests over the healthy nodes. Everything lives in the caller's nursery::
 
 import logging as _logging
 
+from ._bucket import Bucket as Bucket
+from ._bucket import ShardingKey as ShardingKey
+from ._bucket import bucket_id as bucket_id
+from ._bucket import sharding_key as sharding_key
 from ._cluster import Cluster as Cluster
 from ._cluster import PinnedConnection as PinnedConnection
 from ._cluster import PreparedStatement as PreparedStatement
@@ -53,6 +57,7 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 __all__ = [
     "AcquireTimeout",
     "Address",
+    "Bucket",
     "Candidate",
     "Client",
     "Cluster",
@@ -76,7 +81,10 @@ __all__ = [
     "QueryError",
     "Random",
     "RoundRobin",
+    "ShardingKey",
     "Strategy",
     "StrategyError",
+    "bucket_id",
     "open_cluster",
+    "sharding_key",
 ]

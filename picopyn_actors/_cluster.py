@@ -31,9 +31,10 @@ from ._bridge import (
     Connection,
     open_backend,
 )
+from ._bucket import Bucket, ShardingKey, sharding_key
 from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Message
-from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown, PicodataError
+from ._errors import ClusterClosed, ConfigError, NoNodesAvailable, OutcomeUnknown, PicodataError
 from ._events import (
     ClusterStatistics,
     EventHub,
@@ -46,6 +47,7 @@ from ._events import (
 from ._node import Lease
 from ._request import PIN, Request, changes_session, check_query, check_timeout
 from ._retry import MAX_INVALIDATIONS
+from ._routing import TABLE_QUERY
 from ._slot import query_error
 from ._strategies import Strategy
 from ._supervisor import Supervisor
@@ -64,9 +66,11 @@ class Cluster:
     """A Picodata cluster as one self-healing database. Made by :func:`open_cluster`.
 
     Every query method takes ``timeout`` (seconds, for the whole call; it
-    raises :class:`trio.TooSlowError`) and ``idempotent`` (``True`` lets a
+    raises :class:`trio.TooSlowError`), ``idempotent`` (``True`` lets a
     request whose node died mid-flight be retried on another node; otherwise
-    it fails with :class:`OutcomeUnknown`).
+    it fails with :class:`OutcomeUnknown`) and ``bucket`` (a :class:`Bucket`
+    from :meth:`bucket`: the request goes to the master that owns it, see
+    docs/routing.md).
 
     Cancellation: a query method that is cancelled before its request reached
     a node leaves nothing behind; one cancelled while the query runs drops
@@ -84,6 +88,7 @@ class Cluster:
     _token: trio.lowlevel.TrioToken = attrs.field(
         init=False, factory=trio.lowlevel.current_trio_token
     )
+    _keys: dict[str, ShardingKey] = attrs.field(init=False, factory=dict)
 
     def __repr__(self) -> str:
         nodes = self._supervisor.actors()
@@ -94,18 +99,26 @@ class Cluster:
     # -- queries -----------------------------------------------------------------
 
     async def _call(
-        self, method: str, query: str, args: Sequence[Any], timeout: float | None, idempotent: bool
+        self,
+        method: str,
+        query: str,
+        args: Sequence[Any],
+        timeout: float | None,
+        idempotent: bool,
+        bucket: Bucket | None = None,
     ) -> Any:
         self._check_caller()
         if type(idempotent) is not bool:
             raise TypeError(f"idempotent must be True or False, got {idempotent!r}")
+        if bucket is not None and type(bucket) is not Bucket:
+            raise TypeError(f"bucket must be a Bucket (see Cluster.bucket()), got {bucket!r}")
         check_query(query)
         # Never submit work for a caller that is already cancelled: it would
         # start on a connection, and the abort would then cost the connection.
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise ClusterClosed("the cluster is closed")
-        request = Request(method, query, args, idempotent)
+        request = Request(method, query, args, idempotent, bucket=bucket)
         if timeout is None:
             self._dispatcher.submit(request)
             return await request.wait()
@@ -130,7 +143,12 @@ class Cluster:
             )
 
     async def fetch(
-        self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
+        self,
+        query: str,
+        *args: Any,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        bucket: Bucket | None = None,
     ) -> list[Any]:
         """Run ``query`` and return all rows (asyncpg ``Record`` objects).
 
@@ -142,14 +160,19 @@ class Cluster:
             ClusterClosed: the cluster closed first.
             trio.TooSlowError: ``timeout`` passed.
         """
-        result: list[Any] = await self._call("fetch", query, args, timeout, idempotent)
+        result: list[Any] = await self._call("fetch", query, args, timeout, idempotent, bucket)
         return result
 
     async def fetchrow(
-        self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
+        self,
+        query: str,
+        *args: Any,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        bucket: Bucket | None = None,
     ) -> Any:
         """Run ``query`` and return its first row, or ``None``. Errors as :meth:`fetch`."""
-        return await self._call("fetchrow", query, args, timeout, idempotent)
+        return await self._call("fetchrow", query, args, timeout, idempotent, bucket)
 
     async def fetchval(
         self,
@@ -157,15 +180,21 @@ class Cluster:
         *args: Any,
         timeout: float | None = None,
         idempotent: bool = False,
+        bucket: Bucket | None = None,
     ) -> Any:
         """Run ``query`` and return the first column of its first row. Errors as :meth:`fetch`."""
-        return await self._call("fetchval", query, args, timeout, idempotent)
+        return await self._call("fetchval", query, args, timeout, idempotent, bucket)
 
     async def execute(
-        self, query: str, *args: Any, timeout: float | None = None, idempotent: bool = False
+        self,
+        query: str,
+        *args: Any,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        bucket: Bucket | None = None,
     ) -> str:
         """Run a statement; return its status (``"INSERT 0 1"``). Errors as :meth:`fetch`."""
-        status: str = await self._call("execute", query, args, timeout, idempotent)
+        status: str = await self._call("execute", query, args, timeout, idempotent, bucket)
         return status
 
     async def executemany(
@@ -175,12 +204,15 @@ class Cluster:
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+        bucket: Bucket | None = None,
     ) -> None:
         """Run a statement once per argument tuple, on one connection. Errors as :meth:`fetch`."""
-        await self._call("executemany", query, (list(args),), timeout, idempotent)
+        await self._call("executemany", query, (list(args),), timeout, idempotent, bucket)
 
     @asynccontextmanager
-    async def connection(self, *, timeout: float | None = None) -> AsyncIterator[PinnedConnection]:
+    async def connection(
+        self, *, timeout: float | None = None, bucket: Bucket | None = None
+    ) -> AsyncIterator[PinnedConnection]:
         """Borrow one connection for several statements in a row (prepared statements).
 
         ``timeout`` bounds the wait for a connection only. While pinned, the
@@ -194,7 +226,9 @@ class Cluster:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise ClusterClosed("the cluster is closed")
-        request = Request(PIN, "", (), False)
+        if bucket is not None and type(bucket) is not Bucket:
+            raise TypeError(f"bucket must be a Bucket (see Cluster.bucket()), got {bucket!r}")
+        request = Request(PIN, "", (), False, bucket=bucket)
         with trio.fail_after(math.inf if timeout is None else check_timeout(timeout)):
             self._dispatcher.submit(request)
             lease: Lease = await request.wait()
@@ -203,6 +237,64 @@ class Cluster:
             yield pinned
         finally:
             lease.give_back(dirty=pinned._dirty())
+
+    # -- buckets ---------------------------------------------------------------------
+
+    async def bucket(self, table: str, *key_values: Any, timeout: float | None = None) -> Bucket:
+        """The :class:`Bucket` of a row of the sharded ``table`` with these key values.
+
+        Pass it as ``bucket=`` to a query method (or to :meth:`connection`):
+        the request goes to the current master of the replicaset that owns the
+        bucket, which saves Picodata a hop. The first call for a table reads
+        its distribution and format (``_pico_table``) and its tier's bucket
+        count, and waits (within ``connect_timeout``) for the tier's bucket
+        map; later calls cost no I/O. A bucket can also be made with no I/O
+        at all: ``Bucket(tier, bucket_id(values, types, bucket_count))``.
+
+        Raises:
+            ConfigError: an unknown table, a table that is not sharded, the
+                wrong number or types of key values (the message names the
+                column), or a tier outside this cluster's ``tiers=``.
+            NoNodesAvailable, QueryError, trio.TooSlowError: as for
+                :meth:`fetch`, while the table is looked up.
+        """
+        with trio.fail_after(math.inf if timeout is None else check_timeout(timeout)):
+            key = self._keys.get(table)
+            if key is None:
+                key = await self._sharding_key(table)
+            count = self._supervisor.routing.bucket_counts.get(key.tier)
+            if count is None:
+                count = await self._bucket_count(key.tier)
+            bucket = key.bucket(key_values, count)
+            ready = self._supervisor.want_routing(key.tier)
+            if not ready.is_set():
+                with trio.move_on_after(self.config.connect_timeout):
+                    await ready.wait()
+            return bucket
+
+    async def _sharding_key(self, table: str) -> ShardingKey:
+        if not isinstance(table, str) or not table:
+            raise ConfigError(f"table must be a table name, got {table!r}")
+        row = await self.fetchrow(TABLE_QUERY, table, idempotent=True)
+        if row is None:
+            raise ConfigError(f"unknown table {table!r}: it is not in _pico_table")
+        key = sharding_key(row["distribution"], row["format"], table=table)
+        tiers = self.config.selector.tiers
+        if tiers is not None and key.tier not in tiers:
+            raise ConfigError(
+                f"table {table!r} lives in tier {key.tier!r}, outside this cluster's "
+                f"tiers={sorted(tiers)}"
+            )
+        self._keys[table] = key
+        return key
+
+    async def _bucket_count(self, tier: str) -> int:
+        count = await self.fetchval(
+            "SELECT bucket_count FROM _pico_tier WHERE name = $1", tier, idempotent=True
+        )
+        if count is None:
+            raise ConfigError(f"tier {tier!r} is not in _pico_tier")
+        return int(count)
 
     # -- health --------------------------------------------------------------------
 
@@ -232,6 +324,8 @@ class Cluster:
             events_published=self._hub.published,
             statements_invalidated=sum(s.statements_invalidated for s in every),
             views_rejected=self._supervisor.views_rejected,
+            requests_routed=self._dispatcher.routed,
+            routing_fallbacks=self._dispatcher.routing_fallbacks,
             discovery_connects=self._supervisor.discovery_connects,
         )
 

@@ -161,14 +161,21 @@ class Dispatcher:
         if not (retries or pending):
             if request.bucket is not None:
                 route = self._owner(request)
-                if route is not None:  # the fast way for a keyed request
-                    self.routed += 1
-                    self._hand(route, request)
+                if route is not None:  # the owner is up: it takes it, or it waits for it
+                    if route.idle:
+                        self.routed += 1
+                        self._hand(route, request)
+                        return
+                else:
+                    available = self._available()
+                    if available:
+                        self._start(request, available)
+                        return
+            else:
+                available = self._available()
+                if available:
+                    self._start(request, available)
                     return
-            available = self._available()
-            if available:
-                self._start(request, available)
-                return
         request.enqueued_at = now = self._clock()
         (retries if request.last_route is not None else pending).append(request)
         if len(retries) + len(pending) > 1:
@@ -290,7 +297,7 @@ class Dispatcher:
         return [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
 
     def _start(self, request: Request, available: list[_Route]) -> None:
-        """Hand ``request`` to an idle slot of the route the strategy picks."""
+        """Hand ``request`` to an idle slot of the route it must go to, or the strategy picks."""
         if request.bucket is None:
             route = self._choose(request, available)
         else:
@@ -298,8 +305,8 @@ class Dispatcher:
             if route is not None:
                 self.routed += 1
             else:
-                # The owner cannot take it: any node of the tier will (Picodata
-                # forwards it to the bucket's storage). Counted.
+                # The owner cannot take it (down, draining, unknown yet): any node
+                # of the tier will, and Picodata forwards it. Counted.
                 self.routing_fallbacks += 1
                 tier = request.bucket.tier
                 route = self._choose(
@@ -314,11 +321,12 @@ class Dispatcher:
         slot.start(request)
 
     def _owner(self, request: Request) -> _Route | None:
-        """The route that owns ``request``'s bucket, if it can take it now.
+        """The route that must take keyed ``request``: its bucket's owner, when it is up.
 
         The current master of the owning replicaset, or with ``role="replica"``
-        a replica of it (the strategy picks one). Not the route the request
-        just failed on.
+        a replica of it (the strategy picks one, among those with an idle slot
+        if any). Not the route the request just failed on. ``None``: the
+        request may go to any node of the tier.
         """
         bucket = request.bucket
         assert bucket is not None
@@ -328,23 +336,37 @@ class Dispatcher:
             replicas = [
                 r
                 for r in self._routes.values()
-                if r.candidate.replicaset == owner and r.idle and r.state is NodeState.UP
+                if r.candidate.replicaset == owner
+                and r.state is NodeState.UP
+                and r.id != request.last_route
             ]
-            return self._choose(request, replicas) if replicas else None
+            if not replicas:
+                return None
+            return self._choose(request, [r for r in replicas if r.idle] or replicas)
         route = self._by_name.get(routing.master_of(bucket.tier, bucket.bucket_id) or "")
-        if route is None or not route.idle or route.state is not NodeState.UP:
+        if route is None or route.state is not NodeState.UP or route.id == request.last_route:
             return None
-        return None if route.id == request.last_route else route
+        return route
 
     def _dispatch(self) -> None:
-        pending, retries = self._pending, self._retries
-        while pending or retries:
-            available = self._available()
-            if not available:
-                return
-            request = (retries or pending).popleft()
-            if request.phase is Phase.QUEUED:
+        """Serve waiting requests, oldest first, while slots are idle. A keyed
+        request whose owner is up but busy keeps its place and waits for it."""
+        for queue in (self._retries, self._pending):
+            waiting: list[Request] = []
+            while queue:
+                available = self._available()
+                if not available:
+                    break
+                request = queue.popleft()
+                if request.phase is not Phase.QUEUED:
+                    continue
+                if request.bucket is not None:
+                    owner = self._owner(request)
+                    if owner is not None and not owner.idle:
+                        waiting.append(request)
+                        continue
                 self._start(request, available)
+            queue.extendleft(reversed(waiting))
 
     def _choose(self, request: Request, available: list[_Route]) -> _Route | None:
         strategy = self.config.strategy

@@ -300,6 +300,11 @@ class ClusterStatistics:
         views_rejected: catalog views discovery did not act on (not sane, or
             they would stop serving nodes and no second source agreed).
         discovery_connects: connections discovery opened (it keeps one).
+        requests_routed: keyed requests (``bucket=``) sent to the node that
+            owns their bucket.
+        routing_fallbacks: keyed requests sent elsewhere in the bucket's tier,
+            because the owner could not take them (down, busy, unknown yet);
+            Picodata forwards them.
         restarts: node restarts (down after up), all nodes.
         discovery_runs: discovery runs that succeeded.
         discovery_failures: discovery runs that failed on every host.
@@ -319,3 +324,5 @@ class ClusterStatistics:
     statements_invalidated: int = 0
     views_rejected: int = 0
     discovery_connects: int = 0
+    requests_routed: int = 0
+    routing_fallbacks: int = 0

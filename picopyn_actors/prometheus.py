@@ -141,6 +141,16 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
     ),
     _counter("events_published_total", "Node events published.", "events_published"),
     _counter(
+        "requests_routed_total",
+        "Keyed requests sent to the master that owns their bucket.",
+        "requests_routed",
+    ),
+    _counter(
+        "routing_fallbacks_total",
+        "Keyed requests sent to another node of the tier (the owner could not take them).",
+        "routing_fallbacks",
+    ),
+    _counter(
         "views_rejected_total",
         "Catalog views discovery did not act on (not sane, or not confirmed).",
         "views_rejected",

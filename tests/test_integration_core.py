@@ -15,6 +15,7 @@ from picopyn_actors.testing import LocalCluster
 PUBLIC_API = {
     "AcquireTimeout",
     "Address",
+    "Bucket",
     "Candidate",
     "Client",
     "Cluster",
@@ -38,9 +39,12 @@ PUBLIC_API = {
     "QueryError",
     "Random",
     "RoundRobin",
+    "ShardingKey",
     "Strategy",
     "StrategyError",
+    "bucket_id",
     "open_cluster",
+    "sharding_key",
 }
 
 
