@@ -42,6 +42,7 @@ from ._events import NodeEvent as NodeEvent
 from ._events import NodeState as NodeState
 from ._events import NodeStatistics as NodeStatistics
 from ._events import NodeStatus as NodeStatus
+from ._hedging import Hedging as Hedging
 from ._strategies import Candidate as Candidate
 from ._strategies import Fastest as Fastest
 from ._strategies import LeastInFlight as LeastInFlight
@@ -68,6 +69,7 @@ __all__ = [
     "EventStream",
     "EventsDropped",
     "Fastest",
+    "Hedging",
     "LeastInFlight",
     "NoNodesAvailable",
     "NodeEvent",

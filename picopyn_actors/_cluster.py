@@ -44,6 +44,7 @@ from ._events import (
     NodeStatistics,
     NodeStatus,
 )
+from ._hedging import Hedging
 from ._node import Lease
 from ._request import PIN, Request, changes_session, check_query, check_timeout
 from ._retry import MAX_INVALIDATIONS
@@ -54,6 +55,8 @@ from ._supervisor import Supervisor
 from ._util import unwrap_single_error
 
 log = logging.getLogger(__name__)
+
+_DEFAULT_HEDGING = Hedging()
 
 # The dispatcher's inbox: node updates and the first idle token of each new
 # connection (requests reach the dispatcher by a synchronous call). Bounded;
@@ -70,7 +73,10 @@ class Cluster:
     request whose node died mid-flight be retried on another node; otherwise
     it fails with :class:`OutcomeUnknown`) and ``bucket`` (a :class:`Bucket`
     from :meth:`bucket`: the request goes to the master that owns it, see
-    docs/routing.md).
+    docs/routing.md), and ``hedging`` (``None``: the cluster's policy;
+    ``False``: never; ``True`` or a :class:`Hedging`: an idempotent request
+    that has not answered after the hedge delay is sent to a second node too,
+    and the first answer wins; see docs/failure-semantics.md).
 
     Cancellation: a query method that is cancelled before its request reached
     a node leaves nothing behind; one cancelled while the query runs drops
@@ -106,6 +112,7 @@ class Cluster:
         timeout: float | None,
         idempotent: bool,
         bucket: Bucket | None = None,
+        hedging: Hedging | bool | None = None,
     ) -> Any:
         self._check_caller()
         if type(idempotent) is not bool:
@@ -119,12 +126,27 @@ class Cluster:
         if self._closed:
             raise ClusterClosed("the cluster is closed")
         request = Request(method, query, args, idempotent, bucket=bucket)
+        policy = self._hedging_for(hedging) if idempotent else None
+        if policy is not None:
+            request.hedger = self._dispatcher.hedger(policy)
         if timeout is None:
             self._dispatcher.submit(request)
             return await request.wait()
         with trio.fail_after(check_timeout(timeout)):
             self._dispatcher.submit(request)
             return await request.wait()
+
+    def _hedging_for(self, hedging: Hedging | bool | None) -> Hedging | None:
+        """The hedging policy of one idempotent call (``hedging=`` or the cluster's)."""
+        if hedging is None:
+            return self.config.hedging
+        if hedging is True:
+            return self.config.hedging or _DEFAULT_HEDGING
+        if hedging is False:
+            return None
+        if isinstance(hedging, Hedging):
+            return hedging
+        raise TypeError(f"hedging must be None, True, False or a Hedging, got {hedging!r}")
 
     def _check_caller(self) -> None:
         """Refuse a call from outside the trio run this cluster lives in."""
@@ -149,6 +171,7 @@ class Cluster:
         timeout: float | None = None,
         idempotent: bool = False,
         bucket: Bucket | None = None,
+        hedging: Hedging | bool | None = None,
     ) -> list[Any]:
         """Run ``query`` and return all rows (asyncpg ``Record`` objects).
 
@@ -160,7 +183,9 @@ class Cluster:
             ClusterClosed: the cluster closed first.
             trio.TooSlowError: ``timeout`` passed.
         """
-        result: list[Any] = await self._call("fetch", query, args, timeout, idempotent, bucket)
+        result: list[Any] = await self._call(
+            "fetch", query, args, timeout, idempotent, bucket, hedging
+        )
         return result
 
     async def fetchrow(
@@ -170,9 +195,10 @@ class Cluster:
         timeout: float | None = None,
         idempotent: bool = False,
         bucket: Bucket | None = None,
+        hedging: Hedging | bool | None = None,
     ) -> Any:
         """Run ``query`` and return its first row, or ``None``. Errors as :meth:`fetch`."""
-        return await self._call("fetchrow", query, args, timeout, idempotent, bucket)
+        return await self._call("fetchrow", query, args, timeout, idempotent, bucket, hedging)
 
     async def fetchval(
         self,
@@ -181,9 +207,10 @@ class Cluster:
         timeout: float | None = None,
         idempotent: bool = False,
         bucket: Bucket | None = None,
+        hedging: Hedging | bool | None = None,
     ) -> Any:
         """Run ``query`` and return the first column of its first row. Errors as :meth:`fetch`."""
-        return await self._call("fetchval", query, args, timeout, idempotent, bucket)
+        return await self._call("fetchval", query, args, timeout, idempotent, bucket, hedging)
 
     async def execute(
         self,
@@ -192,9 +219,12 @@ class Cluster:
         timeout: float | None = None,
         idempotent: bool = False,
         bucket: Bucket | None = None,
+        hedging: Hedging | bool | None = None,
     ) -> str:
         """Run a statement; return its status (``"INSERT 0 1"``). Errors as :meth:`fetch`."""
-        status: str = await self._call("execute", query, args, timeout, idempotent, bucket)
+        status: str = await self._call(
+            "execute", query, args, timeout, idempotent, bucket, hedging
+        )
         return status
 
     async def executemany(
@@ -326,6 +356,7 @@ class Cluster:
             views_rejected=self._supervisor.views_rejected,
             requests_routed=self._dispatcher.routed,
             routing_fallbacks=self._dispatcher.routing_fallbacks,
+            **self._dispatcher.hedge_statistics(),
             discovery_connects=self._supervisor.discovery_connects,
         )
 

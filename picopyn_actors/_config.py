@@ -17,6 +17,7 @@ import attrs
 
 from ._dsn import Dsn, parse_dsn
 from ._errors import ConfigError
+from ._hedging import Hedging
 from ._strategies import RoundRobin, Strategy
 from ._topology import Role, Selector
 
@@ -161,6 +162,11 @@ def _one_of(choices: tuple[str, ...]) -> Any:
     return check
 
 
+def _hedging(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, Hedging):
+        raise ConfigError(f"hedging must be None or a picopyn_actors.Hedging, got {value!r}")
+
+
 def _callable(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not callable(value):
         raise ConfigError(
@@ -191,6 +197,9 @@ class ClusterConfig:
         max_attempts: how many nodes one request may be tried on.
         drain_timeout: how long a drained node's in-flight requests may take.
         events_buffer: events kept per slow ``events()`` subscriber.
+        hedging: the :class:`~picopyn_actors.Hedging` policy of idempotent
+            requests, or ``None`` (the default) for no hedged requests; each
+            call may override it with ``hedging=``.
         dialect: what the servers speak. ``"picodata"`` (the default): every
             connection sends Picodata's session options (``pico_options``,
             with ``pico_stmt_invalidation=true``). ``"postgresql"``: a plain
@@ -228,6 +237,7 @@ class ClusterConfig:
     max_attempts: int = attrs.field(default=3, validator=_count(1, MAX_ATTEMPTS))
     drain_timeout: float = attrs.field(default=10.0, validator=_positive)
     events_buffer: int = attrs.field(default=256, validator=_count(1, MAX_EVENTS_BUFFER))
+    hedging: Hedging | None = attrs.field(default=None, validator=_hedging)
     dialect: str = attrs.field(default="picodata", validator=_one_of(DIALECTS))
     pico_options: Mapping[str, str] = attrs.field(factory=dict, converter=pico_options)
     bridge: str = attrs.field(default="auto", validator=_one_of(BRIDGES))

@@ -39,7 +39,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -47,6 +47,7 @@ import trio
 from ._config import ClusterConfig
 from ._errors import AcquireTimeout, NoNodesAvailable, StrategyError
 from ._events import NodeState
+from ._hedging import Hedger, Hedging
 from ._request import Phase, Request
 from ._routing import Routing
 from ._strategies import Candidate, strategy_name, takes_bucket
@@ -116,6 +117,9 @@ class Dispatcher:
     _by_candidate: dict[int, _Route] = attrs.field(init=False, factory=dict)
     _by_name: dict[str, _Route] = attrs.field(init=False, factory=dict)
     _routing: Routing = attrs.field(init=False, factory=Routing)
+    # Hedging: each policy's state, and the requests armed, by deadline.
+    _hedgers: dict[Hedging, Hedger] = attrs.field(init=False, factory=dict)
+    _hedging: deque[tuple[float, Request]] = attrs.field(init=False, factory=deque)
     #: Keyed requests sent to the node that owns their bucket, and the others.
     routed: int = attrs.field(init=False, default=0)
     routing_fallbacks: int = attrs.field(init=False, default=0)
@@ -228,6 +232,8 @@ class Dispatcher:
                             break
                         handle(message)
                 self._wait = None
+                if self._hedging:
+                    self._fire_hedges(self._clock())
                 if self._pending or self._retries:
                     self._dispatch()
                     self._expire(self._clock())
@@ -237,7 +243,80 @@ class Dispatcher:
 
     def _next_deadline(self) -> float:
         heads = [q[0].enqueued_at for q in (self._pending, self._retries) if q]
-        return min(heads) + self.config.acquire_timeout if heads else math.inf
+        deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
+        return min(deadline, self._hedging[0][0]) if self._hedging else deadline
+
+    # -- hedged requests -------------------------------------------------------
+
+    def hedger(self, policy: Hedging) -> Hedger:
+        """The hedging state of ``policy`` (one per policy, shared by its requests)."""
+        hedger = self._hedgers.get(policy)
+        if hedger is None:
+            self._hedgers[policy] = hedger = Hedger(policy)
+        return hedger
+
+    def hedge_statistics(self) -> dict[str, Any]:
+        """The hedging counters, summed over the policies, for ``ClusterStatistics``."""
+        hedgers = list(self._hedgers.values())
+        delays = [h.current_delay for h in hedgers if h.current_delay is not None]
+        return {
+            "hedges_sent": sum(h.sent for h in hedgers),
+            "hedges_won": sum(h.won for h in hedgers),
+            "hedges_refused": sum(h.refused for h in hedgers),
+            "hedge_delay": min(delays) if delays else None,
+        }
+
+    def _arm_hedge(self, request: Request) -> None:
+        """``request`` was sent: hedge it if it has not answered after the delay."""
+        hedger = request.hedger
+        assert hedger is not None
+        now = self._clock()
+        hedger.admitted(now)
+        delay = hedger.delay(now)
+        if math.isinf(delay):
+            return
+        deadline = now + delay
+        self._hedging.append((deadline, request))
+        wait = self._wait
+        if wait is not None and deadline < wait.deadline:
+            wait.deadline = deadline
+
+    def _fire_hedges(self, now: float) -> None:
+        """Send the hedges that are due (in the order they were armed)."""
+        due = self._hedging
+        max_attempts = self.config.max_attempts
+        while due and due[0][0] <= now:
+            _, request = due.popleft()
+            hedger = request.hedger
+            if (
+                hedger is None
+                or request.phase is not Phase.SENT
+                or request.in_flight != 1
+                or request.attempts + request.in_flight >= max_attempts
+            ):
+                continue  # answered, failed, retried elsewhere, or out of attempts
+            others = self._hedge_routes(request)
+            if others and hedger.allow(now):
+                hedge = Request(
+                    request.method, request.query, request.args, True, bucket=request.bucket
+                )
+                hedge.parent = request
+                hedge.last_route = request.last_route
+                request.hedged = True
+                request.hedges.append(hedge)
+                route = self._choose(hedge, others)
+                if route is not None:
+                    self._hand(route, hedge)
+
+    def _hedge_routes(self, request: Request) -> list[_Route]:
+        """Where a hedge of ``request`` may go: another node with an idle slot; for
+        a keyed request, another member of the bucket's replicaset, or nowhere."""
+        routes = [r for r in self._available() if r.id != request.last_route]
+        bucket = request.bucket
+        if bucket is None:
+            return routes
+        owner = self._routing.owner(bucket.tier, bucket.bucket_id)
+        return [r for r in routes if owner is not None and r.candidate.replicaset == owner]
 
     def _close(self) -> None:
         self._closed = True
@@ -319,6 +398,8 @@ class Dispatcher:
         slot = route.idle.pop()
         route.candidate.free = len(route.idle)
         slot.start(request)
+        if request.hedger is not None and not request.hedged and request.parent is None:
+            self._arm_hedge(request)
 
     def _owner(self, request: Request) -> _Route | None:
         """The route that must take keyed ``request``: its bucket's owner, when it is up.

@@ -303,8 +303,14 @@ class ClusterStatistics:
         requests_routed: keyed requests (``bucket=``) sent to the node that
             owns their bucket.
         routing_fallbacks: keyed requests sent elsewhere in the bucket's tier,
-            because the owner could not take them (down, busy, unknown yet);
-            Picodata forwards them.
+            because the owner could not take them (down, draining, unknown
+            yet); Picodata forwards them.
+        hedges_sent: hedged requests: second attempts sent because the first
+            had not answered after the hedge delay.
+        hedges_won: hedges that answered first.
+        hedges_refused: hedges the budget refused.
+        hedge_delay: the hedge delay in force, in seconds (``None``: no hedging,
+            or not enough latencies measured yet).
         restarts: node restarts (down after up), all nodes.
         discovery_runs: discovery runs that succeeded.
         discovery_failures: discovery runs that failed on every host.
@@ -326,3 +332,7 @@ class ClusterStatistics:
     discovery_connects: int = 0
     requests_routed: int = 0
     routing_fallbacks: int = 0
+    hedges_sent: int = 0
+    hedges_won: int = 0
+    hedges_refused: int = 0
+    hedge_delay: float | None = None

@@ -19,6 +19,7 @@ import trio
 
 from ._bucket import Bucket
 from ._errors import ClusterClosed, QueryError
+from ._hedging import Hedger
 
 #: The method of a request that borrows a connection (``cluster.connection()``).
 PIN: Final = "pin"
@@ -121,10 +122,15 @@ class Request:
         "conn",
         "enqueued_at",
         "errors",
+        "hedged",
+        "hedger",
+        "hedges",
         "idempotent",
+        "in_flight",
         "invalidations",
         "last_route",
         "method",
+        "parent",
         "phase",
         "query",
         "result",
@@ -142,6 +148,13 @@ class Request:
     ) -> None:
         self.method = method
         self.bucket = bucket
+        # Hedging: the policy's state (None: never hedged), the hedge requests
+        # sent for this one, and, on a hedge, the request it hedges.
+        self.hedger: Hedger | None = None
+        self.hedged = False
+        self.hedges: list[Request] = []
+        self.parent: Request | None = None
+        self.in_flight = 0  # slots running this request (its hedges included)
         self.query = query
         self.args = args
         self.idempotent = idempotent
@@ -161,10 +174,19 @@ class Request:
         return self.phase < Phase.DONE
 
     def finish(self, result: outcome.Outcome[Any]) -> bool:
-        """Answer the caller; ``False`` (and nothing happens) if already ended."""
+        """Answer the caller; ``False`` (and nothing happens) if already ended.
+
+        A hedge answers the request it hedges: the first answer wins.
+        """
         if self.phase >= Phase.DONE:
             return False
         self.phase = Phase.DONE
+        parent = self.parent
+        if parent is not None:
+            won = parent.finish(result)
+            if won and parent.hedger is not None:
+                parent.hedger.won += 1
+            return won
         if self.task is None:
             # The caller has not parked yet (it is still handing the request
             # over): keep the answer for :meth:`wait`.
@@ -190,6 +212,11 @@ class Request:
         self.phase = Phase.ABANDONED
         if self.conn is not None:
             self.conn.terminate()
+        for hedge in self.hedges:  # nothing left behind that still counts as the caller's
+            if hedge.phase < Phase.DONE:
+                hedge.phase = Phase.ABANDONED
+                if hedge.conn is not None:
+                    hedge.conn.terminate()
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def wait(self) -> Any:

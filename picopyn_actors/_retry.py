@@ -29,6 +29,7 @@ class Action(enum.Enum):
     RETRY_ELSEWHERE = "retry elsewhere"  # another node, through the dispatcher
     OUTCOME_UNKNOWN = "outcome unknown"  # fail with OutcomeUnknown: it may have run
     GIVE_UP = "give up"  # fail with the error (or NoNodesAvailable)
+    WAIT = "wait"  # another attempt (a hedge) still runs: it will answer
 
 
 @attrs.frozen
@@ -40,11 +41,14 @@ class Failure:
         idempotent: the caller allows it to run more than once.
         invalidated: the server rejected it before executing it, because its
             prepared statement was invalidated by a schema change (42999).
+        others_in_flight: other attempts of the same request still running
+            (hedges): one of them may still answer.
     """
 
     sent: bool
     idempotent: bool
     invalidated: bool = False
+    others_in_flight: int = 0
 
 
 @attrs.frozen
@@ -74,11 +78,15 @@ def decide(
     - Never sent: another node, without counting an attempt.
     - Sent and not idempotent: its outcome is unknown.
     - Sent and idempotent: another node, until ``max_attempts`` nodes tried.
+    - Another attempt of it (a hedge) still runs: wait for that one (a sent
+      failure still uses up an attempt), whatever else holds.
     """
     if failure.invalidated:
         invalidations += 1
         action = Action.RETRY_HERE if invalidations <= max_invalidations else Action.GIVE_UP
         return Decision(action, attempts, invalidations)
+    if failure.others_in_flight:
+        return Decision(Action.WAIT, attempts + (1 if failure.sent else 0), invalidations)
     if not failure.sent:
         return Decision(Action.RETRY_ELSEWHERE, attempts, invalidations)
     if not failure.idempotent:

@@ -228,9 +228,11 @@ class Session:
         slots, self.slots = self.slots, set()
         held = []
         for slot in slots:
-            if slot.request is not None:
-                held.append(slot.request)
+            request = slot.request
+            if request is not None:
+                held.append(request)
                 slot.request = None
+                (request.parent or request).in_flight -= 1
         node.candidate.in_flight = 0
         node.connections = 0
         # Act: connections first, then the requests (a retry may start at once).

@@ -71,6 +71,8 @@ class Slot:
         self.candidate.in_flight += 1
         self.request = request
         request.phase = Phase.SENT
+        request.last_route = self.route_id
+        (request.parent or request).in_flight += 1
         if request.method == PIN:
             self.session.lend(self, request)
             return
@@ -90,10 +92,15 @@ class Slot:
         self.request = None
         request.conn = None
         node.candidate.in_flight -= 1
+        (request.parent or request).in_flight -= 1
         if type(result) is outcome.Value and request.phase is not Phase.ABANDONED:
-            # The hot path: an answer for a caller who waits.
+            # The hot path: an answer for a caller who waits (or a hedge race's loser).
             node.counters.ok += 1
-            node.observe_latency(self.session.clock() - self.started)
+            latency = self.session.clock() - self.started
+            node.observe_latency(latency)
+            hedger = (request.parent or request).hedger
+            if hedger is not None:
+                hedger.record(latency, self.started + latency)
             request.finish(result)
             if node.serving:
                 node.router.release(self)  # last: it may start another request
@@ -184,7 +191,9 @@ class Lease:
 
 
 def reroute_or_fail(node: NodeActor, request: Request, error: str, *, sent: bool) -> None:
-    """``request`` could not complete on ``node``: retry it elsewhere or fail it."""
+    """``request`` (or a hedge of it) could not complete on ``node``: retry it
+    elsewhere or fail it; if another attempt of it still runs, wait for that one."""
+    request = request.parent or request  # a hedge's fate is its request's
     if not request.open:
         return
     request.errors.append(f"{node.name}: {error}")
@@ -192,10 +201,13 @@ def reroute_or_fail(node: NodeActor, request: Request, error: str, *, sent: bool
         request.close()
         return
     decision = decide(
-        Failure(sent=sent, idempotent=request.idempotent),
+        Failure(sent=sent, idempotent=request.idempotent, others_in_flight=request.in_flight),
         attempts=request.attempts,
         max_attempts=node.config.max_attempts,
     )
+    if decision.action is Action.WAIT:
+        request.attempts = decision.attempts
+        return
     request.attempts = decision.attempts
     if decision.action is Action.RETRY_ELSEWHERE:
         node.counters.retried += 1

@@ -151,6 +151,18 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
         "routing_fallbacks",
     ),
     _counter(
+        "hedges_sent_total",
+        "Second attempts of idempotent requests that had not answered after the hedge delay.",
+        "hedges_sent",
+    ),
+    _counter("hedges_won_total", "Hedges that answered first.", "hedges_won"),
+    _counter("hedges_refused_total", "Hedges the budget refused.", "hedges_refused"),
+    _gauge(
+        "hedge_delay_seconds",
+        "The hedge delay in force (absent without hedging or before enough latencies).",
+        "hedge_delay",
+    ),
+    _counter(
         "views_rejected_total",
         "Catalog views discovery did not act on (not sane, or not confirmed).",
         "views_rejected",

@@ -26,6 +26,7 @@ PUBLIC_API = {
     "EventStream",
     "EventsDropped",
     "Fastest",
+    "Hedging",
     "LeastInFlight",
     "NoNodesAvailable",
     "NodeEvent",

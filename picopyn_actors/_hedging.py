@@ -1,0 +1,190 @@
+"""Hedged reads: when an idempotent request is slow, send it to a second node too.
+
+:class:`Hedging` is the public, frozen policy (``open_cluster(...,
+hedging=pa.Hedging())``); :class:`Hedger` is the dispatcher's state for it:
+recent latencies (for the adaptive delay), the budget over a sliding window,
+and the counters. Pure: the dispatcher passes the clock's reading.
+
+Example::
+
+    >>> hedger = Hedger(Hedging(percentile=0.95, floor=0.002, budget=0.1))
+    >>> for ms in range(1, 101):
+    ...     hedger.record(ms / 1000, now=0.0)
+    >>> round(hedger.delay(now=0.0), 3)   # about the 95th percentile
+    0.096
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import attrs
+
+from ._errors import ConfigError
+
+# Latencies are kept in buckets 5% wide: the percentile is within 5% of the truth.
+_GROWTH = 1.05
+_LOG_GROWTH = math.log(_GROWTH)
+_FIRST = 1e-5  # seconds: the lower edge of the first bucket
+_BUCKETS = 400  # up to _FIRST * 1.05**400, about 3 s; slower ones fall in the last
+# The sliding window is cut into this many slices.
+_SLICES = 10
+
+
+def _fraction(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1:
+        raise ConfigError(
+            f"Hedging.{attribute.name} must be a number between 0 and 1, got {value!r}"
+        )
+
+
+def _seconds(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None and attribute.name == "delay":
+        return
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(
+            f"Hedging.{attribute.name} must be a positive number of seconds, got {value!r}"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Hedging:
+    """The hedging policy: when a slow idempotent request gets a second attempt.
+
+    Only idempotent requests are hedged, never a pinned connection's. When the
+    first attempt has not answered after the hedge delay, the same request is
+    sent to another routable node (for a keyed request, a replica of the same
+    replicaset, or nowhere); the first answer wins. The loser is not
+    cancelled (Picodata cannot cancel): its connection finishes the query, the
+    answer is dropped, and the connection serves on.
+
+    Attributes:
+        delay: a fixed hedge delay in seconds, or ``None`` (the default) for
+            an adaptive one: the ``percentile`` of the latencies of the last
+            ``window`` seconds, and at least ``floor``.
+        percentile: which latency the adaptive delay follows (0.95: the p95).
+        floor: the adaptive delay's least value, in seconds.
+        budget: hedges may add at most this share of extra requests over the
+            last ``window`` seconds (0.1: 10%; and one hedge per window in any
+            case, so that a quiet client can hedge too), so that hedging cannot
+            double the load when the whole cluster is slow.
+        window: the sliding window of the budget and of the latencies, in seconds.
+        min_samples: the adaptive delay needs this many latencies in the
+            window; before that, nothing is hedged.
+    """
+
+    delay: float | None = attrs.field(default=None, validator=_seconds)
+    percentile: float = attrs.field(default=0.95, validator=_fraction)
+    floor: float = attrs.field(default=0.002, validator=_seconds)
+    budget: float = attrs.field(default=0.1, validator=_fraction)
+    window: float = attrs.field(default=10.0, validator=_seconds)
+    min_samples: int = attrs.field(default=20)
+
+    def __attrs_post_init__(self) -> None:
+        if (
+            not isinstance(self.min_samples, int)
+            or isinstance(self.min_samples, bool)
+            or self.min_samples < 1
+        ):
+            raise ConfigError(
+                f"Hedging.min_samples must be an integer >= 1, got {self.min_samples!r}"
+            )
+
+
+@attrs.define
+class _Slice:
+    """One slice of the sliding window: its start, counts and latency histogram."""
+
+    start: float
+    requests: int = 0
+    hedges: int = 0
+    latencies: list[int] = attrs.field(factory=lambda: [0] * _BUCKETS)
+    samples: int = 0
+
+
+@attrs.define(eq=False)
+class Hedger:
+    """The dispatcher's hedging state for one :class:`Hedging` policy."""
+
+    policy: Hedging
+    sent: int = 0
+    won: int = 0
+    refused: int = 0  # hedges the budget refused
+    _slices: deque[_Slice] = attrs.field(init=False, factory=deque)
+    _delay: float = attrs.field(init=False, default=math.inf)
+    _delay_at: float = attrs.field(init=False, default=-math.inf)
+
+    def _current(self, now: float) -> _Slice:
+        slices = self._slices
+        width = self.policy.window / _SLICES
+        if not slices or now >= slices[-1].start + width:
+            slices.append(_Slice(now))
+            while slices and slices[0].start <= now - self.policy.window:
+                slices.popleft()
+        return slices[-1]
+
+    def record(self, seconds: float, now: float) -> None:
+        """One request answered in ``seconds``."""
+        current = self._current(now)
+        current.samples += 1
+        if seconds <= _FIRST:
+            index = 0
+        else:
+            index = min(_BUCKETS - 1, int(math.log(seconds / _FIRST) / _LOG_GROWTH) + 1)
+        current.latencies[index] += 1
+
+    def admitted(self, now: float) -> None:
+        """One hedgeable request was sent (it counts towards the budget)."""
+        self._current(now).requests += 1
+
+    def delay(self, now: float) -> float:
+        """The hedge delay now: fixed, or the percentile of the window's latencies
+        (``inf`` until there are ``min_samples`` of them). Recomputed at most
+        once per slice of the window."""
+        policy = self.policy
+        if policy.delay is not None:
+            return policy.delay
+        if now - self._delay_at < policy.window / _SLICES and not math.isinf(self._delay):
+            return self._delay
+        self._delay_at = now
+        self._current(now)
+        samples = sum(s.samples for s in self._slices)
+        if samples < policy.min_samples:
+            self._delay = math.inf
+            return self._delay
+        rank = math.ceil(policy.percentile * samples)
+        seen = 0
+        for index in range(_BUCKETS):
+            seen += sum(s.latencies[index] for s in self._slices)
+            if seen >= rank:
+                upper = _FIRST * _GROWTH**index
+                self._delay = max(policy.floor, upper)
+                return self._delay
+        self._delay = max(policy.floor, _FIRST * _GROWTH**_BUCKETS)  # pragma: no cover
+        return self._delay
+
+    def allow(self, now: float) -> bool:
+        """May one more hedge be sent now, within the budget? Counts it if so."""
+        current = self._current(now)
+        requests = sum(s.requests for s in self._slices)
+        hedges = sum(s.hedges for s in self._slices)
+        if hedges and hedges + 1 > self.policy.budget * requests:
+            self.refused += 1
+            return False
+        current.hedges += 1
+        self.sent += 1
+        return True
+
+    @property
+    def current_delay(self) -> float | None:
+        """The delay in force: fixed, or the last one computed (``None`` while unknown)."""
+        if self.policy.delay is not None:
+            return self.policy.delay
+        return None if math.isinf(self._delay) else self._delay

@@ -1,0 +1,190 @@
+"""Hedged idempotent reads on the fake backend, in virtual time, and the pure policy."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import trio
+import trio.testing
+from fakes import FakeCluster, bound_every_test, wait_all_states
+
+import picopyn_actors as pa
+from picopyn_actors._hedging import Hedger
+
+UP = pa.NodeState.UP
+
+
+# -- the policy ---------------------------------------------------------------------------
+
+
+def test_the_adaptive_delay_follows_the_latency_distribution() -> None:
+    hedger = Hedger(pa.Hedging(percentile=0.9, floor=0.001, window=10.0))
+    assert hedger.delay(0.0) == float("inf")  # not enough latencies yet: no hedging
+    for i in range(1, 101):
+        hedger.record(i / 1000, now=0.0)  # 1 .. 100 ms
+    assert 0.09 <= hedger.delay(0.0) <= 0.095
+    # The window slides: newer, faster latencies take over.
+    for _ in range(500):
+        hedger.record(0.004, now=11.0)
+    assert 0.004 <= hedger.delay(11.0) <= 0.0043
+    assert hedger.current_delay == hedger.delay(11.0)
+
+
+def test_the_delay_has_a_floor_and_may_be_fixed() -> None:
+    hedger = Hedger(pa.Hedging(floor=0.005))
+    for _ in range(100):
+        hedger.record(0.0001, now=0.0)
+    assert hedger.delay(0.0) == 0.005
+    assert Hedger(pa.Hedging(delay=0.02)).delay(0.0) == 0.02
+
+
+def test_the_budget_holds_over_the_window() -> None:
+    hedger = Hedger(pa.Hedging(budget=0.1, window=10.0))
+    for _ in range(100):
+        hedger.admitted(0.0)
+    allowed = sum(hedger.allow(0.0) for _ in range(50))
+    assert allowed == 10 and hedger.refused == 40 and hedger.sent == 10
+    # A new window: the old requests and hedges no longer count.
+    for _ in range(20):
+        hedger.admitted(20.0)
+    assert sum(hedger.allow(20.0) for _ in range(5)) == 2
+    # A quiet client may hedge once per window all the same.
+    quiet = Hedger(pa.Hedging(budget=0.1))
+    quiet.admitted(0.0)
+    assert [quiet.allow(0.0), quiet.allow(0.0)] == [True, False]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"budget": 0}, {"budget": 1.5}, {"percentile": 1}, {"delay": -1}, {"floor": 0},
+     {"window": float("inf")}, {"min_samples": 0}],
+)  # fmt: skip
+def test_a_bad_policy_is_refused_at_construction(bad: dict[str, float]) -> None:
+    with pytest.raises(pa.ConfigError, match=next(iter(bad))):
+        pa.Hedging(**bad)
+    with pytest.raises(pa.ConfigError, match="hedging"):
+        pa.open_cluster("postgresql://u@h", hedging="yes")
+
+
+# -- on the fake backend ---------------------------------------------------------------------
+
+FIXED = pa.Hedging(delay=0.05, budget=0.5)
+
+
+async def test_a_slow_node_is_hedged_and_the_hedge_wins(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
+    async with fake.open(hedging=FIXED) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        for _ in range(20):  # a history, for the budget
+            await cluster.fetchval("whoami", idempotent=True)
+        fake["i2"].service_time = 1.0  # a sluggish node
+        start = trio.current_time()
+        answers = [await cluster.fetchval("whoami", idempotent=True) for _ in range(6)]
+        took = trio.current_time() - start
+        await trio.sleep(2)  # the losers finish
+        stats = cluster.statistics()
+    assert "i2" not in answers  # every request that went to i2 was won by its hedge
+    assert took < 6 * 0.05 + 0.5
+    assert stats.hedges_sent == stats.hedges_won >= 1
+    assert stats.requests_failed == 0
+    # The losers were not cancelled: i2's connections finished their queries and serve on.
+    assert sum(s.reconnects for s in stats.nodes.values()) == 0
+
+
+async def test_a_request_that_is_not_idempotent_is_never_hedged(autojump_clock: object) -> None:
+    fake = FakeCluster(2)
+    fake["i1"].service_time = 1.0
+    async with fake.open(hedging=FIXED) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        for _ in range(4):
+            await cluster.fetchval("whoami")
+        async with cluster.connection() as conn:
+            await conn.fetchval("whoami")
+        assert await cluster.fetchval("whoami", idempotent=True, hedging=False)
+        stats = cluster.statistics()
+    assert stats.hedges_sent == 0
+
+
+async def test_cancelling_mid_hedge_leaves_nothing_behind(autojump_clock: object) -> None:
+    fake = FakeCluster(2, service_time=1.0)
+    async with fake.open(hedging=FIXED, connections_per_node=1) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        with trio.move_on_after(0.2):  # after the hedge went out, before either answers
+            await cluster.fetchval("whoami", idempotent=True)
+        await trio.sleep(2)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.statistics()
+        # Both attempts' connections were dropped (Picodata cannot cancel) and replaced.
+        assert stats.hedges_sent == 1
+        assert sum(s.reconnects for s in stats.nodes.values()) == 2
+        assert all(n.in_flight == 0 for n in cluster.nodes())
+        assert await cluster.fetchval("whoami", idempotent=True) in {"i1", "i2"}
+
+
+async def test_the_budget_holds_when_every_node_is_slow(autojump_clock: object) -> None:
+    fake = FakeCluster(3, service_time=0.2)
+    policy = pa.Hedging(delay=0.05, budget=0.1)
+    async with fake.open(hedging=policy, connections_per_node=8) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+
+                async def read() -> None:
+                    for _ in range(10):
+                        await cluster.fetchval("whoami", idempotent=True)
+
+                nursery.start_soon(read)
+        stats = cluster.statistics()
+    assert stats.hedges_sent <= 0.1 * 120 + 1
+    assert stats.hedges_refused > 0
+    assert stats.requests_failed == 0
+
+
+async def test_a_hedge_counts_as_an_attempt(autojump_clock: object) -> None:
+    fake = FakeCluster(3, service_time=1.0)
+    async with fake.open(hedging=FIXED, max_attempts=2, connections_per_node=1) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        outcome: list[BaseException] = []
+
+        async def read() -> None:
+            try:
+                await cluster.fetchval("whoami", idempotent=True)
+            except pa.PicodataError as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.sleep(0.1)  # the first attempt and its hedge both run now
+            running = [n for n in fake.nodes if fake[n].executed["whoami"]]
+            assert len(running) == 2
+            for name in running:  # both break: that is max_attempts=2 attempts
+                fake[name].down()
+        stats = cluster.statistics()
+    (third,) = set(fake.nodes) - set(running)
+    assert stats.hedges_sent == 1
+    assert [type(e) for e in outcome] == [pa.NoNodesAvailable]
+    assert fake[third].executed["whoami"] == 0  # never a third attempt
+
+
+async def test_an_attempt_that_breaks_waits_for_its_hedge(autojump_clock: object) -> None:
+    fake = FakeCluster(3, service_time=1.0)
+    async with fake.open(hedging=FIXED, connections_per_node=1) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        async with trio.open_nursery() as nursery:
+            answer: list[str] = []
+
+            async def read() -> None:
+                answer.append(await cluster.fetchval("whoami", idempotent=True))
+
+            nursery.start_soon(read)
+            await trio.sleep(0.1)
+            first, hedged = sorted(n for n in fake.nodes if fake[n].executed["whoami"])
+            fake[first].down()  # the hedge still runs: no retry elsewhere
+        stats = cluster.statistics()
+    assert answer == [hedged]
+    assert stats.requests_retried == 0 and stats.hedges_won == 1
+    assert sum(fake[n].executed["whoami"] for n in fake.nodes) == 2
+
+
+bound_every_test(globals())
