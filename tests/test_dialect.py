@@ -160,9 +160,12 @@ async def test_transactions_are_stubs_as_on_picodata(local_cluster: LocalCluster
         assert node
 
 
-async def test_the_client_never_sends_a_cancel_request(local_cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("bridge", ["embedded", "thread", "trio-asyncio"])
+async def test_the_client_never_sends_a_cancel_request(
+    local_cluster: LocalCluster, bridge: str
+) -> None:
     lc = local_cluster
-    async with pa.open_cluster(lc.dsn, **FAST) as cluster:
+    async with pa.open_cluster(lc.dsn, bridge=bridge, **FAST) as cluster:
         with pytest.raises(trio.TooSlowError):
             await cluster.fetchval("SELECT pg_sleep(2)", timeout=0.2)
         with trio.move_on_after(0.2):

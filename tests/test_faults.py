@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _asyncio
 import asyncio
+import logging
 import uuid as uuidlib
 from collections import Counter
 from typing import Any
@@ -343,3 +344,23 @@ async def test_writes_are_never_duplicated(local_cluster: LocalCluster) -> None:
     assert not missing, f"acknowledged writes lost: {sorted(missing)[:10]}"
     assert set(keys) <= acknowledged | unknown
     assert len(acknowledged) > 100
+
+
+async def test_a_four_second_outage_logs_calmly(local_cluster: LocalCluster, caplog: Any) -> None:
+    """One WARNING when the node goes down, none per reconnect attempt, INFO when back."""
+    lc = local_cluster
+    caplog.set_level(logging.DEBUG, logger="picopyn_actors")
+    async with pa.open_cluster(lc.dsn, **FAST) as cluster, cluster.events() as events:
+        await _all_up(cluster, events)
+        caplog.clear()
+        await blocking(lc.kill, "i2")
+        await trio.sleep(4.0)
+        assert state_of(cluster, "i2") is pa.NodeState.DOWN
+        attempts = next(n.attempts for n in cluster.nodes() if n.name == "i2")
+        await blocking(lc.start, "i2")
+        await wait_for(events, lambda: state_of(cluster, "i2") is pa.NodeState.UP)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) <= 3, [r.getMessage() for r in loud]
+    assert attempts >= 3  # it kept trying, at DEBUG
+    back = [r.getMessage() for r in caplog.records if "down -> up" in r.getMessage()]
+    assert back and "back after" in back[0]

@@ -7,15 +7,12 @@ asyncio callbacks run in trio's thread, as trio-asyncio schedules them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
 
-import outcome
-import trio
-
-from .base import BackendBroken, OnDone
-from .embedded import CANCEL_GRACE
+from .base import OnDone
 from .errors import call_back, task_outcome
 
 
@@ -30,34 +27,9 @@ class TrioAsyncioRunner:
     async def await_coro(
         self, factory: Callable[[], Any], on_cancel: Callable[[], object] | None = None
     ) -> Any:
-        task = self.loop.create_task(factory())
-        waiting: trio.lowlevel.Task | None = trio.lowlevel.current_task()
-        cancel: list[trio.lowlevel.RaiseCancelT] = []
-
-        def wake(result: outcome.Outcome[Any]) -> None:
-            nonlocal waiting
-            if waiting is None:
-                return
-            if cancel and isinstance(result, outcome.Error):
-                result = outcome.capture(cancel[0])
-            trio.lowlevel.reschedule(waiting, result)
-            waiting = None
-
-        task.add_done_callback(lambda t: wake(task_outcome(t)))
-
-        def give_up() -> None:
-            wake(outcome.Error(BackendBroken("operation cancelled", sent=True)))
-
-        def abort(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            cancel.append(raise_cancel)
-            if on_cancel is not None:
-                on_cancel()
-            else:
-                task.cancel()
-            self.loop.call_later(CANCEL_GRACE, give_up)
-            return trio.lowlevel.Abort.FAILED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        if on_cancel is None:
+            return await self.loop.run_aio_coroutine(factory())
+        return await self.loop.run_aio_coroutine(_guarded(factory, on_cancel))
 
     def start_coro(self, factory: Callable[[], Any], on_done: OnDone) -> None:
         # Done callbacks run on the trio-asyncio loop, that is, in trio.
@@ -65,6 +37,20 @@ class TrioAsyncioRunner:
 
     def run_soon(self, fn: Callable[[], object]) -> None:
         fn()  # same thread, same loop
+
+
+async def _guarded(factory: Callable[[], Any], on_cancel: Callable[[], object]) -> Any:
+    """Run ``factory()``; if the task is cancelled, call ``on_cancel()`` instead of
+    letting the cancellation reach it (asyncpg answers a cancelled query with a
+    cancel request, which Picodata cannot serve), wait for it to end, re-raise."""
+    inner = asyncio.ensure_future(factory())
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        on_cancel()
+        with contextlib.suppress(BaseException):
+            await inner
+        raise
 
 
 def _report(on_done: OnDone, task: asyncio.Task[Any]) -> None:
