@@ -92,11 +92,15 @@ class Outage:
 
     began: float | None = None
     warned: float = 0.0
+    attempts: int = 0  # reconnect attempts made since it went down
 
     def start(self, now: float) -> None:
-        """The node went down (or was quarantined) at ``now``; warned at once."""
+        """The node went down (or was quarantined) at ``now``, or an attempt failed."""
         if self.began is None:
             self.began = self.warned = now
+            self.attempts = 0
+        else:
+            self.attempts += 1
 
     def remind(self, now: float) -> float | None:
         """Seconds down so far when another WARNING is due at ``now``, else ``None``."""
@@ -358,13 +362,14 @@ class NodeActor:
         )
 
     async def _up(self) -> None:
-        attempts = self._recovery.attempts
         self._recovery.connected()
+        attempts = self._outage.attempts + 1  # the failed ones, and this one
         downtime = self._outage.end(self._clock())
         if downtime is None:
             await self._change(NodeState.UP, "connected")
         else:
-            await self._change(NodeState.UP, f"back after {downtime:.1f}s ({attempts} attempts)")
+            tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+            await self._change(NodeState.UP, f"back after {downtime:.1f}s ({tries})")
 
     async def _failed(self, error: BackendBroken) -> None:
         self.last_error = error.message

@@ -148,7 +148,8 @@ def test_an_outage_reminds_at_most_every_few_minutes() -> None:
     outage = Outage()
     assert outage.end(5.0) is None  # it was not down
     outage.start(10.0)
-    outage.start(11.0)  # a second failure does not move the start
+    outage.start(11.0)  # a failed attempt does not move the start
+    assert outage.attempts == 1
     assert outage.remind(10.0 + REMIND_EVERY - 1) is None
     assert outage.remind(10.0 + REMIND_EVERY) == REMIND_EVERY
     assert outage.remind(10.0 + REMIND_EVERY + 1) is None
