@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_HEDGING = Hedging()
 
+
+def _check_bucket(bucket: object) -> None:
+    if bucket is not None and type(bucket) is not Bucket:
+        raise TypeError(f"bucket must be a Bucket (see Cluster.bucket()), got {bucket!r}")
+
 # The dispatcher's inbox: node updates and the first idle token of each new
 # connection (requests reach the dispatcher by a synchronous call). Bounded;
 # node actors wait for room when it is full.
@@ -117,8 +122,7 @@ class Cluster:
         self._check_caller()
         if type(idempotent) is not bool:
             raise TypeError(f"idempotent must be True or False, got {idempotent!r}")
-        if bucket is not None and type(bucket) is not Bucket:
-            raise TypeError(f"bucket must be a Bucket (see Cluster.bucket()), got {bucket!r}")
+        _check_bucket(bucket)
         check_query(query)
         # Never submit work for a caller that is already cancelled: it would
         # start on a connection, and the abort would then cost the connection.
@@ -256,8 +260,7 @@ class Cluster:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise ClusterClosed("the cluster is closed")
-        if bucket is not None and type(bucket) is not Bucket:
-            raise TypeError(f"bucket must be a Bucket (see Cluster.bucket()), got {bucket!r}")
+        _check_bucket(bucket)
         request = Request(PIN, "", (), False, bucket=bucket)
         with trio.fail_after(math.inf if timeout is None else check_timeout(timeout)):
             self._dispatcher.submit(request)

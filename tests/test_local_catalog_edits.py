@@ -7,53 +7,27 @@ and the supported ways to bend one node's catalog (issue 17's cases).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import pytest
+from raw import ORDERED_TABLES, query, run
 
 from picopyn_actors._bucket import ShardingKey, sharding_key
 from picopyn_actors.testing import LocalCluster, LocalClusterError, UnknownNodeError
 from picopyn_actors.testing._catalog import CatalogModel
 
-T = TypeVar("T")
 MakeCluster = Callable[..., LocalCluster]
 
 BUCKETS = "SELECT _pico_bucket('default') AS b"
 REPLICASETS = (
     "SELECT name, current_master_name, target_master_name FROM _pico_replicaset ORDER BY name"
 )
-TOPOLOGY = {
-    "_pico_tier": "SELECT * FROM _pico_tier ORDER BY name",
-    "_pico_replicaset": "SELECT * FROM _pico_replicaset ORDER BY name",
-    "_pico_instance": "SELECT * FROM _pico_instance ORDER BY raft_id",
-    "_pico_peer_address": "SELECT * FROM _pico_peer_address ORDER BY raft_id, connection_type",
-}
 
 
-def run(fn: Callable[[asyncpg.Connection], Awaitable[T]], dsn: str, timeout: float = 10.0) -> T:
-    """Connect to *dsn* on a fresh plain asyncio loop, run *fn*, close."""
-
-    async def main() -> T:
-        conn = await asyncpg.connect(dsn, timeout=timeout)
-        try:
-            return await asyncio.wait_for(fn(conn), timeout)
-        finally:
-            conn.terminate()
-
-    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
-        return runner.run(main())
-
-
-def query(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    async def fetch(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-        return [dict(r) for r in await conn.fetch(sql, *args)]
-
-    return run(fetch, dsn)
 
 
 def buckets_of(dsn: str) -> list[dict[str, Any]]:
@@ -72,7 +46,7 @@ def spans_of(dsn: str) -> list[tuple[int, int, str]]:
 
 
 def topology_of(dsn: str) -> dict[str, list[dict[str, Any]]]:
-    return {table: query(dsn, sql) for table, sql in TOPOLOGY.items()}
+    return {table: query(dsn, sql) for table, sql in ORDERED_TABLES.items()}
 
 
 def uuid_of_replicaset(lc: LocalCluster, name: str) -> str:

@@ -6,26 +6,25 @@ library's bridge will, so they check what a client really sees.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
 import trio
+from raw import ORDERED_TABLES, query, run
 
 from picopyn_actors.testing import LocalCluster, LocalClusterError, UnknownNodeError
 from picopyn_actors.testing._catalog import CatalogModel
 from picopyn_actors.testing._pg import wait_gone
 
-T = TypeVar("T")
 MakeCluster = Callable[..., LocalCluster]
 
 DISCOVERY = """
@@ -35,35 +34,8 @@ FROM _pico_instance i JOIN _pico_peer_address p ON i.raft_id = p.raft_id
 WHERE p.connection_type = 'pgproto'
 """
 
-ORDERED_TABLES = {
-    "_pico_tier": "SELECT * FROM _pico_tier ORDER BY name",
-    "_pico_replicaset": "SELECT * FROM _pico_replicaset ORDER BY name",
-    "_pico_instance": "SELECT * FROM _pico_instance ORDER BY raft_id",
-    "_pico_peer_address": "SELECT * FROM _pico_peer_address ORDER BY raft_id, connection_type",
-}
 
 
-def run(fn: Callable[[asyncpg.Connection], Awaitable[T]], dsn: str, timeout: float = 10.0) -> T:
-    """Connect to *dsn* on a fresh asyncio loop, run *fn*, close."""
-
-    async def main() -> T:
-        conn = await asyncpg.connect(dsn, timeout=timeout)
-        try:
-            return await asyncio.wait_for(fn(conn), timeout)
-        finally:
-            conn.terminate()
-
-    # Explicitly a plain asyncio loop: once trio_asyncio is imported,
-    # asyncio.run() would run on trio-asyncio's loop instead.
-    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
-        return runner.run(main())
-
-
-def query(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    async def fetch(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-        return [dict(r) for r in await conn.fetch(sql, *args)]
-
-    return run(fetch, dsn)
 
 
 def catalog_of(dsn: str) -> dict[str, list[dict[str, Any]]]:

@@ -873,6 +873,27 @@ class LocalCluster:
         catalog = self._model.sync_sql()
         self._run_sql([(s, catalog) for s in candidates if s.live()])
 
+    def _psql(self, server: _Server, *options: str, stdout: int) -> subprocess.Popen[bytes]:
+        """``psql`` as superuser on *server*'s own socket (past its front), script on stdin."""
+        assert self._bins is not None and self._socket_dir is not None
+        args = [
+            str(self._bins.psql), "-X", "-q", "-w", *options,
+            "-v", "ON_ERROR_STOP=1",
+            "-h", str(self._socket_dir),
+            "-p", str(server.pg_port),
+            "-U", SUPERUSER,
+            "-d", DATABASE,
+        ]  # fmt: skip
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            cwd=self._base_dir,
+            env={**tool_env(self.base_dir), "PGCONNECT_TIMEOUT": "10"},
+            **self._run_as.popen_kwargs(),
+        )
+
     def _run_sql(self, scripts: Sequence[tuple[_Server, str]]) -> None:
         """Run each script with ``psql`` as superuser over its server's unix socket, in parallel.
 
@@ -886,24 +907,7 @@ class LocalCluster:
         for server, sql in scripts:
             if server.stats_path is not None and _DDL_HINT.search(sql):
                 bump_harness_ddl(server.stats_path)
-            args = [
-                str(self._bins.psql), "-X", "-q", "-w",
-                "-v", "ON_ERROR_STOP=1",
-                "-h", str(self._socket_dir),
-                "-p", str(server.pg_port),
-                "-U", SUPERUSER,
-                "-d", DATABASE,
-                "-f", "-",
-            ]  # fmt: skip
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                cwd=self._base_dir,
-                env={**tool_env(self.base_dir), "PGCONNECT_TIMEOUT": "10"},
-                **self._run_as.popen_kwargs(),
-            )
+            proc = self._psql(server, "-f", "-", stdout=subprocess.DEVNULL)
             procs.append((server, sql, proc))
         failures = []
         for server, sql, proc in procs:
@@ -1202,23 +1206,7 @@ class LocalCluster:
     ) -> subprocess.Popen[bytes]:
         """A psql session that holds the lock; returns once the server granted it."""
         assert self._bins is not None and self._socket_dir is not None
-        args = [
-            str(self._bins.psql), "-X", "-q", "-A", "-t", "-w",
-            "-v", "ON_ERROR_STOP=1",
-            "-h", str(self._socket_dir),
-            "-p", str(server.pg_port),
-            "-U", SUPERUSER,
-            "-d", DATABASE,
-        ]  # fmt: skip
-        process = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self._base_dir,
-            env={**tool_env(self.base_dir), "PGCONNECT_TIMEOUT": "10"},
-            **self._run_as.popen_kwargs(),
-        )
+        process = self._psql(server, "-A", "-t", stdout=subprocess.PIPE)
         assert process.stdin is not None and process.stdout is not None
         script = (
             f"SET lock_timeout = '{max(1, int(timeout * 1000))}ms';\n"
