@@ -78,6 +78,9 @@ PEERS = [
         strategy="RoundRobin",
         options={"bridge": "trio-asyncio"},
     ),
+    # The default bridge again, inside a running trio-asyncio loop (a service that
+    # already runs one): compared with actors-rr.
+    Peer("actors-rr-in-ta", "bench", "actors.py", strategy="RoundRobin", in_trio_asyncio=True),
     Peer(
         "actors-rr-thread",
         "bench",
@@ -218,7 +221,11 @@ def run_throughput(
 ) -> dict[str, Any]:
     from _metrics import ratios, summarize_rounds
 
-    cases = [(q, c) for q in args.queries for c in args.concurrency]
+    cases = [
+        (q, c)
+        for q in args.queries
+        for c in (args.rows1000_concurrency if q == "rows1000" else args.concurrency)
+    ]
     raw: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {
         case: {p.name: [] for p in peers} for case in cases
     }
@@ -257,6 +264,9 @@ def run_throughput(
             if "picopyn-3" in by_peer:
                 vs3 = ratios(rounds, by_peer["picopyn-3"])
                 rows[name]["ratio_vs_picopyn3"] = vs3["ratio"]
+            if "actors-rr" in by_peer:
+                # The same client with the same bridge, measured apart (inside trio-asyncio).
+                rows[name]["ratio_vs_actors_rr"] = ratios(rounds, by_peer["actors-rr"])["ratio"]
         out_cases.append({"query": query, "concurrency": concurrency, "peers": rows})
     loads = sorted(r["load"] for by_peer in raw.values() for rs in by_peer.values() for r in rs)
     return {
@@ -614,7 +624,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="alternating rounds per case (default 5)")
     p.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
     p.add_argument("--concurrency", default="10,100", help="task counts (default 10,100)")
-    p.add_argument("--queries", default="select1,row", help="select1 and/or row")
+    p.add_argument(
+        "--queries",
+        default="select1,row,rows1000",
+        help="select1, row and/or rows1000 (the 1000-row fetch)",
+    )
+    p.add_argument(
+        "--rows1000-concurrency",
+        default="10",
+        help="task counts for the 1000-row fetch (default 10)",
+    )
     p.add_argument("--timeline-duration", type=float, default=10.0)
     p.add_argument("--timeline-concurrency", type=int, default=20)
     p.add_argument("--fault-at", type=float, default=3.0)
@@ -649,6 +668,7 @@ def parse_args() -> argparse.Namespace:
             p.error(f"unknown peer {name}; known: {', '.join(PEER_BY_NAME)}")
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.queries = [x.strip() for x in args.queries.split(",") if x.strip()]
+    args.rows1000_concurrency = [int(x) for x in args.rows1000_concurrency.split(",")]
     args.scale_nodes = [int(x) for x in args.scale_nodes.split(",")]
     args.profile_peers = [x.strip() for x in args.profile_peers.split(",") if x.strip()]
     if args.quick:

@@ -5,7 +5,7 @@ holds the cluster (``dsn``, ``nodes``: name, uuid, host, port) and the peer's
 options. The peer connects, prints ``{"event": "ready", ...}`` on stdout, then
 reads one JSON command per line on stdin and answers each with one JSON line:
 
-* ``{"cmd": "throughput", "query": "select1"|"row", "concurrency": C,
+* ``{"cmd": "throughput", "query": "select1"|"row"|"rows1000", "concurrency": C,
   "warmup": s, "duration": s}``: C tasks run the query in a loop; the answer
   has the request count, requests/s, latencies (microseconds, sorted) and
   client CPU (``time.process_time``) of the measured window.
@@ -32,18 +32,21 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-#: name -> (SQL, argument maker or None)
-QUERIES: dict[str, tuple[str, Callable[[random.Random], tuple[Any, ...]] | None]] = {
-    "select1": ("SELECT 1", None),
+#: name -> (SQL, argument maker or None, the client method: "fetchrow" or "fetch")
+QUERIES: dict[str, tuple[str, Callable[[random.Random], tuple[Any, ...]] | None, str]] = {
+    "select1": ("SELECT 1", None, "fetchrow"),
     "row": (
         "SELECT id, name, value FROM bench_items WHERE id = $1",
         lambda rnd: (rnd.randint(1, 1000),),
+        "fetchrow",
     ),
-    "uuid": ("SELECT pico_instance_uuid()", None),
+    # The whole table: 1000 rows of (int, text, float8), about 40 KB on the wire.
+    "rows1000": ("SELECT id, name, value FROM bench_items", None, "fetch"),
+    "uuid": ("SELECT pico_instance_uuid()", None, "fetchrow"),
 }
 
-#: A client call: (sql, args) -> the first row (or anything).
-Call = Callable[[str, tuple[Any, ...]], Awaitable[Any]]
+#: A client call: (method, sql, args) -> the first row ("fetchrow") or all rows ("fetch").
+Call = Callable[[str, str, tuple[Any, ...]], Awaitable[Any]]
 #: Task index -> the call that task uses (raw asyncpg gives each task its own connection).
 MakeCall = Callable[[int], Call]
 
@@ -101,6 +104,7 @@ class Throughput:
         self,
         index: int,
         call: Call,
+        method: str,
         query: str,
         make_args: Callable[[random.Random], tuple[Any, ...]] | None,
         sleep: Callable[[float], Awaitable[Any]],
@@ -116,7 +120,7 @@ class Throughput:
             args = make_args(rnd) if make_args is not None else no_args
             start = started[index] = monotonic()
             try:
-                await call(query, args)
+                await call(method, query, args)
             except Exception as exc:
                 started[index] = None
                 self.failed += 1
@@ -190,7 +194,7 @@ async def run_throughput(
 ) -> dict[str, Any]:
     """Run the throughput command. ``run_tasks(fns)`` runs the functions concurrently
     and returns when all have returned; ``tasks`` overrides the task count."""
-    query, make_args = QUERIES[cmd["query"]]
+    query, make_args, method = QUERIES[cmd["query"]]
     count = tasks if tasks is not None else int(cmd["concurrency"])
     rec = Throughput(count)
     snaps: list[dict[str, Any]] = []
@@ -204,7 +208,7 @@ async def run_throughput(
 
     def make(i: int) -> Callable[[], Awaitable[None]]:
         call = make_call(i)
-        return lambda: rec.worker(i, call, query, make_args, sleep)
+        return lambda: rec.worker(i, call, method, query, make_args, sleep)
 
     fns = [clock, *(make(i) for i in range(count))]
     if cmd.get("cprofile"):
@@ -257,7 +261,7 @@ class Timeline:
             start = monotonic()
             self.in_flight[index] = start
             try:
-                row = await call(query, ())
+                row = await call("fetchrow", query, ())
             except Exception as exc:
                 end = monotonic()
                 del self.in_flight[index]
@@ -304,7 +308,7 @@ async def run_timeline(
 ) -> dict[str, Any]:
     """Run the timeline command. ``move_on_after(s, fn)`` runs ``fn`` for at most ``s``
     seconds; ``side`` (optional) runs alongside, e.g. to record client events."""
-    query, _ = QUERIES[cmd["query"]]
+    query, _, _ = QUERIES[cmd["query"]]
     t0 = float(cmd["t0"])
     duration = float(cmd["duration"])
     grace = float(cmd.get("grace", 5.0))

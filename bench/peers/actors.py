@@ -4,6 +4,10 @@
 with the strategy named in the config and any extra ``options`` given to
 ``open_cluster``. Reads are sent with ``idempotent=True``.
 
+With ``"in_trio_asyncio": true`` the whole client runs inside a running
+``trio_asyncio.open_loop()``, as in a service that already uses trio-asyncio
+(the bridge is the default one unless ``options`` names another).
+
 With ``"fake": N`` in the config it runs on the package's fake backend
 (``picopyn_actors.testing.FakeCluster(N, instant=True)``, the one the unit
 tests use) instead of the stand-in cluster: that measures the client's own
@@ -54,6 +58,16 @@ async def read() -> dict[str, Any] | None:
 
 
 async def amain(cfg: dict[str, Any]) -> None:
+    if cfg.get("in_trio_asyncio"):
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop():
+            await run_peer(cfg)
+    else:
+        await run_peer(cfg)
+
+
+async def run_peer(cfg: dict[str, Any]) -> None:
     options: dict[str, Any] = dict(cfg.get("options") or {})
     strategy = STRATEGIES[cfg.get("strategy", "RoundRobin")]()
     fake = cfg.get("fake")
@@ -91,8 +105,10 @@ async def amain(cfg: dict[str, Any]) -> None:
             }
         )
 
-        async def call(query: str, args: tuple[Any, ...]) -> Any:
-            return await cluster.fetchrow(query, *args, idempotent=True)
+        methods = {"fetchrow": cluster.fetchrow, "fetch": cluster.fetch}
+
+        async def call(method: str, query: str, args: tuple[Any, ...]) -> Any:
+            return await methods[method](query, *args, idempotent=True)
 
         def make_call(i: int) -> Call:
             return call

@@ -37,9 +37,9 @@ async def open_client(cfg: dict[str, Any]) -> tuple[Any, Any]:
     ]
     turn = itertools.cycle(pools)
 
-    async def call(query: str, args: tuple[Any, ...]) -> Any:
+    async def call(method: str, query: str, args: tuple[Any, ...]) -> Any:
         async with next(turn).acquire() as conn:
-            return await conn.fetchrow(query, *args)
+            return await getattr(conn, method)(query, *args)
 
     def make_call(i: int) -> Call:
         return call

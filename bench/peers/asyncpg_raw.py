@@ -29,10 +29,11 @@ async def open_client(cfg: dict[str, Any]) -> tuple[Any, Any]:
         )
 
     def make_call(i: int) -> Call:
-        fetchrow = conns[i % len(conns)].fetchrow
+        conn = conns[i % len(conns)]
+        methods = {"fetchrow": conn.fetchrow, "fetch": conn.fetch}
 
-        async def call(query: str, args: tuple[Any, ...]) -> Any:
-            return await fetchrow(query, *args)
+        async def call(method: str, query: str, args: tuple[Any, ...]) -> Any:
+            return await methods[method](query, *args)
 
         return call
 

@@ -35,8 +35,10 @@ async def open_client(cfg: dict[str, Any]) -> tuple[Any, Any]:
     pool = Pool(cfg["dsn"], max_size=cfg["connections"], enable_discovery=True, **options)
     await pool.open()
 
-    async def call(query: str, args: tuple[Any, ...]) -> Any:
-        return await pool.fetchrow(query, *args)
+    methods = {"fetchrow": pool.fetchrow, "fetch": pool.fetch}
+
+    async def call(method: str, query: str, args: tuple[Any, ...]) -> Any:
+        return await methods[method](query, *args)
 
     def make_call(i: int) -> Call:
         return call

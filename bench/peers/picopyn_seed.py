@@ -2,7 +2,8 @@
 
 ``Client(dsn, pool_size=connections)`` discovers the cluster from the seed
 node's catalog (``enable_discovery=True``) and fills one static pool round
-robin across the nodes. The seed has no ``fetchval``: ``fetchrow`` for all.
+robin across the nodes. The seed has no ``fetchval``: ``fetchrow`` (and ``fetch``
+for the 1000-row query).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ async def open_client(cfg: dict[str, Any]) -> tuple[Any, Any]:
     client = Client(cfg["dsn"], pool_size=cfg["connections"])
     await client.connect()
 
-    async def call(query: str, args: tuple[Any, ...]) -> Any:
-        return await client.fetchrow(query, *args)
+    methods = {"fetchrow": client.fetchrow, "fetch": client.fetch}
+
+    async def call(method: str, query: str, args: tuple[Any, ...]) -> Any:
+        return await methods[method](query, *args)
 
     def make_call(i: int) -> Call:
         return call
