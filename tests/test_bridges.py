@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import outcome
 import pytest
 import trio
 import trio_asyncio
 from helpers import FAST, blocking, spread, state_of, wait_for
 
 import picopyn_actors as pa
-from picopyn_actors._bridge import AsyncpgBackend
+from picopyn_actors._bridge import AsyncpgBackend, Connection, fastpath, open_backend
+from picopyn_actors._dsn import Address, parse_dsn
 from picopyn_actors.testing import LocalCluster
 
 BRIDGES = ["embedded", "thread", "trio-asyncio"]
@@ -70,3 +76,106 @@ async def test_auto_shares_a_running_trio_asyncio_loop(shared_cluster: LocalClus
         assert cluster._backend.kind == "trio-asyncio"
         assert cluster._backend._runner.loop is loop  # type: ignore[attr-defined]
         assert await cluster.fetchval("SELECT 1") == 1
+
+
+# -- the embedded runner's fast query path (asyncpg's protocol called directly) --------
+
+
+@asynccontextmanager
+async def _raw_connection(lc: LocalCluster) -> AsyncIterator[Connection]:
+    """One embedded-runner connection to i1's server itself (bare PostgreSQL)."""
+    dsn = parse_dsn(lc.dsn)
+    async with open_backend(dsn, 5.0, {}, "embedded") as backend:
+        assert backend.kind == "embedded"
+        conn = await backend.connect(Address("127.0.0.1", lc.server_port("i1")))
+        try:
+            yield conn
+        finally:
+            conn.terminate()
+
+
+async def _submitted(conn: Connection, method: str, query: str, *args: Any) -> Any:
+    done: list[outcome.Outcome[Any]] = []
+    finished = trio.Event()
+
+    def on_done(result: outcome.Outcome[Any]) -> None:
+        done.append(result)
+        finished.set()
+
+    conn.submit(method, query, args, on_done)
+    with trio.fail_after(5):
+        await finished.wait()
+    assert len(done) == 1
+    return done[0].unwrap()
+
+
+@pytest.fixture
+def fast_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods that took the fast path, in order."""
+    taken: list[str] = []
+    real = fastpath.fast_call
+
+    def spy(conn: Any, method: str, query: str, args: Any) -> Any:
+        call = real(conn, method, query, args)
+        if call is not None:
+            taken.append(method)
+        return call
+
+    monkeypatch.setattr(fastpath, "fast_call", spy)
+    return taken
+
+
+CASES: list[tuple[str, str, tuple[Any, ...]]] = [
+    ("fetch", "SELECT generate_series(1, $1::int) AS n", (3,)),
+    ("fetch", "SELECT 1 AS n WHERE $1::bool", (False,)),
+    ("fetchrow", "SELECT $1::text AS s, 2 AS n", ("x",)),
+    ("fetchrow", "SELECT 1 WHERE $1::bool", (False,)),
+    ("fetchval", "SELECT $1::int * 2", (21,)),
+    ("fetchval", "SELECT 1 WHERE $1::bool", (False,)),
+    ("execute", "SELECT $1::int", (7,)),
+    ("execute", "SELECT 1", ()),
+]
+
+
+@pytest.mark.parametrize(("method", "query", "args"), CASES)
+async def test_the_fast_path_answers_as_asyncpg_does(
+    shared_cluster: LocalCluster,
+    fast_calls: list[str],
+    method: str,
+    query: str,
+    args: tuple[Any, ...],
+) -> None:
+    async with _raw_connection(shared_cluster) as conn:
+        public = await conn.run(method, query, args)  # asyncpg's own method; caches it
+        first = await _submitted(conn, method, query, *args)
+        second = await _submitted(conn, method, query, *args)
+    assert first == second == public
+    assert fast_calls == [method, method]
+
+
+async def test_an_uncached_statement_takes_asyncpgs_path_and_is_cached(
+    shared_cluster: LocalCluster, fast_calls: list[str]
+) -> None:
+    async with _raw_connection(shared_cluster) as conn:
+        assert await _submitted(conn, "fetchval", "SELECT $1::int + 1", 1) == 2
+        assert fast_calls == []
+        assert await _submitted(conn, "fetchval", "SELECT $1::int + 1", 2) == 3
+        assert fast_calls == ["fetchval"]
+        conn.forget_statements()
+        assert await _submitted(conn, "fetchval", "SELECT $1::int + 1", 3) == 4
+        assert fast_calls == ["fetchval"]
+
+
+async def test_the_fast_path_recovers_from_a_changed_result_type_as_asyncpg_does(
+    shared_cluster: LocalCluster, fast_calls: list[str]
+) -> None:
+    query = "SELECT * FROM fast_t WHERE $1::bool"
+    async with _raw_connection(shared_cluster) as conn:
+        await conn.run("execute", "CREATE TEMP TABLE fast_t (a int)", ())
+        await conn.run("execute", "INSERT INTO fast_t VALUES (1)", ())
+        assert [tuple(r) for r in await _submitted(conn, "fetch", query, True)] == [(1,)]
+        await conn.run("execute", "ALTER TABLE fast_t ADD COLUMN b text DEFAULT 'b'", ())
+        # The cached plan's result type changed: asyncpg re-prepares and runs again.
+        assert [tuple(r) for r in await _submitted(conn, "fetch", query, True)] == [(1, "b")]
+        assert [tuple(r) for r in await _submitted(conn, "fetch", query, True)] == [(1, "b")]
+    assert fast_calls == ["fetch", "fetch"]

@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import outcome
 import pytest
 import trio
 
-from picopyn_actors._bridge import BackendBroken, open_backend
+from picopyn_actors._bridge import BackendBroken, BackendQueryError, fastpath, open_backend
+from picopyn_actors._bridge import backend as backend_module
 from picopyn_actors._bridge import embedded as embedded_module
 from picopyn_actors._bridge.embedded import EmbeddedLoop, self_check
 from picopyn_actors._dsn import parse_dsn
@@ -177,3 +179,110 @@ async def test_the_driver_ignores_a_cancellation_from_outside_until_closed() -> 
                 "still here"
             )
             await loop.aclose()
+
+
+class _FakeProtocol:
+    def __init__(self, in_transaction: bool) -> None:
+        self.in_transaction = in_transaction
+
+    def is_in_transaction(self) -> bool:
+        return self.in_transaction
+
+
+class _FakeConnection:
+    """What :func:`fastpath.recover` touches of an asyncpg connection."""
+
+    def __init__(self, *, in_transaction: bool = False) -> None:
+        self._protocol = _FakeProtocol(in_transaction)
+        self.calls: list[str] = []
+
+    async def reload_schema_state(self) -> None:
+        self.calls.append("reload")
+        await asyncio.sleep(0)
+
+    def _drop_global_statement_cache(self) -> None:
+        self.calls.append("drop")
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        self.calls.append(f"fetchval {query} {args}")
+        return "again"
+
+
+def _stepped(loop: EmbeddedLoop, error: BaseException, conn: _FakeConnection) -> Any:
+    """Run a fast-path stepper whose coroutine raises ``error``; return its outcome."""
+
+    async def failing() -> Any:
+        raise error
+
+    results: list[outcome.Outcome[Any]] = []
+    reported = trio.Event()
+
+    def on_done(result: outcome.Outcome[Any]) -> None:
+        results.append(result)
+        reported.set()
+
+    step = embedded_module._Stepper(loop, failing(), on_done)
+    step.retry = (conn, "fetchval", "SELECT $1", (1,))
+    return step, results, reported
+
+
+async def test_an_outdated_type_cache_is_reloaded_then_raised_as_asyncpg_does() -> None:
+    async with driven_loop() as loop:
+        conn = _FakeConnection()
+        error = asyncpg.exceptions.OutdatedSchemaCacheError("type changed")
+        step, results, reported = _stepped(loop, error, conn)
+        step.step()
+        with trio.fail_after(5):
+            await reported.wait()
+        assert conn.calls == ["reload"]
+        # Classified as the public method's error is (an asyncpg client error).
+        with pytest.raises(BackendBroken, match="type changed"):
+            results[0].unwrap()
+
+
+async def test_a_changed_result_type_runs_the_public_method_again() -> None:
+    async with driven_loop() as loop:
+        conn = _FakeConnection()
+        error = asyncpg.exceptions.InvalidCachedStatementError("cached plan changed")
+        step, results, _ = _stepped(loop, error, conn)
+        step.step()
+        assert conn.calls == ["drop", "fetchval SELECT $1 (1,)"]
+        assert [r.unwrap() for r in results] == ["again"]
+
+
+async def test_a_changed_result_type_in_a_transaction_is_raised() -> None:
+    async with driven_loop() as loop:
+        conn = _FakeConnection(in_transaction=True)
+        error = asyncpg.exceptions.InvalidCachedStatementError("cached plan changed")
+        step, results, _ = _stepped(loop, error, conn)
+        step.step()
+        assert conn.calls == ["drop"]
+        with pytest.raises(BackendQueryError):
+            results[0].unwrap()
+
+
+def test_the_fast_path_check_names_a_missing_internal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(asyncpg.Connection, "fetchval")
+    problem = fastpath.self_check.__wrapped__()
+    assert problem == "asyncpg.Connection.fetchval is missing"
+    monkeypatch.undo()
+    assert fastpath.self_check.__wrapped__() is None
+
+
+async def test_a_failed_fast_path_check_uses_asyncpgs_methods_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fastpath, "self_check", lambda: "asyncpg.Connection has no _stmt_cache")
+    backend_module.fast_queries.cache_clear()
+    caplog.set_level(logging.WARNING, logger="picopyn_actors")
+    try:
+        async with open_backend(DSN, 1.0, {}, "embedded") as backend:
+            assert backend.kind == "embedded"
+            assert backend._runner.fast_queries is False  # type: ignore[attr-defined]
+        async with open_backend(DSN, 1.0, {}, "embedded"):
+            pass
+    finally:
+        backend_module.fast_queries.cache_clear()
+    (record,) = caplog.records
+    assert "no _stmt_cache" in record.getMessage()
+    assert "public methods" in record.getMessage()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ import trio
 import trio_asyncio
 
 from .._dsn import Address, Dsn
+from . import fastpath
 from .base import Backend, Connection, Runner
 from .connection import BridgedConnection, EmbeddedConnection
 from .embedded import EmbeddedLoop, self_check
@@ -101,7 +103,9 @@ async def open_backend(
 
     ``"embedded"``: a plain asyncio loop driven by a trio task in trio's own
     thread (falls back to ``"thread"``, with one WARNING, when this Python's
-    asyncio internals fail :func:`~.embedded.self_check`). ``"thread"``: a
+    asyncio internals fail :func:`~.embedded.self_check`; its queries use
+    asyncpg's public methods, with one WARNING, when asyncpg's internals fail
+    :func:`~.fastpath.self_check`). ``"thread"``: a
     plain asyncio loop in a thread of its own. ``"trio-asyncio"``: the running
     trio-asyncio loop, or a new one. ``"auto"``: the running trio-asyncio loop
     if there is one, else ``"embedded"``.
@@ -143,6 +147,20 @@ async def open_backend(
         yield AsyncpgBackend(*args, TrioAsyncioRunner(new_loop), startup_options)
 
 
+@functools.cache
+def fast_queries() -> bool:
+    """Whether the embedded runner may call asyncpg's protocol itself (:mod:`.fastpath`);
+    logs one WARNING when this asyncpg fails the check."""
+    problem = fastpath.self_check()
+    if problem is not None:
+        log.warning(
+            "asyncpg's internals are not what the fast query path expects (%s); "
+            "queries use asyncpg's public methods instead",
+            problem,
+        )
+    return problem is None
+
+
 @asynccontextmanager
 async def _embedded(
     dsn: Dsn,
@@ -150,7 +168,7 @@ async def _embedded(
     connect_kwargs: Mapping[str, Any],
     startup_options: str | None,
 ) -> AsyncIterator[AsyncpgBackend]:
-    loop = EmbeddedLoop()
+    loop = EmbeddedLoop(fast_queries=fast_queries())
     async with trio.open_nursery() as nursery:
         # start_soon, not start: the driver shields itself, and trio's
         # started() in an already cancelled start() would leave it in a

@@ -1,7 +1,8 @@
 """An asyncpg connection as the actors see it (the ``Connection`` protocol).
 
 :class:`BridgedConnection` works with any runner; :class:`EmbeddedConnection`
-starts each query straight on the embedded loop, without an asyncio Task.
+starts each query straight on the embedded loop, without an asyncio Task (and,
+on a cached statement, without asyncpg's Python layers: see :mod:`.fastpath`).
 """
 
 from __future__ import annotations
@@ -112,4 +113,4 @@ class EmbeddedConnection(BridgedConnection):
     _runner: EmbeddedLoop
 
     def submit(self, method: str, query: str, args: Sequence[Any], on_done: OnDone) -> None:
-        self._runner.start_step(getattr(self._conn, method)(query, *args), on_done)
+        self._runner.start_query(self._conn, method, query, args, on_done)

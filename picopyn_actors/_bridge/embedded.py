@@ -1,17 +1,34 @@
 """The embedded runner: a plain asyncio loop driven by a trio task, in trio's thread.
 
 A plain asyncio loop driven from a trio task in trio's own thread. The loop
-never blocks in its selector: the driver task runs one loop iteration with a
-zero timeout, then parks in trio until the selector's epoll descriptor is
-readable, the next asyncio timer is due, or trio code hands the loop work
-(which "kicks" the parked driver). asyncpg's transports and callbacks run at
-native asyncio speed, and their completion callbacks run inside the driver
-task, that is in trio, so they reschedule the waiting trio task directly:
-no thread, no lock, no GIL hand-off.
+never blocks in its selector: the driver task parks in trio until there is
+something to do, then does it without blocking. asyncpg's protocol,
+transports and callbacks run at native asyncio speed, and their completion
+callbacks run inside the driver task, that is in trio, so they reschedule
+the waiting trio task directly: no thread, no lock, no GIL hand-off.
+
+The hot path goes around asyncio's own machinery:
+
+* **Reads.** Each connection's socket is registered, level-triggered, in an
+  epoll set of the runner's own (the *hot* set), which also holds asyncio's
+  selector. The driver parks on the hot set only (``wait_readable``); when it
+  wakes, one ``poll(0)`` says which sockets have data, and each is read
+  straight into its transport (``_read_ready``): no selector keys, no
+  handles, no full loop iteration. asyncio's own selector (connects, blocked
+  writes, the self-pipe) and its timers get a full iteration when they are
+  due.
+* **Queries.** A query runs as a bare coroutine stepped by a
+  :class:`_Stepper`, without an asyncio Task; its awaits resume it through
+  the loop's ready queue without an ``asyncio.Handle`` (the stepper is its
+  own handle). On a statement asyncpg has cached, the coroutine is the
+  protocol's own (:mod:`.fastpath`), without asyncpg's Python layers.
+* **Callbacks.** ``call_soon`` makes a lean handle (no debug bookkeeping).
 
 It relies on asyncio internals (``_run_once``, ``_ready``, ``_scheduled``,
-``_process_events``, ``_selector``, ``Handle._run``): :func:`self_check`
-verifies, before the first use, that they exist and behave, so that
+``_process_events``, ``_selector``, ``_add_reader``, ``_remove_reader``,
+``Handle._run``, the socket transport's ``_read_ready``): :func:`self_check`
+verifies, before the first use, that they exist and behave (it drives one
+iteration and one socket read the way the driver does), so that
 :func:`~picopyn_actors._bridge.open_backend` can fall back to the thread
 runner (with one WARNING) on a Python where they do not.
 """
@@ -19,11 +36,14 @@ runner (with one WARNING) on a Python where they do not.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
+import select
 import selectors
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -31,10 +51,19 @@ import outcome
 import trio
 import trio_asyncio
 
+from . import fastpath
 from .base import BackendBroken, OnDone
 from .errors import call_back, log_loop_error, task_outcome
 
 log = logging.getLogger("picopyn_actors._bridge")
+
+# The socket transport's read callback, as transports hand it to _add_reader.
+_READ_READY = getattr(
+    getattr(asyncio.selector_events, "_SelectorSocketTransport", None), "_read_ready", None
+)
+# Futures resolved on this loop call their stepper back with this context,
+# which nothing reads (a stepper runs without entering a context).
+_NO_CONTEXT = contextvars.Context()
 
 
 class _NoWaitSelector:
@@ -50,18 +79,44 @@ class _NoWaitSelector:
         return getattr(self.inner, name)
 
 
+class _Soon(asyncio.Handle):
+    """A ready callback made without asyncio's debug bookkeeping (see ``call_soon``)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        callback: Callable[..., object],
+        args: Sequence[Any],
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context | None,
+    ) -> None:
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._loop = loop
+        self._source_traceback = None
+        self._repr = None
+        self._context = contextvars.copy_context() if context is None else context
+
+
 class EmbeddedLoop(asyncio.SelectorEventLoop):
     """An asyncio loop whose iterations are run by a trio task (:meth:`drive`)."""
 
     kind = "embedded"
 
-    def __init__(self) -> None:
+    def __init__(self, *, fast_queries: bool = True) -> None:
         selector = selectors.DefaultSelector()  # epoll on Linux: one descriptor to wait on
         super().__init__(selector)
         self._epoll_fd = selector.fileno()
         self._wrapped = _NoWaitSelector(selector)
         # The base loop keeps its selector in a private attribute; swap in ours.
         setattr(self, "_selector", self._wrapped)  # noqa: B010
+        # The hot set: each connection's socket, and asyncio's selector.
+        self._hot = select.epoll()
+        self._hot.register(self._epoll_fd, select.EPOLLIN)
+        self._hot_readers: dict[int, Any] = {}
+        self.fast_queries = fast_queries
         self._parked: trio.CancelScope | None = None
         self._steppers: set[_Stepper] = set()
         self._waiters: set[_Waiter] = set()
@@ -73,6 +128,8 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         self._stopped = trio.Event()
         self.set_exception_handler(log_loop_error)
 
+    # -- asyncio's hooks ---------------------------------------------------------
+
     def _make_socket_transport(self, *args: Any, **kwargs: Any) -> Any:
         transport = super()._make_socket_transport(*args, **kwargs)  # type: ignore[misc]
         # asyncio reads with recv(256 KiB): above glibc's mmap threshold, so
@@ -80,6 +137,48 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         # read stays on the heap; asyncpg's own buffer gathers long answers.
         transport.max_size = _RECV_SIZE
         return transport
+
+    def _add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> Any:
+        # A socket transport's reads go to the hot set, where the driver reads
+        # them itself; every other reader is asyncio's.
+        if (
+            not args
+            and getattr(callback, "__func__", None) is _READ_READY
+            and isinstance(fd, int)
+        ):
+            self._check_closed()  # type: ignore[attr-defined]
+            if fd not in self._hot_readers:
+                self._hot.register(fd, select.EPOLLIN)
+            self._hot_readers[fd] = callback.__self__  # type: ignore[attr-defined]
+            return None
+        return super()._add_reader(fd, callback, *args)  # type: ignore[misc]
+
+    def _remove_reader(self, fd: Any) -> bool:
+        if fd in self._hot_readers:
+            del self._hot_readers[fd]
+            with suppress(OSError):  # already closed: epoll forgot it
+                self._hot.unregister(fd)
+            return True
+        return bool(super()._remove_reader(fd))  # type: ignore[misc]
+
+    def call_soon(  # type: ignore[override]
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        if type(callback) is _Stepper and not self._debug:  # type: ignore[attr-defined]
+            # A future this loop resolved calls its stepper back: the stepper
+            # is its own handle (asyncio's debug mode wants real handles).
+            self._ready.append(callback)  # type: ignore[attr-defined]
+            return callback  # type: ignore[return-value]
+        if self._debug or self._closed:  # type: ignore[attr-defined]
+            return super().call_soon(callback, *args, context=context)
+        handle = _Soon(callback, args, self, context)
+        self._ready.append(handle)  # type: ignore[attr-defined]
+        return handle
+
+    # -- handing work over from trio ---------------------------------------------
 
     def kick(self) -> None:
         """Wake the driver: work was handed to the loop from trio."""
@@ -101,6 +200,29 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
 
     def start_coro(self, factory: Callable[[], Any], on_done: OnDone) -> None:
         self.start_step(factory(), on_done)
+
+    def start_query(
+        self, conn: Any, method: str, query: str, args: Sequence[Any], on_done: OnDone
+    ) -> None:
+        """Run ``conn.<method>(query, *args)`` (an asyncpg connection of this loop).
+
+        On a statement asyncpg has cached, the protocol's coroutine itself
+        (:mod:`.fastpath`); otherwise the public method, which caches it.
+        """
+        fast = fastpath.fast_call(conn, method, query, args) if self.fast_queries else None
+        if fast is None:
+            self.start_step(getattr(conn, method)(query, *args), on_done)
+            return
+        coro, shape = fast
+        step = _Stepper(self, coro, on_done)
+        step.shape = shape
+        step.retry = (conn, method, query, args)
+        self._steppers.add(step)
+        # The protocol's coroutine asks nobody for the running loop: no
+        # context to set, whoever calls.
+        step.step()
+        if self._ready and not self._driving:  # type: ignore[attr-defined]
+            self.kick()
 
     def start_step(self, coro: Any, on_done: OnDone) -> None:
         """Run ``coro`` without an asyncio Task; ``on_done(outcome)`` when it ends.
@@ -130,6 +252,8 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         fn()  # same thread
         self.kick()
 
+    # -- the driver --------------------------------------------------------------
+
     async def drive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the loop until :meth:`aclose` stops it; cancellation from outside is shielded."""
         try:
@@ -151,8 +275,11 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         # context (set above), asyncpg passes its loop explicitly, and setting
         # the slot costs two getpid() system calls per wake-up.
         popleft = ready.popleft
-        poll = self._wrapped.inner.select
-        process_events = self._process_events  # type: ignore[attr-defined]
+        hot_poll = self._hot.poll
+        hot_fd = self._hot.fileno()
+        readers = self._hot_readers
+        get_reader = readers.get
+        asyncio_fd = self._epoll_fd
         while True:
             # One cancel scope serves many waits: it is cancelled only by a
             # kick() or by its deadline, the loop's next timer (in asyncio's
@@ -160,24 +287,25 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
             with trio.CancelScope() as parked:
                 self._parked = parked
                 when = math.inf
-                timers_due = True
+                full = True  # a kick, or the first pass: one full iteration
                 while True:
                     self._driving = True
                     try:
-                        if timers_due:
-                            # A full iteration: I/O, due timers, ready callbacks.
+                        for fd, _ in hot_poll(0):
+                            transport = get_reader(fd)
+                            if transport is not None:
+                                transport._read_ready()
+                            elif fd == asyncio_fd:
+                                full = True
+                        if full:
+                            # asyncio's own selector and the due timers (and
+                            # the ready callbacks, once).
                             run_once()
-                            timers_due = False
-                        else:
-                            # Woken by I/O before the next timer: poll, without
-                            # the timer bookkeeping; the rounds below run the
-                            # callbacks.
-                            process_events(poll(0))
+                            full = False
                         # Callbacks made ready (a query's waiter resolved by
-                        # the data just read, then the coroutine waiting on
-                        # it) run now, without polling the selector again or
-                        # yielding to trio first: the answer reaches its
-                        # caller in the same trio step.
+                        # the data just read, then its stepper) run now,
+                        # without polling again or yielding to trio first:
+                        # the answer reaches its caller in the same trio step.
                         for _ in range(_INLINE_ROUNDS):
                             if not ready:
                                 break
@@ -200,7 +328,7 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                             if when == math.inf
                             else trio.current_time() + max(0.0, when - self.time())
                         )
-                    await trio.lowlevel.wait_readable(self._epoll_fd)
+                    await trio.lowlevel.wait_readable(hot_fd)
             self._parked = None
 
     async def aclose(self) -> None:
@@ -231,6 +359,11 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
             setattr(self, "_selector", self._wrapped.inner)  # noqa: B010
             self.close()
 
+    def close(self) -> None:
+        super().close()
+        self._hot_readers.clear()
+        self._hot.close()
+
 
 # Seconds a cancelled wait gives its asyncio task to end, and :meth:`aclose`
 # gives every task, before trio stops waiting for them.
@@ -241,57 +374,86 @@ _CLOSE_GRACE = 1.0
 _RECV_SIZE = 64 * 1024
 
 # How many rounds of newly ready callbacks the driver runs after a loop
-# iteration before it polls the selector again (bounded, so that a coroutine
-# that keeps yielding cannot starve trio).
+# iteration before it polls again (bounded, so that a coroutine that keeps
+# yielding cannot starve trio).
 _INLINE_ROUNDS = 4
 
 
 class _Stepper:
     """Runs one coroutine on the embedded loop without an asyncio Task.
 
-    A query is one short coroutine (asyncpg's ``fetchrow`` and friends) that
-    awaits one or two futures of the protocol. A Task would cost a handle
-    to start it, a context copy, registration in the loop's task set and a
-    handle for its done callback; this steps the coroutine directly and
-    reports its outcome to ``on_done`` in the same call that finishes it.
-    Outside of a Task, ``asyncio.current_task()`` is ``None``: fine for
-    asyncpg's query methods with no ``timeout``, the only ones run this way.
+    A query is one short coroutine (asyncpg's ``fetchrow`` and friends, or
+    the protocol's ``bind_execute`` itself, see :mod:`.fastpath`) that awaits
+    one or two futures of the protocol. A Task would cost a handle to start
+    it, a context copy, registration in the loop's task set and a handle for
+    its done callback; this steps the coroutine directly and reports its
+    outcome to ``on_done`` in the same call that finishes it. The stepper is
+    the done callback of the future it waits for, and the loop queues it as
+    its own handle (``_run``, ``_cancelled``). Outside of a Task,
+    ``asyncio.current_task()`` is ``None``: fine for asyncpg's query methods
+    with no ``timeout``, the only ones run this way.
     """
 
-    __slots__ = ("coro", "loop", "on_done")
+    __slots__ = ("_cancelled", "coro", "loop", "on_done", "retry", "shape")
 
-    def __init__(
-        self,
-        loop: EmbeddedLoop,
-        coro: Any,
-        on_done: OnDone,
-    ) -> None:
+    def __init__(self, loop: EmbeddedLoop, coro: Any, on_done: OnDone) -> None:
         self.loop = loop
         self.coro = coro
         self.on_done: OnDone | None = on_done
+        self._cancelled = False
+        # The fast path's: how to shape the result, and what to run again
+        # after an error asyncpg itself would recover from.
+        self.shape: Callable[[Any], Any] | None = None
+        self.retry: tuple[Any, str, str, Sequence[Any]] | None = None
 
-    def step(self, _future: object = None) -> None:
-        """Advance the coroutine; also the done callback of the futures it awaits."""
+    def __repr__(self) -> str:
+        return f"<_Stepper {self.coro!r}>"
+
+    def __call__(self, _future: object) -> None:  # a future's done callback
+        self.step()
+
+    def _run(self) -> None:  # as a handle in the loop's ready queue
+        self.step()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def step(self) -> None:
+        """Advance the coroutine."""
         try:
             yielded = self.coro.send(None)
         except StopIteration as stop:
-            self._finish(outcome.Value(stop.value))
+            value = stop.value
+            if self.shape is not None:
+                try:
+                    value = self.shape(value)
+                except Exception as exc:
+                    self._finish(outcome.Error(exc))
+                    return
+            self._finish(outcome.Value(value))
             return
         except (KeyboardInterrupt, SystemExit) as exc:
             self._finish(outcome.Error(BackendBroken(repr(exc), sent=True)))
             raise
         except BaseException as exc:
+            retry = self.retry
+            if retry is not None and isinstance(exc, fastpath.RECOVERABLE):
+                # What asyncpg's _do_execute does after these errors.
+                self.retry = self.shape = None
+                self.coro = fastpath.recover(retry[0], exc, *retry[1:])
+                self.step()
+                return
             self._finish(outcome.Error(exc))
             return
         if yielded is None:  # a bare yield: asyncio.sleep(0)
-            self.loop.call_soon(self.step)
+            self.loop.call_soon(self)
             return
         if not getattr(yielded, "_asyncio_future_blocking", False):  # pragma: no cover
             self.coro.close()
             self._finish(outcome.Error(RuntimeError(f"coroutine yielded {yielded!r}")))
             return
         yielded._asyncio_future_blocking = False
-        yielded.add_done_callback(self.step)
+        yielded.add_done_callback(self, context=_NO_CONTEXT)
 
     def _finish(self, result: outcome.Outcome[Any]) -> None:
         self.loop._steppers.discard(self)
@@ -308,6 +470,7 @@ class _Stepper:
 
     def abandon(self) -> None:
         """The loop is closing: end the coroutine and report it cancelled."""
+        self._cancelled = True
         with suppress(BaseException):
             self.coro.close()
         self._finish(outcome.Error(asyncio.CancelledError()))
@@ -379,26 +542,46 @@ async def _await_on(
 
 
 
+class _Probe(asyncio.Protocol):
+    """The protocol :func:`self_check` reads a socket with."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
 @functools.cache
 def self_check() -> str | None:
     """Why the embedded runner cannot run on this Python, or ``None`` when it can.
 
-    Checks that the asyncio internals the driver uses exist, and that one
-    loop iteration driven the way the driver drives it runs a ready callback
-    and a due timer. Runs once per process.
+    Checks that the asyncio internals the driver uses exist, and that the
+    loop driven the way the driver drives it runs a ready callback, a due
+    timer and a stepper resumed by a future, and reads a socket transport
+    through the hot set. Runs once per process.
     """
     for owner, name in (
         (asyncio.SelectorEventLoop, "_run_once"),
         (asyncio.SelectorEventLoop, "_process_events"),
         (asyncio.SelectorEventLoop, "_make_socket_transport"),
+        (asyncio.SelectorEventLoop, "_add_reader"),
+        (asyncio.SelectorEventLoop, "_remove_reader"),
         (asyncio.Handle, "_run"),
     ):
         if not callable(getattr(owner, name, None)):
             return f"{owner.__qualname__}.{name} is missing"
+    if _READ_READY is None:
+        return "asyncio's socket transport has no _read_ready"
     try:
         loop = EmbeddedLoop()
     except Exception as exc:  # pragma: no cover - depends on the Python
         return f"an embedded loop cannot be made: {exc!r}"
+    ours, theirs = socket.socketpair()
     try:
         ready: Any = getattr(loop, "_ready", None)
         scheduled = getattr(loop, "_scheduled", None)
@@ -417,9 +600,42 @@ def self_check() -> str | None:
         loop._run_once()  # type: ignore[attr-defined]
         if ran != ["ready", "timer"]:
             return f"one driven iteration ran {ran!r}, not a ready callback and a timer"
+        # A stepper resumed by the future it awaits, through the ready queue.
+        future = loop.create_future()
+
+        async def wait_for_it() -> Any:
+            return await future
+
+        results: list[outcome.Outcome[Any]] = []
+        loop.start_step(wait_for_it(), results.append)
+        future.set_result("stepped")
+        while ready:
+            ready.popleft()._run()
+        if [r.unwrap() for r in results] != ["stepped"]:
+            return f"a stepper resumed by its future reported {results!r}"
+        # A socket transport read through the hot set.
+        ours.setblocking(False)
+        probe = _Probe()
+        transport: Any = loop._make_socket_transport(ours, probe)
+        loop._run_once()  # type: ignore[attr-defined]  # connection_made, then _add_reader
+        if not any(r is transport for r in loop._hot_readers.values()):
+            return "the socket transport did not register its reads in the hot set"
+        theirs.sendall(b"ping")
+        for fd, _ in loop._hot.poll(0.1):
+            reader = loop._hot_readers.get(fd)
+            if reader is not None:
+                reader._read_ready()
+        if probe.data != b"ping":
+            return f"a hot read delivered {probe.data!r}, not b'ping'"
+        transport.close()
+        loop._run_once()  # type: ignore[attr-defined]  # connection_lost
+        if loop._hot_readers or not probe.lost:
+            return "a closed transport stayed in the hot set"
     except Exception as exc:
-        return f"driving one iteration failed: {exc!r}"
+        return f"driving the loop failed: {exc!r}"
     finally:
+        theirs.close()
+        ours.close()
         setattr(loop, "_selector", loop._wrapped.inner)  # noqa: B010
         loop.close()
     return None
