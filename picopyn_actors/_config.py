@@ -212,9 +212,9 @@ class ClusterConfig:
             docs/benchmarks.md). ``"trio-asyncio"``: on the running trio-asyncio
             loop, or on a new one. ``"thread"``: a plain asyncio loop in a
             thread of its own, with batched hand-offs. ``"auto"`` (the
-            default): the running trio-asyncio loop if there is one, so a
-            service that already runs trio-asyncio shares its loop, else
-            ``"embedded"``.
+            default): ``"embedded"``, also in a service that runs a
+            trio-asyncio loop (which keeps its loop to itself; pass
+            ``"trio-asyncio"`` to put asyncpg on it too).
         connect_kwargs: extra keyword arguments for ``asyncpg.connect``.
     """
 

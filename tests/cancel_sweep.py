@@ -16,12 +16,22 @@ import threading
 import time
 
 import trio
+import trio_asyncio
 from helpers import open_sockets
 
 import picopyn_actors as pa
 
 
 async def _sweep(dsn: str, bridge: str, max_ms: int) -> list[float]:
+    # BRIDGE+trio-asyncio: the same inside a running trio-asyncio loop.
+    bridge, _, beside = bridge.partition("+")
+    if beside == "trio-asyncio":
+        async with trio_asyncio.open_loop():
+            return await _opens(dsn, bridge, max_ms)
+    return await _opens(dsn, bridge, max_ms)
+
+
+async def _opens(dsn: str, bridge: str, max_ms: int) -> list[float]:
     took: list[float] = []
     for ms in range(max_ms + 1):
         start = time.monotonic()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import outcome
 import pytest
 import trio
@@ -66,8 +70,10 @@ async def test_bridge_choice_without_a_trio_asyncio_loop(
         assert await c.fetchval("SELECT 1") == 1
 
 
-async def test_auto_shares_a_running_trio_asyncio_loop(shared_cluster: LocalCluster) -> None:
-    options = {**FAST, "bridge": "auto"}
+async def test_the_trio_asyncio_bridge_shares_the_running_loop(
+    shared_cluster: LocalCluster,
+) -> None:
+    options = {**FAST, "bridge": "trio-asyncio"}
     async with (
         trio_asyncio.open_loop() as loop,
         pa.open_cluster(shared_cluster.dsn, **options) as cluster,
@@ -76,6 +82,65 @@ async def test_auto_shares_a_running_trio_asyncio_loop(shared_cluster: LocalClus
         assert cluster._backend.kind == "trio-asyncio"
         assert cluster._backend._runner.loop is loop  # type: ignore[attr-defined]
         assert await cluster.fetchval("SELECT 1") == 1
+
+
+async def _running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("bridge", ["auto", "embedded"])
+async def test_the_embedded_runner_beside_a_running_trio_asyncio_loop(
+    shared_cluster: LocalCluster, caplog: pytest.LogCaptureFixture, bridge: str
+) -> None:
+    """``auto`` takes the embedded runner even when the service runs trio-asyncio:
+    the service's asyncio code keeps its loop and keeps running, nothing is
+    left behind, and both shut down cleanly."""
+    caplog.set_level(logging.WARNING)
+    fds_before = _open_fds()
+    tasks_before = trio.lowlevel.current_statistics().tasks_living
+    async with trio_asyncio.open_loop() as loop:
+        ticks: list[asyncio.AbstractEventLoop] = []
+
+        async def ticker() -> None:  # the service's own asyncio code, all along
+            while True:
+                ticks.append(asyncio.get_running_loop())
+                await asyncio.sleep(0.001)
+
+        ticking = loop.create_task(ticker())
+        own = await trio_asyncio.aio_as_trio(asyncpg.connect)(shared_cluster.dsn_for("i1"))
+        async with pa.open_cluster(shared_cluster.dsn, **{**FAST, "bridge": bridge}) as cluster:
+            assert isinstance(cluster._backend, AsyncpgBackend)
+            assert cluster._backend.kind == "embedded"
+            seen_before = len(ticks)
+
+            async def ours() -> None:
+                for i in range(200):
+                    assert await cluster.fetchval("SELECT $1::int", i) == i
+                    # asyncio code called from trio still runs on the service's loop
+                    assert await trio_asyncio.aio_as_trio(_running_loop)() is loop
+                    assert trio_asyncio.current_loop.get() is loop
+
+            async def theirs() -> None:
+                fetchval = trio_asyncio.aio_as_trio(own.fetchval)
+                for i in range(200):
+                    assert await fetchval("SELECT $1::int", i) == i
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ours)
+                nursery.start_soon(theirs)
+            assert len(ticks) > seen_before  # it kept running meanwhile
+        # The service's loop and connection outlive the cluster.
+        assert await trio_asyncio.aio_as_trio(own.fetchval)("SELECT 7") == 7
+        await trio_asyncio.aio_as_trio(own.close)()
+        assert all(seen is loop for seen in ticks)
+        ticking.cancel()
+    assert trio.lowlevel.current_statistics().tasks_living == tasks_before
+    assert _open_fds() == fds_before
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 # -- the embedded runner's fast query path (asyncpg's protocol called directly) --------

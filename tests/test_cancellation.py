@@ -59,7 +59,8 @@ def _sweep(dsn: str, bridge: str) -> dict[str, object]:
 BRIDGES = ["embedded", "thread", "trio-asyncio"]
 
 
-@pytest.mark.parametrize("bridge", BRIDGES)
+# auto+trio-asyncio: the default bridge inside a running trio-asyncio loop.
+@pytest.mark.parametrize("bridge", [*BRIDGES, "auto+trio-asyncio"])
 @pytest.mark.parametrize("paused", [False, True], ids=["healthy", "paused-node"])
 def test_cancel_sweep_never_hangs(
     cluster_for_sweeps: LocalCluster, request: pytest.FixtureRequest, bridge: str, paused: bool

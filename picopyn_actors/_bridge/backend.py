@@ -107,8 +107,9 @@ async def open_backend(
     asyncpg's public methods, with one WARNING, when asyncpg's internals fail
     :func:`~.fastpath.self_check`). ``"thread"``: a
     plain asyncio loop in a thread of its own. ``"trio-asyncio"``: the running
-    trio-asyncio loop, or a new one. ``"auto"``: the running trio-asyncio loop
-    if there is one, else ``"embedded"``.
+    trio-asyncio loop, or a new one. ``"auto"``: ``"embedded"``, also beside a
+    running trio-asyncio loop (the embedded loop keeps to its own trio task and
+    its own context, and leaves the service's loop alone; tests pin that).
 
     Every connection sends ``startup_options`` (Picodata's session options)
     when given. Leaving the block closes the runner, shielded and in bounded
@@ -117,7 +118,7 @@ async def open_backend(
     running = trio_asyncio.current_loop.get()
     args = (dsn, connect_timeout, connect_kwargs)
     if kind == "auto":
-        kind = "trio-asyncio" if running is not None else "embedded"
+        kind = "embedded"
     if kind == "embedded":
         problem = self_check()
         if problem is None:
