@@ -44,7 +44,7 @@ from ._events import (
     NodeStatistics,
     NodeStatus,
 )
-from ._hedging import Hedging
+from ._hedging import Hedger, Hedging
 from ._node import Lease
 from ._request import PIN, Request, changes_session, check_query, check_timeout
 from ._retry import MAX_INVALIDATIONS
@@ -100,6 +100,11 @@ class Cluster:
         init=False, factory=trio.lowlevel.current_trio_token
     )
     _keys: dict[str, ShardingKey] = attrs.field(init=False, factory=dict)
+    _hedger: Hedger | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.config.hedging is not None:
+            self._hedger = self._dispatcher.hedger(self.config.hedging)
 
     def __repr__(self) -> str:
         nodes = self._supervisor.actors()
@@ -130,9 +135,12 @@ class Cluster:
         if self._closed:
             raise ClusterClosed("the cluster is closed")
         request = Request(method, query, args, idempotent, bucket=bucket)
-        policy = self._hedging_for(hedging) if idempotent else None
-        if policy is not None:
-            request.hedger = self._dispatcher.hedger(policy)
+        if idempotent:
+            if hedging is None:
+                request.hedger = self._hedger  # the cluster's policy, if any
+            else:
+                policy = self._hedging_for(hedging)
+                request.hedger = None if policy is None else self._dispatcher.hedger(policy)
         if timeout is None:
             self._dispatcher.submit(request)
             return await request.wait()

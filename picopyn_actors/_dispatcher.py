@@ -57,10 +57,11 @@ log = logging.getLogger(__name__)
 
 
 class SlotLike(Protocol):
-    """What the dispatcher needs of a node's connection slot (see ``_session.Slot``)."""
+    """What the dispatcher needs of a node's connection slot (see ``_slot.Slot``)."""
 
     route_id: int
     candidate: Candidate
+    started: float  # when its request was sent (trio's clock)
 
     def start(self, request: Request) -> None:
         """Take ``request``; never blocks."""
@@ -95,6 +96,10 @@ Message = RouteUpdate | RouteRemoved | RoutingUpdate
 
 # Nodes remembered after their route went, for NoNodesAvailable's message.
 _REMEMBERED = 64
+# Seconds between the dispatcher's own wake-ups for due hedges, at least: while
+# requests flow, hedges fire as new ones are sent (see _arm_hedge()); the
+# wake-up is for a quiet moment.
+_HEDGE_TICK = 0.001
 
 
 @attrs.define(eq=False)
@@ -120,6 +125,7 @@ class Dispatcher:
     # Hedging: each policy's state, and the requests armed, by deadline.
     _hedgers: dict[Hedging, Hedger] = attrs.field(init=False, factory=dict)
     _hedging: deque[tuple[float, Request]] = attrs.field(init=False, factory=deque)
+    _hedge_wake: float = attrs.field(init=False, default=-math.inf)
     #: Keyed requests sent to the node that owns their bucket, and the others.
     routed: int = attrs.field(init=False, default=0)
     routing_fallbacks: int = attrs.field(init=False, default=0)
@@ -244,7 +250,9 @@ class Dispatcher:
     def _next_deadline(self) -> float:
         heads = [q[0].enqueued_at for q in (self._pending, self._retries) if q]
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
-        return min(deadline, self._hedging[0][0]) if self._hedging else deadline
+        if self._hedging:
+            deadline = min(deadline, max(self._hedging[0][0], self._hedge_wake))
+        return deadline
 
     # -- hedged requests -------------------------------------------------------
 
@@ -266,23 +274,26 @@ class Dispatcher:
             "hedge_delay": min(delays) if delays else None,
         }
 
-    def _arm_hedge(self, request: Request) -> None:
-        """``request`` was sent: hedge it if it has not answered after the delay."""
+    def _arm_hedge(self, request: Request, now: float) -> None:
+        """``request`` was sent at ``now``: hedge it if it has not answered after
+        the delay. Hedges that are due fire here, while requests flow."""
         hedger = request.hedger
         assert hedger is not None
-        now = self._clock()
         hedger.admitted(now)
         delay = hedger.delay(now)
-        if math.isinf(delay):
-            return
-        deadline = now + delay
-        self._hedging.append((deadline, request))
-        wait = self._wait
-        if wait is not None and deadline < wait.deadline:
-            wait.deadline = deadline
+        due = self._hedging
+        if delay != math.inf:
+            due.append((now + delay, request))
+            if len(due) == 1 and self._wait is not None:  # the run task needs a deadline
+                wake = max(now + delay, self._hedge_wake)
+                if wake < self._wait.deadline:
+                    self._wait.deadline = wake
+        if now >= self._hedge_wake and due and due[0][0] <= now:
+            self._fire_hedges(now)
 
     def _fire_hedges(self, now: float) -> None:
-        """Send the hedges that are due (in the order they were armed)."""
+        """Send the hedges that are due (in the order they were armed). A hedge
+        with no idle slot to go to waits at the head of the queue."""
         due = self._hedging
         max_attempts = self.config.max_attempts
         while due and due[0][0] <= now:
@@ -292,26 +303,40 @@ class Dispatcher:
                 hedger is None
                 or request.phase is not Phase.SENT
                 or request.in_flight != 1
+                or request.hedged
                 or request.attempts + request.in_flight >= max_attempts
             ):
                 continue  # answered, failed, retried elsewhere, or out of attempts
+            if not self._hedge_routes(request, idle=False) or not hedger.allow(now):
+                continue
+            hedge = Request(
+                request.method, request.query, request.args, True, bucket=request.bucket
+            )
+            hedge.parent = request
+            hedge.last_route = request.last_route
+            request.hedged = True
+            request.hedges = [hedge]
             others = self._hedge_routes(request)
-            if others and hedger.allow(now):
-                hedge = Request(
-                    request.method, request.query, request.args, True, bucket=request.bucket
-                )
-                hedge.parent = request
-                hedge.last_route = request.last_route
-                request.hedged = True
-                request.hedges.append(hedge)
+            if others and not self._retries:
                 route = self._choose(hedge, others)
                 if route is not None:
                     self._hand(route, hedge)
+            else:
+                hedge.enqueued_at = now
+                self._retries.append(hedge)
+        # Wake for hedges at most this often: one wake-up per few requests
+        # would cost more than hedging saves.
+        self._hedge_wake = now + _HEDGE_TICK
 
-    def _hedge_routes(self, request: Request) -> list[_Route]:
-        """Where a hedge of ``request`` may go: another node with an idle slot; for
-        a keyed request, another member of the bucket's replicaset, or nowhere."""
-        routes = [r for r in self._available() if r.id != request.last_route]
+    def _hedge_routes(self, request: Request, *, idle: bool = True) -> list[_Route]:
+        """Where a hedge of ``request`` may go: another node that is up (with an
+        idle slot, if ``idle``); for a keyed request, another member of the
+        bucket's replicaset, or nowhere."""
+        routes = [
+            r
+            for r in self._routes.values()
+            if r.id != request.last_route and r.state is NodeState.UP and (r.idle or not idle)
+        ]
         bucket = request.bucket
         if bucket is None:
             return routes
@@ -399,7 +424,7 @@ class Dispatcher:
         route.candidate.free = len(route.idle)
         slot.start(request)
         if request.hedger is not None and not request.hedged and request.parent is None:
-            self._arm_hedge(request)
+            self._arm_hedge(request, slot.started)
 
     def _owner(self, request: Request) -> _Route | None:
         """The route that must take keyed ``request``: its bucket's owner, when it is up.
@@ -440,6 +465,19 @@ class Dispatcher:
                     break
                 request = queue.popleft()
                 if request.phase is not Phase.QUEUED:
+                    continue
+                parent = request.parent
+                if parent is not None:  # a hedge: never where its request runs
+                    if not parent.open:
+                        request.phase = Phase.DONE  # answered meanwhile: not needed
+                        continue
+                    others = self._hedge_routes(parent)
+                    if not others:
+                        waiting.append(request)
+                        continue
+                    route = self._choose(request, others)
+                    if route is not None:
+                        self._hand(route, request)
                     continue
                 if request.bucket is not None:
                     owner = self._owner(request)
