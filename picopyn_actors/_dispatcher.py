@@ -272,6 +272,8 @@ class Dispatcher:
             route = self._choose(request, available)
         else:
             route = self._owner(request)
+            if not request.open:
+                return  # the strategy failed it, choosing among the owner's replicas
             if route is not None:
                 self.routed += 1
             else:
