@@ -12,9 +12,8 @@ terminated, and the node is asked last for a while. A new connection is
 asked once which instance answers (:func:`~._identity.instance_uuid`), so that
 a view can be told apart from the node that gave it.
 
-Whether a view read here is acted on is for the supervisor to judge; each
-of its warnings, here and there, is rate limited by one shared
-:class:`WarnOnce`.
+Whether a view read here is acted on is for :mod:`._trust` to judge; each
+warning here and there is rate limited by one shared :class:`WarnOnce`.
 
 Example (inside the library)::
 

@@ -3,24 +3,11 @@
 Every ``discovery_interval`` it runs discovery: it reads the catalog one node
 at a time (:class:`~._discovery.CatalogReader`: the long-lived discovery
 connection, the order of addresses, a deadline on each attempt), until one
-gives a sane view.
-
-No single node's word is taken on trust (the pure decisions are in
-:mod:`._topology`):
-
-* a view is accepted only when it is sane (:func:`~._topology.check_view`);
-* a row that cannot be used, or two nodes on one address, never take a node
-  out of service (:func:`~._topology.guard`);
-* a plan that would drain or retire nodes serving now is first confirmed
-  (:func:`~._topology.confirmation`) by the raft leader's catalog, when the
-  answering node names another node as leader and it answers, or else by a
-  second node whose view stops the same nodes. Otherwise the last good view
-  is kept, and the node that disagreed is named in one WARNING.
-
-A warning about a node that has an actor also goes to the event stream as a
-:class:`NodeEvent` whose ``old`` and ``new`` states are the same (a note:
-nothing changed on the client). ``views_rejected`` counts the views not acted
-on, ``discovery_connects`` the connections discovery opened.
+gives a sane view, and judges that view (:class:`~._trust.Judge`: no single
+node's word is taken on trust; a view that would stop serving nodes is
+confirmed first, or the last good view is kept). ``views_rejected`` counts
+the views not acted on, ``discovery_connects`` the connections discovery
+opened.
 
 It then diffs the accepted view against the running node actors
 (:func:`~._topology.diff`), and starts (at most one per address), drains,
@@ -43,41 +30,24 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable
 
 import attrs
 import trio
 
 from ._bridge import Backend, BackendBroken, BackendQueryError
 from ._config import ClusterConfig
-from ._discovery import QUIET_PERIOD, CatalogReader, DiscoveryFailed, Link, WarnOnce
+from ._discovery import QUIET_PERIOD, CatalogReader, DiscoveryFailed, WarnOnce
 from ._dispatcher import Dispatcher, Message, RoutingUpdate
 from ._dsn import Address
 from ._errors import NoNodesAvailable
 from ._events import EventHub, NodeEvent, NodeState, NodeStatistics
 from ._node import NodeActor, Stop, UpdateInfo, Wake, backoff_delay
 from ._routing import REPLICASETS_QUERY, TIERS_QUERY, Routing, buckets_query
-from ._topology import (
-    LEADER_QUERIES,
-    Confirmation,
-    NodeInfo,
-    Note,
-    Topology,
-    agrees,
-    check_tiers,
-    check_view,
-    confirmation,
-    diff,
-    discovery_deadline,
-    find_node,
-    guard,
-    order_addresses,
-)
+from ._topology import NodeInfo, Topology, check_tiers, check_view, diff, discovery_deadline
+from ._trust import Judge
 
 log = logging.getLogger(__name__)
 
-#: Nodes asked for a second opinion in one run, at most.
-_SECOND_OPINIONS = 3
 #: Client states in which a node serves requests (or is about to again).
 _SERVING = frozenset({NodeState.UP, NodeState.SUSPECT})
 
@@ -111,7 +81,6 @@ class Supervisor:
 
     discovery_runs: int = attrs.field(init=False, default=0)
     discovery_failures: int = attrs.field(init=False, default=0)
-    views_rejected: int = attrs.field(init=False, default=0)
     topology: Topology | None = attrs.field(init=False, default=None)
     last_discovery_error: str | None = attrs.field(init=False, default=None)
     _actors: dict[str, NodeActor] = attrs.field(init=False, factory=dict)
@@ -120,8 +89,9 @@ class Supervisor:
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _warn_once: WarnOnce = attrs.field(init=False, factory=lambda: WarnOnce(QUIET_PERIOD))
-    # Discovery's reads (set up in __attrs_post_init__).
+    # The parts (set up in __attrs_post_init__): reads, judgement.
     _reader: CatalogReader = attrs.field(init=False)
+    _judge: Judge = attrs.field(init=False)
     # Bucket routing: the tiers that want it, the last good data, and who waits.
     routing: Routing = attrs.field(init=False, factory=Routing)
     _routed: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
@@ -130,6 +100,7 @@ class Supervisor:
 
     def __attrs_post_init__(self) -> None:
         self._reader = CatalogReader(self.config, self.backend, self, self._warn_once)
+        self._judge = Judge(self.config.selector, self._reader, self, self._warn_once)
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -152,6 +123,11 @@ class Supervisor:
         counters; its size never grows with churn.
         """
         return [self._retired_total]
+
+    @property
+    def views_rejected(self) -> int:
+        """Views not acted on (see the class docstring)."""
+        return self._judge.views_rejected
 
     @property
     def discovery_connects(self) -> int:
@@ -285,7 +261,7 @@ class Supervisor:
         """One discovery run: the view to act on, or ``None`` to keep the last good one.
 
         Every address is tried in turn (see :meth:`CatalogReader.addresses`)
-        until one gives a sane view, which is then judged (:meth:`_judge`).
+        until one gives a sane view, which is then judged (:meth:`Judge.judge`).
         The first run shares ``connect_timeout`` among the seed hosts; later
         runs give each attempt the discovery deadline. Links opened here and
         not kept are terminated, whatever happens.
@@ -319,10 +295,10 @@ class Supervisor:
                 problem = check_view(view, serving)
                 if problem is not None:
                     reader.abandon(link)
-                    self._rejected(view, link.address, f"its catalog is rejected: {problem}")
+                    self._judge.rejected(view, link.address, f"its catalog is rejected: {problem}")
                     errors[str(address)] = f"catalog rejected: {problem}"
                     continue
-                accepted = await self._judge(link, view, serving, each)
+                accepted = await self._judge.judge(link, view, serving, each)
                 if accepted is not None:
                     self.topology = accepted
                     self.discovery_runs += 1
@@ -333,181 +309,6 @@ class Supervisor:
         self.discovery_failures += 1
         self.last_discovery_error = "; ".join(f"{a}: {e}" for a, e in errors.items())
         raise DiscoveryFailed(errors)
-
-    # -- trusting a view -------------------------------------------------------------
-
-    async def _judge(
-        self, link: Link, view: Topology, serving: frozenset[str], timeout: float
-    ) -> Topology | None:
-        """Accept ``view``, confirm it first, or keep the last good view (``None``).
-
-        ``view`` is sane and was read on ``link``; ``serving`` names the nodes
-        that serve now. The view returned (guarded) is the one to act on. The
-        link to ride from now on (``link``, the leader's, or that of a node
-        that disagreed) is kept here as the long-lived discovery connection.
-        """
-        running, known = self.running(), self.known()
-        guarded, notes = guard(view, known, running)
-        plan = diff(running, guarded, self.config.selector)
-        needed = confirmation(plan, serving)
-        if needed is None:
-            return self._accept(link, guarded, notes)
-        leader = await self._leader_of(link, view, timeout)
-        if (
-            leader is not None
-            and leader.address != link.address
-            and leader.uuid != link.uuid
-            and not self._reader.avoided(leader.address)
-        ):
-            answer = await self._second_view(leader.address, serving, timeout)
-            if answer is not None:
-                leader_link, leader_view = answer
-                leader_guarded, leader_notes = guard(leader_view, known, running)
-                if not agrees(needed, diff(running, leader_guarded, self.config.selector)):
-                    self._disagreed(
-                        view,
-                        link,
-                        needed,
-                        f"the raft leader {leader.name}",
-                        "following the leader's catalog",
-                    )
-                else:
-                    log.info(
-                        "discovery: the raft leader %s confirms the catalog of %s: stopping %s",
-                        leader.name,
-                        view.source,
-                        needed,
-                    )
-                # The leader has the freshest catalog: ride it from now on.
-                return self._accept(leader_link, leader_guarded, leader_notes)
-        return await self._second_opinion(link, view, guarded, notes, needed, serving, timeout)
-
-    def _rejected(
-        self, view: Topology, address: Address, why: str, action: str = "keeping the last good view"
-    ) -> None:
-        """A view not acted on: count it, ask its node last, tell once."""
-        self.views_rejected += 1
-        self._reader.avoid(address)
-        name = self._reader.name_of(view, address)
-        if self._warn_once(("rejected", name or address), trio.current_time()):
-            log.warning("discovery: %s: %s; %s", view.source, why, action)
-            if name is not None:
-                self.note(name, f"{why}; {action}")
-
-    # -- trusting a view: asking others -----------------------------------------------
-
-    async def _second_opinion(
-        self,
-        link: Link,
-        view: Topology,
-        guarded: Topology,
-        notes: tuple[Note, ...],
-        needed: Confirmation,
-        serving: frozenset[str],
-        timeout: float,
-    ) -> Topology | None:
-        """Ask other nodes (those staying first) whether they stop the same nodes."""
-        running, known = self.running(), self.known()
-        staying = [
-            info.address
-            for name, info in sorted(running.items())
-            if name in serving and name not in needed.stops
-        ]
-        stopping = [running[name].address for name in sorted(needed.stops)]
-        others = [n.address for n in guarded.nodes.values() if n.routable]
-        # A node that was slow or wrong lately is not asked for an opinion.
-        ordered = order_addresses([staying, stopping, others], ())
-        candidates = [a for a in ordered if a != link.address and not self._reader.avoided(a)]
-        for address in candidates[:_SECOND_OPINIONS]:
-            answer = await self._second_view(address, serving, timeout)
-            if answer is None:
-                continue
-            other_link, other_view = answer
-            other_guarded, _ = guard(other_view, known, running)
-            if agrees(needed, diff(running, other_guarded, self.config.selector)):
-                log.info(
-                    "discovery: %s confirms the catalog of %s: stopping %s",
-                    other_view.source,
-                    view.source,
-                    needed,
-                )
-                return self._accept(link, guarded, notes)
-            # They disagree: act on neither; ride the node that disagreed, so
-            # that the next run reads a catalog that may be sane.
-            self._disagreed(view, link, needed, other_view.source)
-            self._reader.abandon(link)
-            self._reader.keep(other_link)
-            return None
-        self._disagreed(view, link, needed, None)
-        self._reader.keep(link)
-        return None
-
-    async def _second_view(
-        self, address: Address, serving: frozenset[str], timeout: float
-    ) -> tuple[Link, Topology] | None:
-        """A sane view read on a new connection to ``address``, or ``None``."""
-        try:
-            link, view = await self._reader.read(address, None, timeout)
-        except (BackendBroken, BackendQueryError) as exc:
-            self._reader.attempt_failed(address, exc, timeout)
-            return None
-        problem = check_view(view, serving)
-        if problem is not None:
-            log.debug("discovery: second view from %s is not sane: %s", view.source, problem)
-            link.close()
-            return None
-        return link, view
-
-    async def _leader_of(self, link: Link, view: Topology, timeout: float) -> NodeInfo | None:
-        """The raft leader as the node behind ``link`` knows it, if it can say."""
-        with trio.move_on_after(timeout) as scope:
-            for query in LEADER_QUERIES:
-                try:
-                    value = await link.conn.run("fetchval", query, ())
-                except BackendQueryError:
-                    continue
-                except BackendBroken:
-                    return None
-                if value is None:
-                    continue
-                key: str | int = str(value) if query == LEADER_QUERIES[0] else int(value)
-                return find_node(key, view.nodes.values(), self.known().values())
-        if scope.cancelled_caught:
-            self._reader.abandon(link)  # a query may still run on it
-        return None
-
-    # -- trusting a view: verdicts -----------------------------------------------------
-
-    def _accept(self, link: Link, view: Topology, notes: Iterable[Note]) -> Topology:
-        """Ride ``link`` and tell the notes of ``view`` once; ``view`` is the verdict."""
-        self._reader.keep(link)
-        now = trio.current_time()
-        for note in notes:
-            if self._warn_once((note.kind, note.node or note.message), now):
-                log.warning("discovery: %s", note.message)
-                for name in (note.node, *note.others):
-                    if name is not None:
-                        self.note(name, note.message)
-        # A node that is leaving is a poor source: read another from the next run on.
-        name = view.named(link.uuid) if link.uuid is not None else None
-        me = view.nodes.get(name) if name is not None else None
-        if name is not None and (me is None or not me.routable):
-            self._reader.drop()
-        return view
-
-    def _disagreed(
-        self,
-        view: Topology,
-        link: Link,
-        needed: Confirmation,
-        other: str | None,
-        action: str = "keeping the last good view",
-    ) -> None:
-        if other is None:
-            why = f"its catalog would stop {needed}, and no other node could confirm it"
-        else:
-            why = f"its catalog would stop {needed}, and {other} disagrees"
-        self._rejected(view, link.address, why, action)
 
     # -- what discovery asks (the Roster of ._discovery) ---------------------------------
 
