@@ -13,8 +13,8 @@ It then diffs the accepted view against the running node actors
 (:func:`~._topology.diff`), and starts (at most one per address), drains,
 retires and wakes node actors accordingly. A node actor that crashes is
 logged and started again by the next discovery. Between runs it keeps the
-bucket maps that ``Cluster.bucket()`` asked for, read on the discovery
-connection.
+bucket maps that ``Cluster.bucket()`` asked for
+(:class:`~._routing_refresh.RoutingRefresh`).
 
 Each warning is logged once, and again only after :data:`QUIET_PERIOD` without
 it (one :class:`WarnOnce` for all of the supervisor's parts).
@@ -37,12 +37,13 @@ import trio
 from ._bridge import Backend, BackendBroken, BackendQueryError
 from ._config import ClusterConfig
 from ._discovery import QUIET_PERIOD, CatalogReader, DiscoveryFailed, WarnOnce
-from ._dispatcher import Dispatcher, Message, RoutingUpdate
+from ._dispatcher import Dispatcher, Message
 from ._dsn import Address
 from ._errors import NoNodesAvailable
 from ._events import EventHub, NodeEvent, NodeState, NodeStatistics
 from ._node import NodeActor, Stop, UpdateInfo, Wake, backoff_delay
-from ._routing import REPLICASETS_QUERY, TIERS_QUERY, Routing, buckets_query
+from ._routing import Routing
+from ._routing_refresh import RoutingRefresh
 from ._topology import NodeInfo, Topology, check_tiers, check_view, diff, discovery_deadline
 from ._trust import Judge
 
@@ -89,18 +90,15 @@ class Supervisor:
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _warn_once: WarnOnce = attrs.field(init=False, factory=lambda: WarnOnce(QUIET_PERIOD))
-    # The parts (set up in __attrs_post_init__): reads, judgement.
+    # The parts (set up in __attrs_post_init__): reads, judgement, bucket routing.
     _reader: CatalogReader = attrs.field(init=False)
     _judge: Judge = attrs.field(init=False)
-    # Bucket routing: the tiers that want it, the last good data, and who waits.
-    routing: Routing = attrs.field(init=False, factory=Routing)
-    _routed: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
-    _nap: trio.CancelScope | None = attrs.field(init=False, default=None)
-    _wished: bool = attrs.field(init=False, default=False)
+    _routing: RoutingRefresh = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._reader = CatalogReader(self.config, self.backend, self, self._warn_once)
         self._judge = Judge(self.config.selector, self._reader, self, self._warn_once)
+        self._routing = RoutingRefresh(self.config, self._reader, self.dispatcher, self._warn_once)
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -138,6 +136,16 @@ class Supervisor:
     def discovery_address(self) -> Address | None:
         """Where the long-lived discovery connection goes now, if it is open."""
         return self._reader.address
+
+    @property
+    def routing(self) -> Routing:
+        """The last good bucket routing data of every tier that wants it."""
+        return self._routing.routing
+
+    def want_routing(self, tier: str) -> trio.Event:
+        """Keep ``tier``'s bucket map from now on; the event is set once a first
+        answer (or failure) for it is in. Wakes the actor if it has none yet."""
+        return self._routing.want(tier)
 
     # -- the actor -------------------------------------------------------------------
 
@@ -178,15 +186,8 @@ class Supervisor:
         deadline = trio.current_time() + interval
         failures = 0
         while True:
-            self._wished = False
-            await self._refresh_routing()  # for a tier that wants it and has none yet
-            if self._wished:
-                continue  # another tier asked meanwhile
-            with trio.CancelScope(deadline=deadline) as self._nap:
-                await trio.sleep_forever()
-            self._nap = None
-            if trio.current_time() < deadline:
-                continue  # woken early by want_routing(): the routing data comes first
+            # Woken early by want_routing(): the routing data comes first.
+            await self._routing.nap_until(deadline)
             # Reschedule first, so that a slow or failing run never loses the beat.
             deadline = max(deadline + interval, trio.current_time())
             try:
@@ -204,56 +205,7 @@ class Supervisor:
             failures = 0
             if topology is not None:
                 await self.apply(topology)
-            await self._refresh_routing(every=True)
-
-    # -- bucket routing ----------------------------------------------------------------
-
-    def want_routing(self, tier: str) -> trio.Event:
-        """Keep ``tier``'s bucket map from now on; the event is set once a first
-        answer (or failure) for it is in. Wakes the actor if it has none yet."""
-        event = self._routed.get(tier)
-        if event is None:
-            self._routed[tier] = event = trio.Event()
-            self._wished = True
-            if self._nap is not None:
-                self._nap.cancel()
-        return event
-
-    async def _refresh_routing(self, *, every: bool = False) -> None:
-        """Read the routing data of the tiers that want it (``every``: all of them,
-        else only those with none yet) on the discovery connection, and hand a
-        new snapshot to the dispatcher. A tier whose ``_pico_bucket`` fails keeps
-        its last good map."""
-        tiers = sorted(t for t, e in self._routed.items() if every or not e.is_set())
-        link = self._reader.link
-        if not tiers or link is None or not link.usable:
-            return
-        timeout = discovery_deadline(self.config.connect_timeout, self.config.discovery_interval)
-        answers: dict[str, object] = {}
-        try:
-            with trio.fail_after(timeout):
-                replicasets = await link.conn.run("fetch", REPLICASETS_QUERY, ())
-                tier_rows = await link.conn.run("fetch", TIERS_QUERY, ())
-                for tier in tiers:
-                    try:
-                        answers[tier] = await link.conn.run("fetchval", buckets_query(tier), ())
-                    except BackendQueryError as exc:
-                        answers[tier] = exc
-        except (BackendBroken, BackendQueryError, trio.TooSlowError) as exc:
-            self._reader.abandon(link)  # the next discovery run opens another one
-            log.debug("routing data not read from %s: %r", link.address, exc)
-            return
-        self.routing, problems = self.routing.refreshed(replicasets, tier_rows, answers)
-        for tier, problem in problems.items():
-            if self._warn_once(("routing", tier), trio.current_time()):
-                log.warning(
-                    "bucket map of tier %s not refreshed (the last good one is kept): %s",
-                    tier,
-                    problem,
-                )
-        await self.dispatcher.send(RoutingUpdate(self.routing))
-        for tier in tiers:
-            self._routed[tier].set()
+            await self._routing.refresh(every=True)
 
     # -- one discovery run -------------------------------------------------------------
 
