@@ -31,10 +31,10 @@ from ._bridge import (
     Connection,
     open_backend,
 )
-from ._bucket import Bucket, ShardingKey, sharding_key
+from ._bucket import Bucket
 from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Message
-from ._errors import ClusterClosed, ConfigError, NoNodesAvailable, OutcomeUnknown, PicodataError
+from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown, PicodataError
 from ._events import (
     ClusterStatistics,
     EventHub,
@@ -44,11 +44,11 @@ from ._events import (
     NodeStatistics,
     NodeStatus,
 )
-from ._hedging import Hedging
+from ._hedging import Hedger, Hedging
+from ._keys import BucketKeys
 from ._node import Lease
 from ._request import PIN, Request, changes_session, check_query, check_timeout
 from ._retry import MAX_INVALIDATIONS
-from ._routing import TABLE_QUERY
 from ._slot import query_error
 from ._strategies import Strategy
 from ._supervisor import Supervisor
@@ -99,7 +99,13 @@ class Cluster:
     _token: trio.lowlevel.TrioToken = attrs.field(
         init=False, factory=trio.lowlevel.current_trio_token
     )
-    _keys: dict[str, ShardingKey] = attrs.field(init=False, factory=dict)
+    _keys: BucketKeys = attrs.field(init=False)
+    _hedger: Hedger | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self._keys = BucketKeys(self, self._supervisor)
+        if self.config.hedging is not None:
+            self._hedger = self._dispatcher.hedges.hedger(self.config.hedging)
 
     def __repr__(self) -> str:
         nodes = self._supervisor.actors()
@@ -130,9 +136,12 @@ class Cluster:
         if self._closed:
             raise ClusterClosed("the cluster is closed")
         request = Request(method, query, args, idempotent, bucket=bucket)
-        policy = self._hedging_for(hedging) if idempotent else None
-        if policy is not None:
-            request.hedger = self._dispatcher.hedger(policy)
+        if idempotent:
+            if hedging is None:
+                request.hedger = self._hedger  # the cluster's policy, if any
+            else:
+                policy = self._hedging_for(hedging)
+                request.hedger = None if policy is None else self._dispatcher.hedges.hedger(policy)
         if timeout is None:
             self._dispatcher.submit(request)
             return await request.wait()
@@ -292,42 +301,7 @@ class Cluster:
                 :meth:`fetch`, while the table is looked up.
         """
         with trio.fail_after(math.inf if timeout is None else check_timeout(timeout)):
-            key = self._keys.get(table)
-            if key is None:
-                key = await self._sharding_key(table)
-            count = self._supervisor.routing.bucket_counts.get(key.tier)
-            if count is None:
-                count = await self._bucket_count(key.tier)
-            bucket = key.bucket(key_values, count)
-            ready = self._supervisor.want_routing(key.tier)
-            if not ready.is_set():
-                with trio.move_on_after(self.config.connect_timeout):
-                    await ready.wait()
-            return bucket
-
-    async def _sharding_key(self, table: str) -> ShardingKey:
-        if not isinstance(table, str) or not table:
-            raise ConfigError(f"table must be a table name, got {table!r}")
-        row = await self.fetchrow(TABLE_QUERY, table, idempotent=True)
-        if row is None:
-            raise ConfigError(f"unknown table {table!r}: it is not in _pico_table")
-        key = sharding_key(row["distribution"], row["format"], table=table)
-        tiers = self.config.selector.tiers
-        if tiers is not None and key.tier not in tiers:
-            raise ConfigError(
-                f"table {table!r} lives in tier {key.tier!r}, outside this cluster's "
-                f"tiers={sorted(tiers)}"
-            )
-        self._keys[table] = key
-        return key
-
-    async def _bucket_count(self, tier: str) -> int:
-        count = await self.fetchval(
-            "SELECT bucket_count FROM _pico_tier WHERE name = $1", tier, idempotent=True
-        )
-        if count is None:
-            raise ConfigError(f"tier {tier!r} is not in _pico_tier")
-        return int(count)
+            return await self._keys.bucket(table, key_values)
 
     # -- health --------------------------------------------------------------------
 
@@ -359,7 +333,7 @@ class Cluster:
             views_rejected=self._supervisor.views_rejected,
             requests_routed=self._dispatcher.routed,
             routing_fallbacks=self._dispatcher.routing_fallbacks,
-            **self._dispatcher.hedge_statistics(),
+            **self._dispatcher.hedges.statistics(),
             discovery_connects=self._supervisor.discovery_connects,
         )
 

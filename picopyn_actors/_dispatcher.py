@@ -39,7 +39,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
@@ -47,20 +47,22 @@ import trio
 from ._config import ClusterConfig
 from ._errors import AcquireTimeout, NoNodesAvailable, StrategyError
 from ._events import NodeState
-from ._hedging import Hedger, Hedging
+from ._hedges import HedgeScheduler
 from ._request import Phase, Request
+from ._routes import Route, RouteTable, StrategyCall
 from ._routing import Routing
-from ._strategies import Candidate, strategy_name, takes_bucket
+from ._strategies import Candidate
 from ._topology import Role
 
 log = logging.getLogger(__name__)
 
 
 class SlotLike(Protocol):
-    """What the dispatcher needs of a node's connection slot (see ``_session.Slot``)."""
+    """What the dispatcher needs of a node's connection slot (see ``_slot.Slot``)."""
 
     route_id: int
     candidate: Candidate
+    started: float  # when its request was sent (trio's clock)
 
     def start(self, request: Request) -> None:
         """Take ``request``; never blocks."""
@@ -93,48 +95,29 @@ class RoutingUpdate:
 
 Message = RouteUpdate | RouteRemoved | RoutingUpdate
 
-# Nodes remembered after their route went, for NoNodesAvailable's message.
-_REMEMBERED = 64
-
-
-@attrs.define(eq=False)
-class _Route:
-    id: int
-    candidate: Candidate
-    state: NodeState = NodeState.CONNECTING
-    seq: int = 0
-    idle: list[SlotLike] = attrs.field(factory=list)
-    last_error: str | None = None
-
-
 @attrs.define(eq=False)
 class Dispatcher:
     """Routes requests to node actors. See the module docstring."""
 
     config: ClusterConfig
     inbox: trio.MemoryReceiveChannel[Message]
-    _routes: dict[int, _Route] = attrs.field(init=False, factory=dict)
-    _by_candidate: dict[int, _Route] = attrs.field(init=False, factory=dict)
-    _by_name: dict[str, _Route] = attrs.field(init=False, factory=dict)
-    _routing: Routing = attrs.field(init=False, factory=Routing)
-    # Hedging: each policy's state, and the requests armed, by deadline.
-    _hedgers: dict[Hedging, Hedger] = attrs.field(init=False, factory=dict)
-    _hedging: deque[tuple[float, Request]] = attrs.field(init=False, factory=deque)
+    table: RouteTable = attrs.field(init=False, factory=RouteTable)
+    routing: Routing = attrs.field(init=False, factory=Routing)
+    hedges: HedgeScheduler = attrs.field(init=False)
     #: Keyed requests sent to the node that owns their bucket, and the others.
     routed: int = attrs.field(init=False, default=0)
     routing_fallbacks: int = attrs.field(init=False, default=0)
-    _strategy_takes_bucket: bool = attrs.field(init=False)
+    _strategy: StrategyCall = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._strategy_takes_bucket = takes_bucket(self.config.strategy)
+        self._strategy = StrategyCall(self.config.strategy)
+        self.hedges = HedgeScheduler(self)
     _pending: deque[Request] = attrs.field(init=False, factory=deque)
     # Requests coming back for another try go first, in a queue of their own,
     # so that both queues stay ordered by enqueue time for acquire_timeout.
     _retries: deque[Request] = attrs.field(init=False, factory=deque)
     failed_unrouted: int = attrs.field(init=False, default=0)
     _closed: bool = attrs.field(init=False, default=False)
-    # Routes that went, newest last: their last state or error, by node name.
-    _gone: dict[str, str] = attrs.field(init=False, factory=dict)
     # The run task's wait, while it waits: submit() moves its deadline.
     _wait: trio.CancelScope | None = attrs.field(init=False, default=None)
     # trio's clock, read directly (made in trio: the dispatcher lives in a run).
@@ -171,12 +154,12 @@ class Dispatcher:
                         self._hand(route, request)
                         return
                 else:
-                    available = self._available()
+                    available = self.table.available()
                     if available:
                         self._start(request, available)
                         return
             else:
-                available = self._available()
+                available = self.table.available()
                 if available:
                     self._start(request, available)
                     return
@@ -192,16 +175,16 @@ class Dispatcher:
             # The run task waits with no deadline: give it this one. When it
             # passes, the run task looks at the queue's head again.
             wait.deadline = now + self.config.acquire_timeout
-        if not any(r.state.hopeful for r in self._routes.values()):
+        if not self.table.hopeful():
             self._fail_if_hopeless()
 
     def release(self, slot: SlotLike) -> None:
         """Take a slot that is free (new, or done with its request); it serves the queue first."""
-        route = self._routes.get(slot.route_id)
+        route = self.table.routes.get(slot.route_id)
         if route is None:
             # The node's first RouteUpdate is still in the inbox: the route
             # exists from now on, not routable until that update says UP.
-            route = self._add_route(slot.route_id, slot.candidate)
+            route = self.table.add(slot.route_id, slot.candidate)
         route.idle.append(slot)
         route.candidate.free = len(route.idle)
         if self._pending or self._retries:
@@ -209,7 +192,7 @@ class Dispatcher:
 
     def withdraw(self, route_id: int) -> None:
         """A node's session ended: forget its idle slots now."""
-        route = self._routes.get(route_id)
+        route = self.table.routes.get(route_id)
         if route is not None:
             route.idle.clear()
             route.candidate.free = 0
@@ -232,8 +215,8 @@ class Dispatcher:
                             break
                         handle(message)
                 self._wait = None
-                if self._hedging:
-                    self._fire_hedges(self._clock())
+                if self.hedges.deadline() <= self._clock():
+                    self.hedges.fire(self._clock())
                 if self._pending or self._retries:
                     self._dispatch()
                     self._expire(self._clock())
@@ -244,79 +227,23 @@ class Dispatcher:
     def _next_deadline(self) -> float:
         heads = [q[0].enqueued_at for q in (self._pending, self._retries) if q]
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
-        return min(deadline, self._hedging[0][0]) if self._hedging else deadline
+        return min(deadline, self.hedges.deadline())
 
-    # -- hedged requests -------------------------------------------------------
-
-    def hedger(self, policy: Hedging) -> Hedger:
-        """The hedging state of ``policy`` (one per policy, shared by its requests)."""
-        hedger = self._hedgers.get(policy)
-        if hedger is None:
-            self._hedgers[policy] = hedger = Hedger(policy)
-        return hedger
-
-    def hedge_statistics(self) -> dict[str, Any]:
-        """The hedging counters, summed over the policies, for ``ClusterStatistics``."""
-        hedgers = list(self._hedgers.values())
-        delays = [h.current_delay for h in hedgers if h.current_delay is not None]
-        return {
-            "hedges_sent": sum(h.sent for h in hedgers),
-            "hedges_won": sum(h.won for h in hedgers),
-            "hedges_refused": sum(h.refused for h in hedgers),
-            "hedge_delay": min(delays) if delays else None,
-        }
-
-    def _arm_hedge(self, request: Request) -> None:
-        """``request`` was sent: hedge it if it has not answered after the delay."""
-        hedger = request.hedger
-        assert hedger is not None
-        now = self._clock()
-        hedger.admitted(now)
-        delay = hedger.delay(now)
-        if math.isinf(delay):
-            return
-        deadline = now + delay
-        self._hedging.append((deadline, request))
+    def wake_by(self, deadline: float) -> None:
+        """Make the dispatcher's task wake by ``deadline`` at the latest."""
         wait = self._wait
-        if wait is not None and deadline < wait.deadline:
+        if wait is not None and deadline < wait.deadline:  # (moving a deadline costs)
             wait.deadline = deadline
 
-    def _fire_hedges(self, now: float) -> None:
-        """Send the hedges that are due (in the order they were armed)."""
-        due = self._hedging
-        max_attempts = self.config.max_attempts
-        while due and due[0][0] <= now:
-            _, request = due.popleft()
-            hedger = request.hedger
-            if (
-                hedger is None
-                or request.phase is not Phase.SENT
-                or request.in_flight != 1
-                or request.attempts + request.in_flight >= max_attempts
-            ):
-                continue  # answered, failed, retried elsewhere, or out of attempts
-            others = self._hedge_routes(request)
-            if others and hedger.allow(now):
-                hedge = Request(
-                    request.method, request.query, request.args, True, bucket=request.bucket
-                )
-                hedge.parent = request
-                hedge.last_route = request.last_route
-                request.hedged = True
-                request.hedges.append(hedge)
-                route = self._choose(hedge, others)
-                if route is not None:
-                    self._hand(route, hedge)
-
-    def _hedge_routes(self, request: Request) -> list[_Route]:
-        """Where a hedge of ``request`` may go: another node with an idle slot; for
-        a keyed request, another member of the bucket's replicaset, or nowhere."""
-        routes = [r for r in self._available() if r.id != request.last_route]
-        bucket = request.bucket
-        if bucket is None:
-            return routes
-        owner = self._routing.owner(bucket.tier, bucket.bucket_id)
-        return [r for r in routes if owner is not None and r.candidate.replicaset == owner]
+    def send_hedge(self, hedge: Request, routes: list[Route], now: float) -> None:
+        """Start ``hedge`` on one of ``routes`` now, or let it wait first in line."""
+        if routes and not self._retries:
+            route = self._choose(hedge, routes)
+            if route is not None:
+                self._hand(route, hedge)
+        else:
+            hedge.enqueued_at = now
+            self._retries.append(hedge)
 
     def _close(self) -> None:
         self._closed = True
@@ -327,60 +254,26 @@ class Dispatcher:
 
     def _handle(self, message: Message) -> None:
         if type(message) is RouteUpdate:
-            self._update(message)
+            self.table.update(message)
+            self._fail_if_hopeless()
         elif type(message) is RoutingUpdate:
-            self._routing = message.routing
+            self.routing = message.routing
         elif type(message) is RouteRemoved:
-            route = self._routes.get(message.route_id)
+            route = self.table.routes.get(message.route_id)
             if route is not None:
-                self._remove(route, route.last_error or route.state.value)
+                self.table.remove(route, route.last_error or route.state.value)
                 self._fail_if_hopeless()
-
-    def _add_route(self, route_id: int, candidate: Candidate) -> _Route:
-        route = _Route(route_id, candidate)
-        self._routes[route_id] = route
-        self._by_candidate[id(candidate)] = route
-        self._by_name[candidate.name] = route
-        return route
-
-    def _remove(self, route: _Route, why: str) -> None:
-        self._routes.pop(route.id, None)
-        self._by_candidate.pop(id(route.candidate), None)
-        if self._by_name.get(route.candidate.name) is route:
-            del self._by_name[route.candidate.name]
-        gone = self._gone
-        gone.pop(route.candidate.name, None)
-        gone[route.candidate.name] = why
-        while len(gone) > _REMEMBERED:
-            del gone[next(iter(gone))]
-
-    def _update(self, message: RouteUpdate) -> None:
-        route = self._routes.get(message.route_id)
-        if route is None:
-            route = self._add_route(message.route_id, message.candidate)
-        if message.seq <= route.seq:
-            return  # an older update overtaken by a newer one
-        route.seq = message.seq
-        route.state = message.state
-        if message.last_error is not None:
-            route.last_error = message.last_error
-        if message.state is NodeState.DRAINING:
-            # No new work; what runs there finishes.
-            self._remove(route, f"draining ({route.last_error or 'leaving'})")
-        self._fail_if_hopeless()
 
     # -- routing ---------------------------------------------------------------
 
-    def _available(self) -> list[_Route]:
-        """The routes that can take a request now: UP, with an idle slot."""
-        return [r for r in self._routes.values() if r.idle and r.state is NodeState.UP]
-
-    def _start(self, request: Request, available: list[_Route]) -> None:
+    def _start(self, request: Request, available: list[Route]) -> None:
         """Hand ``request`` to an idle slot of the route it must go to, or the strategy picks."""
         if request.bucket is None:
             route = self._choose(request, available)
         else:
             route = self._owner(request)
+            if not request.open:
+                return  # the strategy failed it, choosing among the owner's replicas
             if route is not None:
                 self.routed += 1
             else:
@@ -394,14 +287,14 @@ class Dispatcher:
         if route is not None:
             self._hand(route, request)
 
-    def _hand(self, route: _Route, request: Request) -> None:
+    def _hand(self, route: Route, request: Request) -> None:
         slot = route.idle.pop()
         route.candidate.free = len(route.idle)
         slot.start(request)
         if request.hedger is not None and not request.hedged and request.parent is None:
-            self._arm_hedge(request)
+            self.hedges.arm(request, slot.started)
 
-    def _owner(self, request: Request) -> _Route | None:
+    def _owner(self, request: Request) -> Route | None:
         """The route that must take keyed ``request``: its bucket's owner, when it is up.
 
         The current master of the owning replicaset, or with ``role="replica"``
@@ -411,12 +304,12 @@ class Dispatcher:
         """
         bucket = request.bucket
         assert bucket is not None
-        routing = self._routing
+        routing = self.routing
         if self.config.selector.role is Role.REPLICA:
             owner = routing.owner(bucket.tier, bucket.bucket_id)
             replicas = [
                 r
-                for r in self._routes.values()
+                for r in self.table.routes.values()
                 if r.candidate.replicaset == owner
                 and r.state is NodeState.UP
                 and r.id != request.last_route
@@ -424,7 +317,7 @@ class Dispatcher:
             if not replicas:
                 return None
             return self._choose(request, [r for r in replicas if r.idle] or replicas)
-        route = self._by_name.get(routing.master_of(bucket.tier, bucket.bucket_id) or "")
+        route = self.table.named(routing.master_of(bucket.tier, bucket.bucket_id) or "")
         if route is None or route.state is not NodeState.UP or route.id == request.last_route:
             return None
         return route
@@ -435,11 +328,24 @@ class Dispatcher:
         for queue in (self._retries, self._pending):
             waiting: list[Request] = []
             while queue:
-                available = self._available()
+                available = self.table.available()
                 if not available:
                     break
                 request = queue.popleft()
                 if request.phase is not Phase.QUEUED:
+                    continue
+                parent = request.parent
+                if parent is not None:  # a hedge: never where its request runs
+                    if not parent.open:
+                        request.phase = Phase.DONE  # answered meanwhile: not needed
+                        continue
+                    others = self.hedges.routes(parent)
+                    if not others:
+                        waiting.append(request)
+                        continue
+                    route = self._choose(request, others)
+                    if route is not None:
+                        self._hand(route, request)
                     continue
                 if request.bucket is not None:
                     owner = self._owner(request)
@@ -449,34 +355,18 @@ class Dispatcher:
                 self._start(request, available)
             queue.extendleft(reversed(waiting))
 
-    def _choose(self, request: Request, available: list[_Route]) -> _Route | None:
-        strategy = self.config.strategy
+    def _choose(self, request: Request, available: list[Route]) -> Route | None:
+        """The route the strategy picks for ``request``, or ``None`` (it failed the
+        request: the strategy raised or picked a stranger)."""
         if len(available) > 1 and request.last_route is not None:
             others = [r for r in available if r.id != request.last_route]
             available = others or available
-        candidates = [r.candidate for r in available]
         try:
-            if self._strategy_takes_bucket:
-                chosen = strategy(candidates, bucket=request.bucket)  # type: ignore[call-arg]
-            else:
-                chosen = strategy(candidates)
-        except Exception as exc:
-            request.fail(
-                StrategyError(f"balance strategy {strategy_name(strategy)} raised {exc!r}")
-            )
+            return self._strategy.choose(request.bucket, available, self.table)
+        except StrategyError as exc:
+            request.fail(exc)
             self.failed_unrouted += 1
             return None
-        route = self._by_candidate.get(id(chosen))
-        if route is None or route not in available:
-            request.fail(
-                StrategyError(
-                    f"balance strategy {strategy_name(strategy)} returned {chosen!r}, "
-                    "which is not one of the candidates it was given"
-                )
-            )
-            self.failed_unrouted += 1
-            return None
-        return route
 
     def _expire(self, now: float) -> None:
         limit = self.config.acquire_timeout
@@ -486,23 +376,16 @@ class Dispatcher:
                 if request.fail(
                     AcquireTimeout(
                         f"no free connection within acquire_timeout={limit}s "
-                        f"({self._describe()}); raise connections_per_node or acquire_timeout"
+                        f"({self.table.describe()}); raise connections_per_node or "
+                        "acquire_timeout"
                     )
                 ):
                     self.failed_unrouted += 1
 
     def _fail_if_hopeless(self) -> None:
-        if not (self._pending or self._retries) or any(
-            r.state.hopeful for r in self._routes.values()
-        ):
+        if not (self._pending or self._retries) or self.table.hopeful():
             return
-        errors = self.node_errors()
-        if self._routes:
-            why = "no node of the cluster is available"
-        elif self._gone:
-            why = "no node is routable now: every node the client had is gone or leaving"
-        else:
-            why = "no node is known yet"
+        why, errors = self.table.hopeless_reason(), self.table.errors()
         for queue in (self._retries, self._pending):
             while queue:
                 request = queue.popleft()
@@ -511,17 +394,4 @@ class Dispatcher:
 
     def node_errors(self) -> dict[str, str]:
         """Each node's last error (or state), for messages; nodes that went included."""
-        errors = {name: f"gone: {why}" for name, why in self._gone.items()}
-        errors.update(
-            {r.candidate.name: r.last_error or r.state.value for r in self._routes.values()}
-        )
-        return errors
-
-    def _describe(self) -> str:
-        return (
-            ", ".join(
-                f"{r.candidate.name} {r.state.value} in-flight {r.candidate.in_flight}"
-                for r in self._routes.values()
-            )
-            or "no nodes"
-        )
+        return self.table.errors()

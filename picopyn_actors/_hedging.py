@@ -26,11 +26,13 @@ from ._errors import ConfigError
 
 # Latencies are kept in buckets 5% wide: the percentile is within 5% of the truth.
 _GROWTH = 1.05
-_LOG_GROWTH = math.log(_GROWTH)
+_PER_LOG = 1 / math.log(_GROWTH)
 _FIRST = 1e-5  # seconds: the lower edge of the first bucket
 _BUCKETS = 400  # up to _FIRST * 1.05**400, about 3 s; slower ones fall in the last
 # The sliding window is cut into this many slices.
 _SLICES = 10
+# One latency in this many is kept: the percentile needs a sample, not all.
+_SAMPLE = 4
 
 
 def _fraction(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -77,7 +79,8 @@ class Hedging:
             double the load when the whole cluster is slow.
         window: the sliding window of the budget and of the latencies, in seconds.
         min_samples: the adaptive delay needs this many latencies in the
-            window; before that, nothing is hedged.
+            window (one answer in four is sampled); before that, nothing is
+            hedged.
     """
 
     delay: float | None = attrs.field(default=None, validator=_seconds)
@@ -118,31 +121,43 @@ class Hedger:
     won: int = 0
     refused: int = 0  # hedges the budget refused
     _slices: deque[_Slice] = attrs.field(init=False, factory=deque)
+    _cur: _Slice = attrs.field(init=False, factory=lambda: _Slice(-math.inf))
+    _slice_end: float = attrs.field(init=False, default=-math.inf)
     _delay: float = attrs.field(init=False, default=math.inf)
+    _seen: int = attrs.field(init=False, default=-1)
     _delay_at: float = attrs.field(init=False, default=-math.inf)
 
     def _current(self, now: float) -> _Slice:
+        if now >= self._slice_end:
+            self._rotate(now)
+        return self._cur
+
+    def _rotate(self, now: float) -> None:
         slices = self._slices
         width = self.policy.window / _SLICES
-        if not slices or now >= slices[-1].start + width:
-            slices.append(_Slice(now))
-            while slices and slices[0].start <= now - self.policy.window:
-                slices.popleft()
-        return slices[-1]
+        self._cur = _Slice(now)
+        slices.append(self._cur)
+        while slices and slices[0].start <= now - self.policy.window:
+            slices.popleft()
+        self._slice_end = now + width
 
     def record(self, seconds: float, now: float) -> None:
-        """One request answered in ``seconds``."""
-        current = self._current(now)
+        """One request answered in ``seconds`` (one in ``_SAMPLE`` is kept)."""
+        self._seen += 1
+        if self._seen % _SAMPLE:
+            return
+        current = self._cur if now < self._slice_end else self._current(now)
         current.samples += 1
         if seconds <= _FIRST:
             index = 0
         else:
-            index = min(_BUCKETS - 1, int(math.log(seconds / _FIRST) / _LOG_GROWTH) + 1)
+            index = min(_BUCKETS - 1, int(math.log(seconds / _FIRST) * _PER_LOG) + 1)
         current.latencies[index] += 1
 
     def admitted(self, now: float) -> None:
         """One hedgeable request was sent (it counts towards the budget)."""
-        self._current(now).requests += 1
+        current = self._cur if now < self._slice_end else self._current(now)
+        current.requests += 1
 
     def delay(self, now: float) -> float:
         """The hedge delay now: fixed, or the percentile of the window's latencies

@@ -152,7 +152,7 @@ class Request:
         # sent for this one, and, on a hedge, the request it hedges.
         self.hedger: Hedger | None = None
         self.hedged = False
-        self.hedges: list[Request] = []
+        self.hedges: list[Request] | None = None
         self.parent: Request | None = None
         self.in_flight = 0  # slots running this request (its hedges included)
         self.query = query
@@ -183,6 +183,12 @@ class Request:
         self.phase = Phase.DONE
         parent = self.parent
         if parent is not None:
+            if (
+                isinstance(result, outcome.Error)
+                and not isinstance(result.error, QueryError)
+                and parent.in_flight > 0
+            ):
+                return False  # the hedge found no way (AcquireTimeout, say): the first runs on
             won = parent.finish(result)
             if won and parent.hedger is not None:
                 parent.hedger.won += 1
@@ -212,7 +218,7 @@ class Request:
         self.phase = Phase.ABANDONED
         if self.conn is not None:
             self.conn.terminate()
-        for hedge in self.hedges:  # nothing left behind that still counts as the caller's
+        for hedge in self.hedges or ():  # nothing left behind that counts as the caller's
             if hedge.phase < Phase.DONE:
                 hedge.phase = Phase.ABANDONED
                 if hedge.conn is not None:

@@ -156,7 +156,7 @@ class Session:
                 except BackendBroken as exc:
                     self.fail(exc)
                     return
-                if not self.alive:
+                if not self.alive or not node.serving:  # ended, or the node is leaving
                     conn.terminate()
                     return
                 slot = Slot(self, conn)

@@ -1,35 +1,23 @@
 """The supervisor actor: periodic discovery, and the node actors' lifecycle.
 
-Every ``discovery_interval`` it reads the catalog on a connection of its own,
-kept open between runs (an idle client logs in nowhere), and opens another
-only when that one breaks or is too slow. It falls back through the nodes it
-knows and then every seed host of the DSN, so one dead or hung node (the
-seed included) never stops discovery. Each attempt at one node has a
-deadline (:func:`~._topology.discovery_deadline`); a connection that outlives
-it is terminated, and the node is asked last for a while.
-
-No single node's word is taken on trust (the pure decisions are in
-:mod:`._topology`):
-
-* a view is accepted only when it is sane (:func:`~._topology.check_view`);
-* a row that cannot be used, or two nodes on one address, never take a node
-  out of service (:func:`~._topology.guard`);
-* a plan that would drain or retire nodes serving now is first confirmed
-  (:func:`~._topology.confirmation`) by the raft leader's catalog, when the
-  answering node names another node as leader and it answers, or else by a
-  second node whose view stops the same nodes. Otherwise the last good view
-  is kept, and the node that disagreed is named in one WARNING.
-
-Each warning is logged once, and again only after :data:`QUIET_PERIOD` without
-it; a warning about a node that has an actor also goes to the event stream
-as a :class:`NodeEvent` whose ``old`` and ``new`` states are the same (a note:
-nothing changed on the client). ``views_rejected`` counts the views not acted
-on, ``discovery_connects`` the connections discovery opened.
+Every ``discovery_interval`` it runs discovery: it reads the catalog one node
+at a time (:class:`~._discovery.CatalogReader`: the long-lived discovery
+connection, the order of addresses, a deadline on each attempt), until one
+gives a sane view, and judges that view (:class:`~._trust.Judge`: no single
+node's word is taken on trust; a view that would stop serving nodes is
+confirmed first, or the last good view is kept). ``views_rejected`` counts
+the views not acted on, ``discovery_connects`` the connections discovery
+opened.
 
 It then diffs the accepted view against the running node actors
 (:func:`~._topology.diff`), and starts (at most one per address), drains,
 retires and wakes node actors accordingly. A node actor that crashes is
-logged and started again by the next discovery.
+logged and started again by the next discovery. Between runs it keeps the
+bucket maps that ``Cluster.bucket()`` asked for
+(:class:`~._routing_refresh.RoutingRefresh`).
+
+Each warning is logged once, and again only after :data:`QUIET_PERIOD` without
+it (one :class:`WarnOnce` for all of the supervisor's parts).
 
 Example (inside the library)::
 
@@ -42,101 +30,27 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Hashable, Iterable
 
 import attrs
 import trio
 
-from ._bridge import Backend, BackendBroken, BackendQueryError, Connection
+from ._bridge import Backend, BackendBroken, BackendQueryError
 from ._config import ClusterConfig
-from ._dispatcher import Dispatcher, Message, RoutingUpdate
+from ._discovery import QUIET_PERIOD, CatalogReader, DiscoveryFailed, WarnOnce
+from ._dispatcher import Dispatcher, Message
 from ._dsn import Address
 from ._errors import NoNodesAvailable
 from ._events import EventHub, NodeEvent, NodeState, NodeStatistics
-from ._identity import instance_uuid
 from ._node import NodeActor, Stop, UpdateInfo, Wake, backoff_delay
-from ._routing import REPLICASETS_QUERY, TIERS_QUERY, Routing, buckets_query
-from ._topology import (
-    DISCOVERY_QUERY,
-    LEADER_QUERIES,
-    MASTERS_QUERY,
-    Confirmation,
-    NodeInfo,
-    Note,
-    Role,
-    Topology,
-    agrees,
-    build_topology,
-    check_tiers,
-    check_view,
-    confirmation,
-    diff,
-    discovery_deadline,
-    find_node,
-    guard,
-    order_addresses,
-)
+from ._routing import Routing
+from ._routing_refresh import RoutingRefresh
+from ._topology import NodeInfo, Topology, check_tiers, check_view, diff, discovery_deadline
+from ._trust import Judge
 
 log = logging.getLogger(__name__)
 
-#: A warning about the same thing is logged again only after this many
-#: seconds in which it did not happen.
-QUIET_PERIOD = 60.0
-#: A node that was too slow, or whose catalog was rejected, is asked last for
-#: this many discovery intervals, and at least ``_AVOID_MIN`` seconds.
-_AVOID_INTERVALS = 10
-_AVOID_MIN = 10.0
-#: Nodes asked for a second opinion in one run, at most.
-_SECOND_OPINIONS = 3
 #: Client states in which a node serves requests (or is about to again).
 _SERVING = frozenset({NodeState.UP, NodeState.SUSPECT})
-
-
-class DiscoveryFailed(Exception):
-    """Every known node and seed host failed; ``errors`` maps address to error."""
-
-    def __init__(self, errors: dict[str, str]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{a}: {e}" for a, e in errors.items()))
-
-
-@attrs.define
-class WarnOnce:
-    """Rate limit for warnings: a key is ready when it was not seen for ``quiet`` seconds.
-
-    Every call counts as seeing the key, so a condition that persists is told
-    once, however often it is seen. Keys not seen for ``quiet`` seconds are
-    forgotten, so the bookkeeping stays bounded.
-    """
-
-    quiet: float
-    _seen: dict[Hashable, float] = attrs.field(init=False, factory=dict)
-
-    def __call__(self, key: Hashable, now: float) -> bool:
-        """Record ``key`` as seen at ``now``; ``True`` when it should be told."""
-        last = self._seen.pop(key, None)
-        self._seen[key] = now
-        if len(self._seen) > 64:
-            self._seen = {k: t for k, t in self._seen.items() if now - t < self.quiet}
-        return last is None or now - last >= self.quiet
-
-
-@attrs.define(eq=False)
-class _Link:
-    """A discovery connection, and the uuid its server gave (once per connection)."""
-
-    address: Address
-    conn: Connection
-    uuid: str | None = None
-    closed: bool = False
-
-    def close(self) -> None:
-        self.closed = True
-        self.conn.terminate()
-
-    @property
-    def usable(self) -> bool:
-        return not self.closed and not self.conn.is_closed()
 
 
 def _fold(total: NodeStatistics, more: NodeStatistics) -> NodeStatistics:
@@ -168,8 +82,6 @@ class Supervisor:
 
     discovery_runs: int = attrs.field(init=False, default=0)
     discovery_failures: int = attrs.field(init=False, default=0)
-    views_rejected: int = attrs.field(init=False, default=0)
-    discovery_connects: int = attrs.field(init=False, default=0)
     topology: Topology | None = attrs.field(init=False, default=None)
     last_discovery_error: str | None = attrs.field(init=False, default=None)
     _actors: dict[str, NodeActor] = attrs.field(init=False, factory=dict)
@@ -177,15 +89,16 @@ class Supervisor:
     _retired_total: NodeStatistics = attrs.field(init=False, factory=NodeStatistics)
     _ids: itertools.count[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
-    _link: _Link | None = attrs.field(init=False, default=None)
-    _opened: list[_Link] = attrs.field(init=False, factory=list)
-    _avoid: dict[Address, float] = attrs.field(init=False, factory=dict)
     _warn_once: WarnOnce = attrs.field(init=False, factory=lambda: WarnOnce(QUIET_PERIOD))
-    # Bucket routing: the tiers that want it, the last good data, and who waits.
-    routing: Routing = attrs.field(init=False, factory=Routing)
-    _routed: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
-    _nap: trio.CancelScope | None = attrs.field(init=False, default=None)
-    _wished: bool = attrs.field(init=False, default=False)
+    # The parts (set up in __attrs_post_init__): reads, judgement, bucket routing.
+    _reader: CatalogReader = attrs.field(init=False)
+    _judge: Judge = attrs.field(init=False)
+    _routing: RoutingRefresh = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._reader = CatalogReader(self.config, self.backend, self, self._warn_once)
+        self._judge = Judge(self.config.selector, self._reader, self, self._warn_once)
+        self._routing = RoutingRefresh(self.config, self._reader, self.dispatcher, self._warn_once)
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -210,9 +123,29 @@ class Supervisor:
         return [self._retired_total]
 
     @property
+    def views_rejected(self) -> int:
+        """Views not acted on (see the class docstring)."""
+        return self._judge.views_rejected
+
+    @property
+    def discovery_connects(self) -> int:
+        """Connections discovery opened (or tried to)."""
+        return self._reader.connects
+
+    @property
     def discovery_address(self) -> Address | None:
         """Where the long-lived discovery connection goes now, if it is open."""
-        return self._link.address if self._link is not None else None
+        return self._reader.address
+
+    @property
+    def routing(self) -> Routing:
+        """The last good bucket routing data of every tier that wants it."""
+        return self._routing.routing
+
+    def want_routing(self, tier: str) -> trio.Event:
+        """Keep ``tier``'s bucket map from now on; the event is set once a first
+        answer (or failure) for it is in. Wakes the actor if it has none yet."""
+        return self._routing.want(tier)
 
     # -- the actor -------------------------------------------------------------------
 
@@ -232,9 +165,9 @@ class Supervisor:
                 finally:
                     # At once, not after the node actors wound down: the bridge
                     # closes the socket on its next turn, which must still come.
-                    self._drop_link()
+                    self._reader.drop()
         finally:
-            self._drop_link()
+            self._reader.drop()
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         try:
@@ -253,15 +186,8 @@ class Supervisor:
         deadline = trio.current_time() + interval
         failures = 0
         while True:
-            self._wished = False
-            await self._refresh_routing()  # for a tier that wants it and has none yet
-            if self._wished:
-                continue  # another tier asked meanwhile
-            with trio.CancelScope(deadline=deadline) as self._nap:
-                await trio.sleep_forever()
-            self._nap = None
-            if trio.current_time() < deadline:
-                continue  # woken early by want_routing(): the routing data comes first
+            # Woken early by want_routing(): the routing data comes first.
+            await self._routing.nap_until(deadline)
             # Reschedule first, so that a slow or failing run never loses the beat.
             deadline = max(deadline + interval, trio.current_time())
             try:
@@ -279,100 +205,33 @@ class Supervisor:
             failures = 0
             if topology is not None:
                 await self.apply(topology)
-            await self._refresh_routing(every=True)
-
-    # -- bucket routing ----------------------------------------------------------------
-
-    def want_routing(self, tier: str) -> trio.Event:
-        """Keep ``tier``'s bucket map from now on; the event is set once a first
-        answer (or failure) for it is in. Wakes the actor if it has none yet."""
-        event = self._routed.get(tier)
-        if event is None:
-            self._routed[tier] = event = trio.Event()
-            self._wished = True
-            if self._nap is not None:
-                self._nap.cancel()
-        return event
-
-    async def _refresh_routing(self, *, every: bool = False) -> None:
-        """Read the routing data of the tiers that want it (``every``: all of them,
-        else only those with none yet) on the discovery connection, and hand a
-        new snapshot to the dispatcher. A tier whose ``_pico_bucket`` fails keeps
-        its last good map."""
-        tiers = sorted(t for t, e in self._routed.items() if every or not e.is_set())
-        link = self._link
-        if not tiers or link is None or not link.usable:
-            return
-        timeout = discovery_deadline(self.config.connect_timeout, self.config.discovery_interval)
-        answers: dict[str, object] = {}
-        try:
-            with trio.fail_after(timeout):
-                replicasets = await link.conn.run("fetch", REPLICASETS_QUERY, ())
-                tier_rows = await link.conn.run("fetch", TIERS_QUERY, ())
-                for tier in tiers:
-                    try:
-                        answers[tier] = await link.conn.run("fetchval", buckets_query(tier), ())
-                    except BackendQueryError as exc:
-                        answers[tier] = exc
-        except (BackendBroken, BackendQueryError, trio.TooSlowError) as exc:
-            self._abandon(link, None)  # the next discovery run opens another one
-            log.debug("routing data not read from %s: %r", link.address, exc)
-            return
-        self.routing, problems = self.routing.refreshed(replicasets, tier_rows, answers)
-        for tier, problem in problems.items():
-            if self._warn_once(("routing", tier), trio.current_time()):
-                log.warning(
-                    "bucket map of tier %s not refreshed (the last good one is kept): %s",
-                    tier,
-                    problem,
-                )
-        await self.dispatcher.send(RoutingUpdate(self.routing))
-        for tier in tiers:
-            self._routed[tier].set()
+            await self._routing.refresh(every=True)
 
     # -- one discovery run -------------------------------------------------------------
-
-    def _addresses(self) -> list[Address]:
-        """Where to ask, in order: the open discovery connection, nodes that are
-        up, other known nodes, seeds; nodes that were slow or wrong lately last."""
-        now = trio.current_time()
-        self._avoid = {a: until for a, until in self._avoid.items() if until > now}
-        actors = sorted(self._actors.values(), key=lambda a: a.name)
-        groups: list[Iterable[Address]] = [
-            [self._link.address] if self._link is not None else [],
-            [a.info.address for a in actors if a.state.routable],
-            [a.info.address for a in actors],
-            [n.address for n in self.topology.nodes.values()] if self.topology else [],
-            self.config.dsn.hosts,
-        ]
-        return order_addresses(groups, self._avoid)
-
-    def _serving(self) -> frozenset[str]:
-        return frozenset(n for n, a in self._actors.items() if a.state in _SERVING)
-
-    def _running(self) -> dict[str, NodeInfo]:
-        return {name: actor.info for name, actor in self._actors.items()}
-
-    def _known(self) -> dict[str, NodeInfo]:
-        """The last good entry of every node: the last accepted view, then the actors'."""
-        known = dict(self.topology.nodes) if self.topology is not None else {}
-        known.update(self._running())
-        return known
 
     async def discover(self) -> Topology | None:
         """One discovery run: the view to act on, or ``None`` to keep the last good one.
 
-        Every address is tried in turn (see :meth:`_addresses`) until one
-        gives a sane view. The first run shares ``connect_timeout`` among the
-        seed hosts; later runs give each attempt the discovery deadline.
-        Links opened here and not kept are terminated, whatever happens.
+        Every address is tried in turn (see :meth:`CatalogReader.addresses`)
+        until one gives a sane view, which is then judged (:meth:`Judge.judge`).
+        The first run shares ``connect_timeout`` among the seed hosts; later
+        runs give each attempt the discovery deadline. Links opened here and
+        not kept are terminated, whatever happens.
 
         Raises:
             DiscoveryFailed: no address gave a sane view.
         """
         errors: dict[str, str] = {}
-        addresses = self._addresses()
-        serving = self._serving()
+        reader = self._reader
+        actors = sorted(self._actors.values(), key=lambda a: a.name)
+        addresses = reader.addresses(
+            [
+                [a.info.address for a in actors if a.state.routable],
+                [a.info.address for a in actors],
+                [n.address for n in self.topology.nodes.values()] if self.topology else [],
+            ]
+        )
+        serving = frozenset(n for n, a in self._actors.items() if a.state in _SERVING)
         if self.topology is None:
             timeout = self.config.connect_timeout
             each = max(timeout / len(addresses), min(1.0, timeout))
@@ -380,320 +239,42 @@ class Supervisor:
             each = discovery_deadline(self.config.connect_timeout, self.config.discovery_interval)
         try:
             for address in addresses:
-                link = self._take_link(address)
                 try:
-                    link, view = await self._read(address, link, each)
+                    link, view = await reader.read(address, reader.take(address), each)
                 except (BackendBroken, BackendQueryError) as exc:
-                    errors[str(address)] = self._attempt_failed(address, exc, each)
+                    errors[str(address)] = reader.attempt_failed(address, exc, each)
                     continue
                 problem = check_view(view, serving)
                 if problem is not None:
-                    self._abandon(link, None)
-                    self._rejected(view, link.address, f"its catalog is rejected: {problem}")
+                    reader.abandon(link)
+                    self._judge.rejected(view, link.address, f"its catalog is rejected: {problem}")
                     errors[str(address)] = f"catalog rejected: {problem}"
                     continue
-                return await self._judge(link, view, serving, each)
+                accepted = await self._judge.judge(link, view, serving, each)
+                if accepted is not None:
+                    self.topology = accepted
+                    self.discovery_runs += 1
+                    self.last_discovery_error = None
+                return accepted
         finally:
-            self._close_unkept()
+            reader.close_unkept()
         self.discovery_failures += 1
         self.last_discovery_error = "; ".join(f"{a}: {e}" for a, e in errors.items())
         raise DiscoveryFailed(errors)
 
-    def _take_link(self, address: Address) -> _Link | None:
-        """The long-lived link, if it goes to ``address`` and is still open."""
-        link = self._link
-        if link is None or link.address != address:
-            return None
-        if not link.usable:
-            self._drop_link()
-            return None
-        return link
+    # -- what discovery asks (the Roster of ._discovery) ---------------------------------
 
-    def _keep(self, link: _Link) -> None:
-        """Make ``link`` the long-lived discovery connection (unless it was closed)."""
-        if self._link is not link:
-            self._drop_link()
-            if link.usable:
-                self._link = link
+    def running(self) -> dict[str, NodeInfo]:
+        """The catalog entry of every node that has a node actor, by name."""
+        return {name: actor.info for name, actor in self._actors.items()}
 
-    def _drop_link(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+    def known(self) -> dict[str, NodeInfo]:
+        """The last good entry of every node: the last accepted view, then the actors'."""
+        known = dict(self.topology.nodes) if self.topology is not None else {}
+        known.update(self.running())
+        return known
 
-    def _close_unkept(self) -> None:
-        opened, self._opened = self._opened, []
-        for link in opened:
-            if link is not self._link:
-                link.close()
-
-    async def _read(
-        self, address: Address, link: _Link | None, timeout: float
-    ) -> tuple[_Link, Topology]:
-        """Read the catalog at ``address``, on ``link`` or on a new connection.
-
-        On any failure the connection is terminated (a query cut off by the
-        deadline must not keep a session waiting on the server).
-
-        Raises:
-            BackendBroken: cannot connect, the connection broke, or no answer
-                within ``timeout`` (``timed_out``).
-            BackendQueryError: the server rejected the discovery query.
-        """
-        conn = link.conn if link is not None else None
-        try:
-            with trio.fail_after(timeout):
-                if link is None:
-                    self.discovery_connects += 1
-                    conn = await self.backend.connect(address)
-                    link = _Link(address, conn)
-                    self._opened.append(link)
-                    link.uuid = await self._ask_uuid(conn)
-                assert conn is not None
-                rows = await conn.run("fetch", DISCOVERY_QUERY, ())
-                masters: dict[str, str | None] = {}
-                if self.config.selector.role is not Role.ANY:
-                    masters = {
-                        str(r["name"]): r["current_master_name"]
-                        for r in await conn.run("fetch", MASTERS_QUERY, ())
-                    }
-        except trio.TooSlowError:
-            self._abandon(link, conn)
-            raise BackendBroken(
-                f"discovery got no answer within {timeout:.2f}s", sent=False, timed_out=True
-            ) from None
-        except BaseException:
-            self._abandon(link, conn)
-            raise
-        view = build_topology(rows, masters, source=str(address), source_uuid=link.uuid)
-        name = self._name_of(view, address)
-        if name is not None:
-            view = attrs.evolve(view, source=f"{name} ({address})")
-        log.debug("discovery from %s: %d nodes", view.source, len(view.nodes))
-        return link, view
-
-    def _abandon(self, link: _Link | None, conn: Connection | None) -> None:
-        """Terminate a discovery connection that failed or ran out of time."""
-        if link is not None:
-            link.close()
-            if self._link is link:
-                self._link = None
-        elif conn is not None:
-            conn.terminate()
-
-    def _name_of(self, view: Topology, address: Address) -> str | None:
-        """The node that answered ``view``: by the uuid it gave, else by its address."""
-        uuid = view.source_uuid
-        if uuid is not None:
-            name = view.named(uuid)
-            if name is not None:
-                return name
-            node = find_node(uuid, self._known().values())
-            if node is not None:
-                return node.name
-        for name, info in self._running().items():
-            if info.address == address:
-                return name
-        return None
-
-    async def _ask_uuid(self, conn: Connection) -> str | None:
-        """Which instance answers (see :func:`~._identity.instance_uuid`)."""
-        return await instance_uuid(conn, self.backend)
-
-    def _attempt_failed(
-        self, address: Address, exc: BackendBroken | BackendQueryError, timeout: float
-    ) -> str:
-        if isinstance(exc, BackendQueryError):
-            log.debug("discovery at %s: query failed: %s", address, exc.message)
-            return f"discovery query failed: {exc.message}"
-        if exc.timed_out:
-            pause = self._avoid_address(address)
-            if self._warn_once(("slow", address), trio.current_time()):
-                what = (
-                    f"within {timeout:.2f}s; its connection was terminated, and it is "
-                    f"asked last for the next {pause:.0f}s"
-                )
-                log.warning("discovery: no answer from %s %s", address, what)
-                for name, info in self._running().items():
-                    if info.address == address:
-                        self._note(name, f"no answer to discovery {what}")
-        else:
-            log.debug("discovery at %s failed: %s", address, exc.message)
-        return exc.message
-
-    def _avoid_address(self, address: Address) -> float:
-        pause = max(_AVOID_MIN, _AVOID_INTERVALS * self.config.discovery_interval)
-        self._avoid[address] = trio.current_time() + pause
-        return pause
-
-    # -- trusting a view -------------------------------------------------------------
-
-    async def _judge(
-        self, link: _Link, view: Topology, serving: frozenset[str], timeout: float
-    ) -> Topology | None:
-        """Accept ``view``, confirm it first, or keep the last good view (``None``)."""
-        running, known = self._running(), self._known()
-        guarded, notes = guard(view, known, running)
-        plan = diff(running, guarded, self.config.selector)
-        needed = confirmation(plan, serving)
-        if needed is None:
-            return self._accept(link, guarded, notes)
-        leader = await self._leader_of(link, view, timeout)
-        if (
-            leader is not None
-            and leader.address != link.address
-            and leader.uuid != link.uuid
-            and leader.address not in self._avoid
-        ):
-            answer = await self._second_view(leader.address, serving, timeout)
-            if answer is not None:
-                leader_link, leader_view = answer
-                leader_guarded, leader_notes = guard(leader_view, known, running)
-                if not agrees(needed, diff(running, leader_guarded, self.config.selector)):
-                    self._disagreed(
-                        view,
-                        link,
-                        needed,
-                        f"the raft leader {leader.name}",
-                        "following the leader's catalog",
-                    )
-                else:
-                    log.info(
-                        "discovery: the raft leader %s confirms the catalog of %s: stopping %s",
-                        leader.name,
-                        view.source,
-                        needed,
-                    )
-                # The leader has the freshest catalog: ride it from now on.
-                return self._accept(leader_link, leader_guarded, leader_notes)
-        return await self._second_opinion(link, view, guarded, notes, needed, serving, timeout)
-
-    async def _second_opinion(
-        self,
-        link: _Link,
-        view: Topology,
-        guarded: Topology,
-        notes: tuple[Note, ...],
-        needed: Confirmation,
-        serving: frozenset[str],
-        timeout: float,
-    ) -> Topology | None:
-        """Ask other nodes (those staying first) whether they stop the same nodes."""
-        running, known = self._running(), self._known()
-        staying = [
-            info.address
-            for name, info in sorted(running.items())
-            if name in serving and name not in needed.stops
-        ]
-        stopping = [running[name].address for name in sorted(needed.stops)]
-        others = [n.address for n in guarded.nodes.values() if n.routable]
-        # A node that was slow or wrong lately is not asked for an opinion.
-        ordered = order_addresses([staying, stopping, others], self._avoid)
-        candidates = [a for a in ordered if a != link.address and a not in self._avoid]
-        for address in candidates[:_SECOND_OPINIONS]:
-            answer = await self._second_view(address, serving, timeout)
-            if answer is None:
-                continue
-            other_link, other_view = answer
-            other_guarded, _ = guard(other_view, known, running)
-            if agrees(needed, diff(running, other_guarded, self.config.selector)):
-                log.info(
-                    "discovery: %s confirms the catalog of %s: stopping %s",
-                    other_view.source,
-                    view.source,
-                    needed,
-                )
-                return self._accept(link, guarded, notes)
-            # They disagree: act on neither; ride the node that disagreed, so
-            # that the next run reads a catalog that may be sane.
-            self._disagreed(view, link, needed, other_view.source)
-            self._abandon(link, None)
-            self._keep(other_link)
-            return None
-        self._disagreed(view, link, needed, None)
-        self._keep(link)
-        return None
-
-    async def _second_view(
-        self, address: Address, serving: frozenset[str], timeout: float
-    ) -> tuple[_Link, Topology] | None:
-        """A sane view read on a new connection to ``address``, or ``None``."""
-        try:
-            link, view = await self._read(address, None, timeout)
-        except (BackendBroken, BackendQueryError) as exc:
-            self._attempt_failed(address, exc, timeout)
-            return None
-        problem = check_view(view, serving)
-        if problem is not None:
-            log.debug("discovery: second view from %s is not sane: %s", view.source, problem)
-            link.close()
-            return None
-        return link, view
-
-    async def _leader_of(self, link: _Link, view: Topology, timeout: float) -> NodeInfo | None:
-        """The raft leader as the node behind ``link`` knows it, if it can say."""
-        with trio.move_on_after(timeout) as scope:
-            for query in LEADER_QUERIES:
-                try:
-                    value = await link.conn.run("fetchval", query, ())
-                except BackendQueryError:
-                    continue
-                except BackendBroken:
-                    return None
-                if value is None:
-                    continue
-                key: str | int = str(value) if query == LEADER_QUERIES[0] else int(value)
-                return find_node(key, view.nodes.values(), self._known().values())
-        if scope.cancelled_caught:
-            self._abandon(link, None)  # a query may still run on it
-        return None
-
-    def _accept(self, link: _Link, view: Topology, notes: Iterable[Note]) -> Topology:
-        self._keep(link)
-        self.topology = view
-        self.discovery_runs += 1
-        self.last_discovery_error = None
-        now = trio.current_time()
-        for note in notes:
-            if self._warn_once((note.kind, note.node or note.message), now):
-                log.warning("discovery: %s", note.message)
-                for name in (note.node, *note.others):
-                    if name is not None:
-                        self._note(name, note.message)
-        # A node that is leaving is a poor source: read another from the next run on.
-        name = view.named(link.uuid) if link.uuid is not None else None
-        me = view.nodes.get(name) if name is not None else None
-        if name is not None and (me is None or not me.routable):
-            self._drop_link()
-        return view
-
-    def _rejected(
-        self, view: Topology, address: Address, why: str, action: str = "keeping the last good view"
-    ) -> None:
-        """A view not acted on: count it, ask its node last, tell once."""
-        self.views_rejected += 1
-        self._avoid_address(address)
-        name = self._name_of(view, address)
-        if self._warn_once(("rejected", name or address), trio.current_time()):
-            log.warning("discovery: %s: %s; %s", view.source, why, action)
-            if name is not None:
-                self._note(name, f"{why}; {action}")
-
-    def _disagreed(
-        self,
-        view: Topology,
-        link: _Link,
-        needed: Confirmation,
-        other: str | None,
-        action: str = "keeping the last good view",
-    ) -> None:
-        if other is None:
-            why = f"its catalog would stop {needed}, and no other node could confirm it"
-        else:
-            why = f"its catalog would stop {needed}, and {other} disagrees"
-        self._rejected(view, link.address, why, action)
-
-    def _note(self, name: str, reason: str) -> None:
+    def note(self, name: str, reason: str) -> None:
         """Publish a note about node ``name``: an event with its state unchanged."""
         actor = self._actors.get(name)
         if actor is not None:
@@ -708,7 +289,7 @@ class Supervisor:
         Each stopped node gets the plan's reason; a node whose address is
         served already (by another node actor) is not started.
         """
-        plan = diff(self._running(), topology, self.config.selector)
+        plan = diff(self.running(), topology, self.config.selector)
         for info in plan.update:
             await self._actors[info.name].control.send(UpdateInfo(info))
         for name in plan.wake:

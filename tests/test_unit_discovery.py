@@ -36,7 +36,7 @@ from picopyn_actors import (
     open_cluster,
 )
 from picopyn_actors._bridge import BackendQueryError
-from picopyn_actors._supervisor import QUIET_PERIOD, WarnOnce
+from picopyn_actors._discovery import QUIET_PERIOD, WarnOnce
 from picopyn_actors._topology import DISCOVERY_QUERY, LEADER_QUERIES
 
 UP = NodeState.UP

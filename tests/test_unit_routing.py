@@ -67,7 +67,7 @@ def test_the_tier_is_quoted_in_the_bucket_query() -> None:
 def _route_buckets(cluster: pa.Cluster) -> None:
     """Buckets 1..10 in r1 (master i1), 11..20 in r2 (master i2)."""
     bucket_map = BucketMap("default", 20, (1, 11), (10, 20), ("r1", "r2"))
-    cluster._dispatcher._routing = Routing(
+    cluster._dispatcher.routing = Routing(
         {"default": bucket_map}, {"r1": "i1", "r2": "i2"}, {"default": 20}
     )
 

@@ -1,0 +1,158 @@
+"""The dispatcher's routing table: one :class:`Route` per node actor.
+
+A route holds what the dispatcher knows of a node: its latest state (from
+:class:`~._dispatcher.RouteUpdate` messages, the newest by sequence number),
+its idle connection slots, and its strategy :class:`~._strategies.Candidate`.
+The table also remembers the nodes whose routes went, for the message of a
+:class:`~._errors.NoNodesAvailable`. Only the dispatcher uses it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ._bucket import Bucket
+from ._errors import StrategyError
+from ._events import NodeState
+from ._strategies import Candidate, Strategy, strategy_name, takes_bucket
+
+if TYPE_CHECKING:
+    from ._dispatcher import RouteUpdate, SlotLike
+
+# Nodes remembered after their route went, for NoNodesAvailable's message.
+_REMEMBERED = 64
+
+
+@attrs.define(eq=False)
+class Route:
+    """One node, as the dispatcher sees it."""
+
+    id: int
+    candidate: Candidate
+    state: NodeState = NodeState.CONNECTING
+    seq: int = 0
+    idle: list[SlotLike] = attrs.field(factory=list)
+    last_error: str | None = None
+
+
+@attrs.define(eq=False)
+class RouteTable:
+    """Every route, by id, by candidate and by node name; and the nodes that went."""
+
+    routes: dict[int, Route] = attrs.field(factory=dict)
+    _by_candidate: dict[int, Route] = attrs.field(factory=dict)
+    _by_name: dict[str, Route] = attrs.field(factory=dict)
+    # Routes that went, newest last: their last state or error, by node name.
+    gone: dict[str, str] = attrs.field(factory=dict)
+
+    def add(self, route_id: int, candidate: Candidate) -> Route:
+        route = Route(route_id, candidate)
+        self.routes[route_id] = route
+        self._by_candidate[id(candidate)] = route
+        self._by_name[candidate.name] = route
+        return route
+
+    def remove(self, route: Route, why: str) -> None:
+        """Forget ``route`` (remembering ``why`` for messages)."""
+        self.routes.pop(route.id, None)
+        self._by_candidate.pop(id(route.candidate), None)
+        if self._by_name.get(route.candidate.name) is route:
+            del self._by_name[route.candidate.name]
+        gone = self.gone
+        gone.pop(route.candidate.name, None)
+        gone[route.candidate.name] = why
+        while len(gone) > _REMEMBERED:
+            del gone[next(iter(gone))]
+
+    def update(self, message: RouteUpdate) -> None:
+        """Apply a node's state, unless a newer one was applied already."""
+        route = self.routes.get(message.route_id)
+        if route is None:
+            route = self.add(message.route_id, message.candidate)
+        if message.seq <= route.seq:
+            return  # an older update overtaken by a newer one
+        route.seq = message.seq
+        route.state = message.state
+        if message.last_error is not None:
+            route.last_error = message.last_error
+        if message.state is NodeState.DRAINING:
+            # No new work; what runs there finishes.
+            self.remove(route, f"draining ({route.last_error or 'leaving'})")
+
+    def of_candidate(self, candidate: Candidate) -> Route | None:
+        return self._by_candidate.get(id(candidate))
+
+    def named(self, name: str) -> Route | None:
+        return self._by_name.get(name)
+
+    def available(self) -> list[Route]:
+        """The routes that can take a request now: UP, with an idle slot."""
+        return [r for r in self.routes.values() if r.idle and r.state is NodeState.UP]
+
+    def hopeful(self) -> bool:
+        """Some node may take requests soon: waiting for it is worth it."""
+        return any(r.state.hopeful for r in self.routes.values())
+
+    def errors(self) -> dict[str, str]:
+        """Each node's last error (or state), for messages; nodes that went included."""
+        errors = {name: f"gone: {why}" for name, why in self.gone.items()}
+        errors.update(
+            {r.candidate.name: r.last_error or r.state.value for r in self.routes.values()}
+        )
+        return errors
+
+    def hopeless_reason(self) -> str:
+        """Why no node can take a request, in words."""
+        if self.routes:
+            return "no node of the cluster is available"
+        if self.gone:
+            return "no node is routable now: every node the client had is gone or leaving"
+        return "no node is known yet"
+
+    def describe(self) -> str:
+        """Each node's state and load, for messages."""
+        return (
+            ", ".join(
+                f"{r.candidate.name} {r.state.value} in-flight {r.candidate.in_flight}"
+                for r in self.routes.values()
+            )
+            or "no nodes"
+        )
+
+
+@attrs.define(eq=False)
+class StrategyCall:
+    """The balance strategy, called the way it takes (with ``bucket=`` if it can)."""
+
+    strategy: Strategy
+    _takes_bucket: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._takes_bucket = takes_bucket(self.strategy)
+
+    def choose(self, bucket: Bucket | None, routes: list[Route], table: RouteTable) -> Route:
+        """The route among ``routes`` the strategy picks.
+
+        Raises:
+            StrategyError: the strategy raised, or returned something it was not given.
+        """
+        strategy = self.strategy
+        candidates = [r.candidate for r in routes]
+        try:
+            if self._takes_bucket:
+                chosen = strategy(candidates, bucket=bucket)  # type: ignore[call-arg]
+            else:
+                chosen = strategy(candidates)
+        except Exception as exc:
+            raise StrategyError(
+                f"balance strategy {strategy_name(strategy)} raised {exc!r}"
+            ) from None
+        route = table.of_candidate(chosen)
+        if route is None or route not in routes:
+            raise StrategyError(
+                f"balance strategy {strategy_name(strategy)} returned {chosen!r}, "
+                "which is not one of the candidates it was given"
+            )
+        return route
