@@ -2,7 +2,8 @@
 
 It starts a local stand-in cluster (real PostgreSQL servers impersonating
 Picodata nodes, see :mod:`picopyn_actors.testing`), opens one
-:class:`~picopyn_actors.Cluster` on it and runs
+:class:`~picopyn_actors.Cluster` on it, waits for every node to be up
+(at most ``_START_PATIENCE`` seconds; the run's clock starts then) and runs
 
 * readers: ``SELECT pico_instance_uuid()`` with ``idempotent=True``, which
   also tells which node answered;
@@ -497,6 +498,10 @@ def run(options: DemoOptions, out: TextIO) -> int:
     return code
 
 
+# Seconds the demo waits for every node to be up before its clock starts.
+_START_PATIENCE = 15.0
+
+
 @attrs.define(eq=False)
 class _Demo:
     lc: LocalCluster  # blocking: only ever called through trio.to_thread
@@ -537,6 +542,7 @@ class _Demo:
             ):
                 self.cluster = cluster
                 self.metrics_url = metrics_url
+                await self._every_node_up(cluster)
                 self.recorder = Recorder(trio.current_time())
                 if metrics_url is not None:
                     self._say(f"metrics at {metrics_url}")
@@ -553,6 +559,15 @@ class _Demo:
             self.console.print(part)
         self.console.file.flush()
         return 0
+
+    async def _every_node_up(self, cluster: Cluster) -> None:
+        """Start the clock when every node is up: open_cluster returns with the
+        first one, and the chaos plan's first fault must not meet a node that is
+        still logging in. Gives up (the run goes on) after ``_START_PATIENCE``."""
+        with trio.move_on_after(_START_PATIENCE):
+            async with cluster.events() as events:
+                while any(n.state is not NodeState.UP for n in cluster.nodes()):
+                    await events.receive()
 
     async def _run(self, cluster: Cluster, names: list[str]) -> None:
         options = self.options
