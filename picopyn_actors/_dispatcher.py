@@ -4,7 +4,7 @@ The data plane is synchronous. A request reaches the dispatcher by
 :meth:`Dispatcher.submit`, made in the caller's task (or, for a retry, by the
 node that lost it). When nobody is waiting and a node has an idle connection
 slot, the strategy picks a node and the request is handed to one of its slots
-right there (``_session.Slot.start``, a hand-off that cannot block);
+right there (``_slot.Slot.start``, a hand-off that cannot block);
 otherwise it waits in a FIFO queue, first come first served. A slot comes to
 the dispatcher one way only, by :meth:`Dispatcher.release`: a new connection
 and one that finished its request alike; it takes the head of the queue if

@@ -13,7 +13,7 @@ new wish wakes, so that its first map is read at once.
 
 Example (inside the library)::
 
-    refresh = RoutingRefresh(config, reader, dispatcher_send, warn_once)
+    refresh = RoutingRefresh(config, reader, updates, warn_once)
     ready = refresh.want("default")    # set once a first answer is in
     await refresh.nap_until(deadline)  # reads it meanwhile
 """
@@ -46,7 +46,7 @@ class RoutingRefresh:
 
     config: ClusterConfig
     reader: CatalogReader
-    dispatcher: trio.MemorySendChannel[Message]
+    updates: trio.MemorySendChannel[Message]  # to the dispatcher's inbox
     warn_once: WarnOnce
     routing: Routing = attrs.field(init=False, factory=Routing)
     _routed: dict[str, trio.Event] = attrs.field(init=False, factory=dict)
@@ -110,6 +110,6 @@ class RoutingRefresh:
                     tier,
                     problem,
                 )
-        await self.dispatcher.send(RoutingUpdate(self.routing))
+        await self.updates.send(RoutingUpdate(self.routing))
         for tier in tiers:
             self._routed[tier].set()

@@ -199,10 +199,17 @@ class Session:
     # -- facts for the node actor -------------------------------------------------
 
     def fail(self, error: BackendBroken) -> None:
-        """The node failed (not just one connection): the actor ends this session."""
+        """The node failed (not just one connection): the actor ends this session.
+
+        Its idle slots are withdrawn at once, and a slot that finishes from now
+        on is not given back (see :meth:`give_back`): between the failure and
+        the actor's turn, no request goes to this session.
+        """
         if self.alive and self.failure is None:
             self.failure = error
-            self.node.wake()
+            node = self.node
+            node.router.withdraw(node.route_id)
+            node.wake()
 
     def replace(self, slot: Slot) -> None:
         """Drop a slot's connection and open another one in its place."""
@@ -211,7 +218,7 @@ class Session:
             self.slots.discard(slot)
             self.node.connections -= 1
             repairs = self._repairs
-            if repairs is not None and self.node.serving:
+            if repairs is not None and self.node.serving and self.failure is None:
                 repairs.send_nowait(True)  # cannot overflow: one token per missing slot
 
     # -- ending ---------------------------------------------------------------------
@@ -254,8 +261,9 @@ class Session:
             node.wake()
 
     def give_back(self, slot: Slot) -> None:
-        """A slot finished its request: back to the dispatcher, unless the node is leaving."""
-        if self.node.serving:
+        """A slot finished its request: back to the dispatcher, unless the node is
+        leaving or the session failed."""
+        if self.node.serving and self.failure is None:
             self.node.router.release(slot)
         else:  # draining: nothing new goes to this node
             self.replace(slot)

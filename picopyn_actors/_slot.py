@@ -87,7 +87,8 @@ class Slot:
         """``request`` ended. Runs in trio, called by the bridge; never raises."""
         if self.request is not request:
             return  # the session ended meanwhile, and dealt with the request then
-        node = self.session.node
+        session = self.session
+        node = session.node
         # Decide: the bookkeeping first, and what becomes of the request and the slot.
         self.request = None
         request.conn = None
@@ -96,13 +97,14 @@ class Slot:
         if type(result) is outcome.Value and request.phase is not Phase.ABANDONED:
             # The hot path: an answer for a caller who waits (or a hedge race's loser).
             node.counters.ok += 1
-            latency = self.session.clock() - self.started
+            latency = session.clock() - self.started
             node.observe_latency(latency)
             hedger = (request.parent or request).hedger
             if hedger is not None:
                 hedger.record(latency, self.started + latency)
             request.finish(result)
-            if node.serving:
+            # Session.give_back, written out for the hot path.
+            if node.serving and session.failure is None:
                 node.router.release(self)  # last: it may start another request
             else:
                 self._after(request, keep=True)

@@ -21,7 +21,7 @@ it (one :class:`WarnOnce` for all of the supervisor's parts).
 
 Example (inside the library)::
 
-    supervisor = Supervisor(config, backend, dispatcher_send, hub, closing, dispatcher)
+    supervisor = Supervisor(config, backend, updates, hub, closing, dispatcher)
     await nursery.start(supervisor.run)   # returns after the first discovery
 """
 
@@ -75,7 +75,7 @@ class Supervisor:
 
     config: ClusterConfig
     backend: Backend
-    dispatcher: trio.MemorySendChannel[Message]
+    updates: trio.MemorySendChannel[Message]  # to the dispatcher's inbox
     hub: EventHub
     closing: trio.Event
     router: Dispatcher
@@ -98,7 +98,7 @@ class Supervisor:
     def __attrs_post_init__(self) -> None:
         self._reader = CatalogReader(self.config, self.backend, self, self._warn_once)
         self._judge = Judge(self.config.selector, self._reader, self, self._warn_once)
-        self._routing = RoutingRefresh(self.config, self._reader, self.dispatcher, self._warn_once)
+        self._routing = RoutingRefresh(self.config, self._reader, self.updates, self._warn_once)
 
     # -- snapshots -----------------------------------------------------------------
 
@@ -327,7 +327,7 @@ class Supervisor:
             info,
             self.config,
             self.backend,
-            self.dispatcher,
+            self.updates,
             self.hub,
             self.closing,
             self.router,

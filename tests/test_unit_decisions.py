@@ -16,35 +16,50 @@ S = NodeState
 
 # -- the retry decision: every row -------------------------------------------------------
 
-# (sent, idempotent, invalidated, attempts, max_attempts, invalidations)
+# (sent, idempotent, invalidated, others_in_flight, attempts, max_attempts, invalidations)
 #   -> (action, attempts after, invalidations after)
 RETRY_TABLE = [
     # Never reached a server: another node, no attempt used, idempotent or not.
-    ((False, False, False, 0, 3, 0), (Action.RETRY_ELSEWHERE, 0, 0)),
-    ((False, True, False, 2, 3, 0), (Action.RETRY_ELSEWHERE, 2, 0)),
+    ((False, False, False, False, 0, 3, 0), (Action.RETRY_ELSEWHERE, 0, 0)),
+    ((False, True, False, False, 2, 3, 0), (Action.RETRY_ELSEWHERE, 2, 0)),
     # Sent and not idempotent: it may have run.
-    ((True, False, False, 0, 3, 0), (Action.OUTCOME_UNKNOWN, 0, 0)),
-    ((True, False, False, 2, 3, 0), (Action.OUTCOME_UNKNOWN, 2, 0)),
+    ((True, False, False, False, 0, 3, 0), (Action.OUTCOME_UNKNOWN, 0, 0)),
+    ((True, False, False, False, 2, 3, 0), (Action.OUTCOME_UNKNOWN, 2, 0)),
     # Sent and idempotent: another node while attempts last.
-    ((True, True, False, 0, 3, 0), (Action.RETRY_ELSEWHERE, 1, 0)),
-    ((True, True, False, 1, 3, 0), (Action.RETRY_ELSEWHERE, 2, 0)),
-    ((True, True, False, 2, 3, 0), (Action.GIVE_UP, 3, 0)),
-    ((True, True, False, 0, 1, 0), (Action.GIVE_UP, 1, 0)),
+    ((True, True, False, False, 0, 3, 0), (Action.RETRY_ELSEWHERE, 1, 0)),
+    ((True, True, False, False, 1, 3, 0), (Action.RETRY_ELSEWHERE, 2, 0)),
+    ((True, True, False, False, 2, 3, 0), (Action.GIVE_UP, 3, 0)),
+    ((True, True, False, False, 0, 1, 0), (Action.GIVE_UP, 1, 0)),
     # 42999: nothing ran; the same node again, idempotent or not, a bounded number of times.
-    ((False, False, True, 0, 3, 0), (Action.RETRY_HERE, 0, 1)),
-    ((False, True, True, 2, 3, 3), (Action.RETRY_HERE, 2, 4)),
-    ((False, False, True, 0, 3, MAX_INVALIDATIONS - 1), (Action.RETRY_HERE, 0, MAX_INVALIDATIONS)),
-    ((False, False, True, 0, 3, MAX_INVALIDATIONS), (Action.GIVE_UP, 0, MAX_INVALIDATIONS + 1)),
+    ((False, False, True, False, 0, 3, 0), (Action.RETRY_HERE, 0, 1)),
+    ((False, True, True, False, 2, 3, 3), (Action.RETRY_HERE, 2, 4)),
+    (
+        (False, False, True, False, 0, 3, MAX_INVALIDATIONS - 1),
+        (Action.RETRY_HERE, 0, MAX_INVALIDATIONS),
+    ),
+    (
+        (False, False, True, False, 0, 3, MAX_INVALIDATIONS),
+        (Action.GIVE_UP, 0, MAX_INVALIDATIONS + 1),
+    ),
+    # A hedge of the request still runs: wait for it; a sent failure still uses an
+    # attempt, so that one request never has more than max_attempts in flight.
+    ((True, True, False, True, 0, 3, 0), (Action.WAIT, 1, 0)),
+    ((False, True, False, True, 1, 3, 0), (Action.WAIT, 1, 0)),
+    ((True, True, False, True, 2, 3, 0), (Action.WAIT, 3, 0)),
+    # ... but 42999 still runs it again here.
+    ((False, True, True, True, 0, 3, 0), (Action.RETRY_HERE, 0, 1)),
 ]
 
 
 @pytest.mark.parametrize(("given", "expected"), RETRY_TABLE)
 def test_retry_decision_table(
-    given: tuple[bool, bool, bool, int, int, int], expected: tuple[Action, int, int]
+    given: tuple[bool, bool, bool, bool, int, int, int], expected: tuple[Action, int, int]
 ) -> None:
-    sent, idempotent, invalidated, attempts, max_attempts, invalidations = given
+    sent, idempotent, invalidated, others, attempts, max_attempts, invalidations = given
     decision = decide(
-        Failure(sent=sent, idempotent=idempotent, invalidated=invalidated),
+        Failure(
+            sent=sent, idempotent=idempotent, invalidated=invalidated, others_in_flight=others
+        ),
         attempts=attempts,
         max_attempts=max_attempts,
         invalidations=invalidations,

@@ -53,7 +53,7 @@ async def test_open_returns_once_a_node_is_up(autojump_clock: object) -> None:
         opened_at = trio.current_time()
         assert any(s.state is UP for s in cluster.nodes())
         assert cluster.statistics().discovery_runs == 1
-    # Discovery connect, then the probe connect, then a worker connect.
+    # Discovery connect, then the probe connect, then a query connection's connect.
     assert opened_at == pytest.approx(0.6)
 
 

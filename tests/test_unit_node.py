@@ -11,6 +11,7 @@ import trio.testing
 from fakes import FakeCluster, bound_every_test, drain_events, state_of, wait_all_states, wait_state
 
 from picopyn_actors import NodeEvent, NodeState, QueryError
+from picopyn_actors._bridge import BackendBroken
 
 UP = NodeState.UP
 DOWN = NodeState.DOWN
@@ -148,3 +149,28 @@ def test_the_package_logger_has_a_null_handler() -> None:
 
 
 bound_every_test(globals())
+
+
+async def test_a_failed_session_hands_out_no_slot_before_its_actor_runs(
+    autojump_clock: object,
+) -> None:
+    """Between a session's failure and its node actor's turn, no request goes to the
+    node: its idle slots are withdrawn at once, and a slot that finishes is not given
+    back (it is replaced when the actor ends the session)."""
+    fake = FakeCluster(2)
+    async with fake.open(discovery_interval=1000.0, connections_per_node=2) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        actor = next(a for a in cluster._supervisor.actors() if a.name == "i2")
+        session = actor._session
+        assert session is not None
+        route = cluster._dispatcher.table.routes[actor.route_id]
+        assert len(route.idle) == 2
+        served = fake["i2"].queries
+        # No checkpoint from here to the requests: the node actor cannot run.
+        session.fail(BackendBroken("the node failed (test)", sent=False))
+        assert route.idle == [] and route.candidate.free == 0
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(cluster.fetchval, "SELECT 1")
+        assert fake["i2"].queries == served
+        await wait_state(cluster, "i2", DOWN)

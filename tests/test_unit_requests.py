@@ -322,7 +322,7 @@ async def test_caller_cancelled_mid_query_leaks_no_connection(autojump_clock: ob
     node = fake["i1"]
     async with fake.open(connections_per_node=1, discovery_interval=1000.0) as cluster:
         await wait_state(cluster, "i1", UP)
-        # The probe's, the worker's, and discovery's (kept open between runs).
+        # The probe's, the query connection's, and discovery's (kept open between runs).
         assert node.open_connections == 3
         opened = node.opened
         with trio.move_on_after(1) as scope:
@@ -371,7 +371,7 @@ async def test_timeout_argument_raises_too_slow_and_replaces_the_connection(
         assert trio.current_time() - start == pytest.approx(0.5)
         assert await cluster.fetchval("whoami", timeout=0.5) == "i1"
         await trio.testing.wait_all_tasks_blocked()
-        assert fake["i1"].open_connections == 3  # probe, worker, discovery
+        assert fake["i1"].open_connections == 3  # probe, query connection, discovery
 
 
 async def test_cancelled_query_does_not_leave_in_flight_behind(autojump_clock: object) -> None:
@@ -477,7 +477,7 @@ async def test_dirty_pinned_connection_is_replaced(autojump_clock: object) -> No
         assert await cluster.fetchval("whoami") == "i1"
         await trio.testing.wait_all_tasks_blocked()
         assert fake["i1"].opened == opened + 1
-        assert fake["i1"].open_connections == 3  # probe, worker, discovery
+        assert fake["i1"].open_connections == 3  # probe, query connection, discovery
 
 
 async def test_pinned_connection_broken_mid_query_is_outcome_unknown(
@@ -627,7 +627,7 @@ async def test_pinning_times_out_when_every_connection_is_busy(autojump_clock: o
             with pytest.raises(trio.TooSlowError):
                 async with cluster.connection(timeout=1.0):
                     pytest.fail("pinned")  # pragma: no cover
-        # The abandoned pin does not hold the worker: queries flow again.
+        # The abandoned pin does not hold the connection: queries flow again.
         assert await cluster.fetchval("whoami") == "i1"
         assert await cluster.fetchval("whoami") == "i1"
 

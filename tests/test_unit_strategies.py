@@ -298,7 +298,7 @@ async def test_cancelled_request_is_abandoned_and_drops_its_connection(
 
     request = Request("fetchval", "q", (), False, 0.0)
     conn = Conn()
-    request.conn = conn  # the worker running it: Picodata cannot cancel a query
+    request.conn = conn  # the connection running it: Picodata cannot cancel a query
     with trio.move_on_after(1) as caller_scope:
         await request.wait()
     assert caller_scope.cancelled_caught
