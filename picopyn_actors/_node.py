@@ -157,7 +157,6 @@ class NodeActor:
     state: NodeState = attrs.field(init=False, default=NodeState.CONNECTING)
     since: float = attrs.field(init=False, factory=trio.current_time)
     last_error: str | None = attrs.field(init=False, default=None)
-    latency: float | None = attrs.field(init=False, default=None)
     connections: int = attrs.field(init=False, default=0)
     counters: NodeCounters = attrs.field(init=False, factory=NodeCounters)
     candidate: Candidate = attrs.field(init=False)
@@ -219,7 +218,7 @@ class NodeActor:
             state=self.state,
             connections=self.connections,
             in_flight=self.in_flight,
-            latency=self.latency,
+            latency=self.candidate.latency,  # the EWMA, kept once
             errors=self.counters.query_errors + self.counters.connection_errors,
             last_error=self.last_error,
             since=self.since,
@@ -240,10 +239,10 @@ class NodeActor:
             self._wait.cancel()
 
     def observe_latency(self, seconds: float) -> None:
-        """Fold one latency sample into the node's EWMA (strategies read it)."""
-        old = self.latency
-        self.latency = seconds if old is None else old + _EWMA * (seconds - old)
-        self.candidate.latency = self.latency
+        """Fold one latency sample into the EWMA on the node's candidate (strategies read it)."""
+        candidate = self.candidate
+        old = candidate.latency
+        candidate.latency = seconds if old is None else old + _EWMA * (seconds - old)
 
     # -- the actor loop ----------------------------------------------------------
 
