@@ -25,6 +25,13 @@ def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     for r in rounds:
         errors.update(r.get("errors", {}))
+    counters: dict[str, Any] = {}
+    for r in rounds:
+        for key, value in (r.get("counters") or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                counters[key] = counters.get(key, 0) + value
+            else:
+                counters[key] = value  # a gauge: the last round's
     return {
         "rounds": len(rounds),
         "tasks": rounds[0].get("tasks") if rounds else None,
@@ -41,6 +48,8 @@ def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "oldest_in_flight_us": max((r.get("oldest_in_flight_us", 0) for r in rounds), default=0),
         "failed": sum(r.get("failed", 0) for r in rounds),
         "errors": dict(errors.most_common(5)),
+        "requests": sum(r.get("requests", 0) for r in rounds),
+        **({"counters": counters} if counters else {}),
     }
 
 

@@ -62,12 +62,54 @@ def throughput_table(results: dict[str, Any]) -> str:
             )
             lines.append(
                 f"| {case['query']} | {tasks} | {peer} | {row['rps']:.0f} | "
-                f"{_f(row.get('ratio'))}x | {spread} | {_us(p50)} | {_us(p99)} | "
+                f"{_f(row.get('ratio'), suffix='x')} | {spread} | {_us(p50)} | {_us(p99)} | "
                 f"{_us(row['p999_us'])} | {_f(p99 / p50 if p50 and p99 else None, 1)} | "
                 f"{_us(row['cpu_us_per_request'])} | {row.get('starved_tasks', 0)} | "
                 f"{row['failed']} |"
             )
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def counters_note(results: dict[str, Any]) -> str:
+    """The hedging and routing counters of the throughput peers that have any."""
+    tp = results.get("throughput")
+    if not tp:
+        return ""
+    lines = []
+    for case in tp["cases"]:
+        for peer, row in case["peers"].items():
+            c = row.get("counters") or {}
+            label = f"{case['query']}, {case['concurrency']} tasks"
+            requests = row.get("requests") or 0
+            if c.get("hedges_sent") or c.get("hedges_refused") or "hedge" in peer:
+                sent = c.get("hedges_sent", 0)
+                lines.append(
+                    f"* {peer} ({label}): {sent} hedges sent "
+                    f"({_share(sent / requests if requests else None)} of {requests} requests), "
+                    f"{c.get('hedges_won', 0)} won, {c.get('hedges_refused', 0)} refused by the "
+                    "budget"
+                )
+            if c.get("requests_routed") or c.get("routing_fallbacks"):
+                lines.append(
+                    f"* {peer} ({label}): {c.get('requests_routed', 0)} keyed requests sent to "
+                    f"the owner of their bucket, {c.get('routing_fallbacks', 0)} elsewhere "
+                    f"(of {requests} requests)"
+                )
+    for peer, ready in (tp.get("ready") or {}).items():
+        if ready.get("bucket_us") is not None:
+            lines.append(
+                f"* {peer}: `cluster.bucket({ready['keyed']!r}, id)` costs "
+                f"{ready['bucket_us']:.1f} µs of CPU a call (once the table is known); the peer "
+                "computes each id's bucket once, before the rounds, so this is not in its "
+                "CPU/req"
+            )
+    if not lines:
+        return ""
+    return "\n".join(["Counters over the measured windows (all rounds):", "", *lines])
 
 
 def timeline_table(results: dict[str, Any], key: str) -> str:
@@ -246,6 +288,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     sections = [
         ("Throughput and latency", throughput_table(results)),
+        ("Hedging and routing counters", counters_note(results)),
         ("Failover (node killed, then restarted)", timeline_table(results, "failover")),
         ("Hung node (paused, then resumed)", timeline_table(results, "hang")),
         ("Scale: client cost per request vs node count", scale_table(results)),
@@ -279,7 +322,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 out.append(
                     (
                         f"throughput >= 0.95x picopyn 0.2.0 ({label})",
-                        f"{_f(r)}x",
+                        _f(r, suffix="x"),
                         None if r is None else r >= 0.95,
                     )
                 )
@@ -299,7 +342,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 out.append(
                     (
                         f"throughput >= {want:.1f}x picopyn 0.2.0 ({label})",
-                        f"{_f(r)}x",
+                        _f(r, suffix="x"),
                         None if r is None else r >= want,
                     )
                 )
@@ -311,6 +354,30 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 if case["concurrency"] >= 100 and row["p50_us"]:
                     q = row["p99_us"] / row["p50_us"]
                     out.append((f"p99 <= 3x p50 ({label})", f"{q:.1f}x", q <= 3.0))
+            hedge = peers.get("actors-rr-hedge")
+            rh = hedge.get("ratio_vs_actors_rr") if hedge else None
+            if rh is not None:
+                out.append(
+                    (
+                        f"throughput with hedging >= 0.97x without, healthy cluster ({label})",
+                        f"{rh:.2f}x",
+                        rh >= 0.97,
+                    )
+                )
+            keyed = peers.get("actors-rr-keyed")
+            mine, theirs = (
+                (keyed.get("cpu_us_per_request"), row.get("cpu_us_per_request"))
+                if keyed
+                else (None, None)
+            )
+            if mine and theirs:
+                out.append(
+                    (
+                        f"CPU/request keyed (bucket=) <= 1.05x unkeyed ({label})",
+                        f"{mine / theirs:.2f}x ({mine:.0f} / {theirs:.0f} µs)",
+                        mine / theirs <= 1.05,
+                    )
+                )
             inside = peers.get("actors-rr-in-ta")
             ri = inside.get("ratio_vs_actors_rr") if inside else None
             if ri is not None:

@@ -49,14 +49,31 @@ WORKLOADS = ("throughput", "failover", "hang", "scale", "profile")
 BASELINE = "picopyn-0.2.0"
 
 
-class Peer:
-    """A client under test: where it runs and with what config."""
+#: The sharded table the keyed peer routes on (``bench_items``, sharded by ``id``).
+KEYED_TABLE = "bench_items"
 
-    def __init__(self, name: str, env: str, script: str, **config: Any) -> None:
+
+class Peer:
+    """A client under test: where it runs and with what config; ``queries``, if
+    given, limits the throughput cases it runs to those queries."""
+
+    def __init__(
+        self,
+        name: str,
+        env: str,
+        script: str,
+        *,
+        queries: tuple[str, ...] | None = None,
+        **config: Any,
+    ) -> None:
         self.name = name
         self.env = env
         self.script = script
+        self.queries = queries
         self.config = config
+
+    def runs(self, query: str) -> bool:
+        return self.queries is None or query in self.queries
 
 
 PEERS = [
@@ -87,6 +104,19 @@ PEERS = [
         "actors.py",
         strategy="RoundRobin",
         options={"bridge": "thread"},
+    ),
+    # RoundRobin with hedged reads (the default adaptive policy): what hedging costs
+    # on a healthy cluster.
+    Peer("actors-rr-hedge", "bench", "actors.py", strategy="RoundRobin", hedging={}),
+    # RoundRobin with bucket= on every request (the row's id is the sharding key):
+    # what keyed routing costs the client. Only the row query has a key of its own.
+    Peer(
+        "actors-rr-keyed",
+        "bench",
+        "actors.py",
+        queries=("row",),
+        strategy="RoundRobin",
+        keyed=KEYED_TABLE,
     ),
 ]
 PEER_BY_NAME = {p.name: p for p in PEERS}
@@ -148,6 +178,8 @@ class PeerProcess:
             cwd=BENCH,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
+        #: The peer's ready line (set by ``running``).
+        self.ready: dict[str, Any] = {}
         threading.Thread(target=self._pump, daemon=True).start()
 
     @property
@@ -205,8 +237,8 @@ def running(
         for peer in peers:
             procs[peer.name] = PeerProcess(peer, cluster, logdir, peer.name + suffix, **extra)
         for name, proc in procs.items():
-            ready = proc.read(timeout=90)
-            log(f"  {name} ready {ready}")
+            proc.ready = proc.read(timeout=90)
+            log(f"  {name} ready {proc.ready}")
         yield procs
     finally:
         for proc in procs.values():
@@ -227,16 +259,18 @@ def run_throughput(
         for c in (args.rows1000_concurrency if q == "rows1000" else args.concurrency)
     ]
     raw: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {
-        case: {p.name: [] for p in peers} for case in cases
+        case: {p.name: [] for p in peers if p.runs(case[0])} for case in cases
     }
-    total = args.rounds * len(cases) * len(peers)
+    total = args.rounds * sum(len(by_peer) for by_peer in raw.values())
     step = 0
     with running(peers, cluster, logdir, "-throughput") as procs:
+        ready = {name: proc.ready for name, proc in procs.items()}
         for r in range(args.rounds):
             for ci, (query, concurrency) in enumerate(cases):
                 # Rotate the order each round so no peer always runs first or last.
-                shift = (r + ci) % len(peers)
-                order = peers[shift:] + peers[:shift]
+                mine = [p for p in peers if p.runs(query)]
+                shift = (r + ci) % len(mine)
+                order = mine[shift:] + mine[:shift]
                 for peer in order:
                     step += 1
                     cmd = {
@@ -279,6 +313,7 @@ def run_throughput(
         "connections": cluster["connections"],
         "nodes": len(cluster["nodes"]),
         "cases": out_cases,
+        "ready": ready,
     }
 
 
@@ -725,11 +760,16 @@ def main() -> int:
     if set(args.only) - {"scale"}:
         log("starting a 3-node LocalCluster(strict=False)")
         with LocalCluster(nodes=3, strict=False) as lc:
+            # A sharded table (in _pico_table, with the stand-in's bucket map over the
+            # three nodes' replicasets), so that the keyed peer can route on its id.
+            lc.create_sharded_table(
+                KEYED_TABLE,
+                {"id": "integer", "name": "string", "value": "double"},
+                key=["id"],
+            )
             lc.execute_everywhere(
-                "CREATE TABLE bench_items (id int PRIMARY KEY, name text NOT NULL, "
-                "value float8 NOT NULL);\n"
-                "INSERT INTO bench_items SELECT g, 'item-' || g, g * 0.5 "
-                "FROM generate_series(1, 1000) g;\nANALYZE bench_items;"
+                f"INSERT INTO {KEYED_TABLE} (id, name, value) SELECT g, 'item-' || g, g * 0.5 "
+                f"FROM generate_series(1, 1000) g;\nANALYZE {KEYED_TABLE};"
             )
             cluster = {
                 "dsn": lc.dsn,
