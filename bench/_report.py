@@ -112,6 +112,57 @@ def counters_note(results: dict[str, Any]) -> str:
     return "\n".join(["Counters over the measured windows (all rounds):", "", *lines])
 
 
+def sluggish_table(results: dict[str, Any]) -> str:
+    sl = results.get("sluggish")
+    if not sl:
+        return ""
+    duties = [m["duty_cycle"] for m in sl["peers"].values() if "duty_cycle" in m]
+    measured = ""
+    if duties:
+        medians = [d["paused_ms_median"] for d in duties if d["paused_ms_median"] is not None]
+        shares = [d["paused_share"] for d in duties if d["paused_share"] is not None]
+        measured = (
+            f" Measured by the parent: pauses of {min(medians):.0f}..{max(medians):.0f} ms "
+            f"(median per client), paused {min(shares):.0%}..{max(shares):.0%} of the time, "
+            f"{sum(d['skipped'] for d in duties)} cycles skipped because the one before "
+            "ended late (`resume` also re-writes the node's catalog)."
+            if medians and shares
+            else ""
+        )
+    lines = [
+        f"Node {sl['victim']} paused (`LocalCluster.pause`: SIGSTOP of its postmaster and "
+        f"backends) for {sl['pause_s'] * 1000:.0f} ms in every {sl['period_s'] * 1000:.0f} ms "
+        "by the parent, the same schedule for every client, from the moment its tasks start; "
+        f"{sl['concurrency']} tasks run `{sl['query']}` (idempotent) over "
+        f"{sl['connections']} connections; {sl['warmup']:g} s of warm-up (under the fault: "
+        f"the adaptive hedge delay learns), then {sl['duration']:g} s measured. Each client "
+        "runs once, in a fresh process. *extra*: hedges sent per request answered in the "
+        f"window, against the policy's budget.{measured}",
+        "",
+        "| client | req/s | p50 | p99 | p99.9 | max | CPU/req | failed | hedges sent | won "
+        "| refused (budget) | extra / budget | hedge delay |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for peer, m in sl["peers"].items():
+        if "error" in m:
+            lines.append(f"| {peer} | error: {m['error']} ||||||||||||")
+            continue
+        if "hedges_sent" in m:
+            hedges = (
+                f"{m['hedges_sent']} | {m['hedges_won']} | {m['hedges_refused']} | "
+                f"{_share(m['extra_share'])} / {_share(m['budget'])} | "
+                f"{_us(m['hedge_delay_s'] * 1e6 if m['hedge_delay_s'] is not None else None)}"
+            )
+        else:
+            hedges = "none | | | |"
+        lines.append(
+            f"| {peer} | {m['rps']:.0f} | {_us(m['p50_us'])} | {_us(m['p99_us'])} | "
+            f"{_us(m['p999_us'])} | {_us(m['max_us'])} | {_us(m['cpu_us_per_request'])} | "
+            f"{m['failed']} | {hedges} |"
+        )
+    return "\n".join(lines)
+
+
 def timeline_table(results: dict[str, Any], key: str) -> str:
     tl = results.get(key)
     if not tl:
@@ -291,6 +342,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("Hedging and routing counters", counters_note(results)),
         ("Failover (node killed, then restarted)", timeline_table(results, "failover")),
         ("Hung node (paused, then resumed)", timeline_table(results, "hang")),
+        ("Sluggish node (paused again and again): hedged reads", sluggish_table(results)),
         ("Scale: client cost per request vs node count", scale_table(results)),
         ("Where the time goes", profile_table(results)),
         ("Targets", targets_table(results)),
@@ -417,6 +469,33 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     if hang and "error" not in hang:
         worst = hang["max_latency_s"]
         out.append(("max latency < 3 s in a 4 s hang", _f(worst, 2, " s"), worst < 3.0))
+    sluggish = results.get("sluggish") or {}
+    sl = sluggish.get("peers", {})
+    hedged, plain = sl.get("actors-rr-hedge"), sl.get(rr)
+    if hedged and "error" not in hedged:
+        p999 = hedged["p999_us"]
+        without = (
+            f" (without hedging: {_us(plain['p999_us'])})" if plain and "error" not in plain else ""
+        )
+        out.append(
+            (
+                f"p99.9 <= 30 ms with hedging, a node paused "
+                f"{sluggish['pause_s'] * 1000:.0f} ms in every "
+                f"{sluggish['period_s'] * 1000:.0f} ms",
+                f"{_us(p999)}{without}",
+                None if p999 is None else p999 <= 30_000,
+            )
+        )
+        share, budget = hedged.get("extra_share"), hedged.get("budget")
+        if budget is not None:
+            out.append(
+                (
+                    f"hedges within the budget ({budget:.0%} extra requests), sluggish node",
+                    f"{_share(share)} ({hedged.get('hedges_sent')} hedges, "
+                    f"{hedged.get('hedges_refused')} refused)",
+                    None if share is None else share <= budget,
+                )
+            )
     sc = results.get("scale")
     if sc and len(sc["rows"]) > 1:
         first, last = sc["rows"][0], sc["rows"][-1]
