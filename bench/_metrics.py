@@ -25,6 +25,13 @@ def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     for r in rounds:
         errors.update(r.get("errors", {}))
+    counters: dict[str, Any] = {}
+    for r in rounds:
+        for key, value in (r.get("counters") or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                counters[key] = counters.get(key, 0) + value
+            else:
+                counters[key] = value  # a gauge: the last round's
     return {
         "rounds": len(rounds),
         "tasks": rounds[0].get("tasks") if rounds else None,
@@ -41,6 +48,8 @@ def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "oldest_in_flight_us": max((r.get("oldest_in_flight_us", 0) for r in rounds), default=0),
         "failed": sum(r.get("failed", 0) for r in rounds),
         "errors": dict(errors.most_common(5)),
+        "requests": sum(r.get("requests", 0) for r in rounds),
+        **({"counters": counters} if counters else {}),
     }
 
 
@@ -87,6 +96,47 @@ def ratios(
         "ratio_min": min(pairs),
         "ratio_max": max(pairs),
     }
+
+
+# -- a sluggish node ---------------------------------------------------------------------
+
+
+def duty_cycle_metrics(
+    pauses: Sequence[tuple[float, float]], period: float, skipped: int
+) -> dict[str, Any]:
+    """What the parent's duty cycle really did: ``pauses`` are (stopped, continued)
+    moments, seconds since t0; ``skipped`` counts cycles dropped because the one
+    before ran late."""
+    lengths = sorted(end - start for start, end in pauses)
+    span = pauses[-1][1] - pauses[0][0] if pauses else 0.0
+    return {
+        "cycles": len(pauses),
+        "skipped": skipped,
+        "period_s": period,
+        "paused_ms_median": lengths[len(lengths) // 2] * 1e3 if lengths else None,
+        "paused_ms_max": lengths[-1] * 1e3 if lengths else None,
+        "paused_share": sum(lengths) / span if span > 0 else None,
+        "first_s": pauses[0][0] if pauses else None,
+        "last_s": pauses[-1][1] if pauses else None,
+    }
+
+
+def sluggish_metrics(res: dict[str, Any], budget: float | None) -> dict[str, Any]:
+    """One peer's sluggish run: the throughput numbers, and for picopyn_actors its
+    hedges over the measured window as a share of the requests it answered."""
+    out = summarize_rounds([res])
+    counters = res.get("counters") or {}
+    out["hedging"] = bool(res.get("hedging"))
+    if out["hedging"] and "hedges_sent" in counters:
+        requests = res["requests"]
+        sent = counters["hedges_sent"]
+        out["hedges_sent"] = sent
+        out["hedges_won"] = counters["hedges_won"]
+        out["hedges_refused"] = counters["hedges_refused"]
+        out["hedge_delay_s"] = counters.get("hedge_delay")
+        out["extra_share"] = sent / requests if requests else None
+        out["budget"] = budget
+    return out
 
 
 # -- timelines ------------------------------------------------------------------------

@@ -62,11 +62,104 @@ def throughput_table(results: dict[str, Any]) -> str:
             )
             lines.append(
                 f"| {case['query']} | {tasks} | {peer} | {row['rps']:.0f} | "
-                f"{_f(row.get('ratio'))}x | {spread} | {_us(p50)} | {_us(p99)} | "
+                f"{_f(row.get('ratio'), suffix='x')} | {spread} | {_us(p50)} | {_us(p99)} | "
                 f"{_us(row['p999_us'])} | {_f(p99 / p50 if p50 and p99 else None, 1)} | "
                 f"{_us(row['cpu_us_per_request'])} | {row.get('starved_tasks', 0)} | "
                 f"{row['failed']} |"
             )
+    return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def counters_note(results: dict[str, Any]) -> str:
+    """The hedging and routing counters of the throughput peers that have any."""
+    tp = results.get("throughput")
+    if not tp:
+        return ""
+    lines = []
+    for case in tp["cases"]:
+        for peer, row in case["peers"].items():
+            c = row.get("counters") or {}
+            label = f"{case['query']}, {case['concurrency']} tasks"
+            requests = row.get("requests") or 0
+            if c.get("hedges_sent") or c.get("hedges_refused") or "hedge" in peer:
+                sent = c.get("hedges_sent", 0)
+                lines.append(
+                    f"* {peer} ({label}): {sent} hedges sent "
+                    f"({_share(sent / requests if requests else None)} of {requests} requests), "
+                    f"{c.get('hedges_won', 0)} won, {c.get('hedges_refused', 0)} refused by the "
+                    "budget"
+                )
+            if c.get("requests_routed") or c.get("routing_fallbacks"):
+                lines.append(
+                    f"* {peer} ({label}): {c.get('requests_routed', 0)} keyed requests sent to "
+                    f"the owner of their bucket, {c.get('routing_fallbacks', 0)} elsewhere "
+                    f"(of {requests} requests)"
+                )
+    for peer, ready in (tp.get("ready") or {}).items():
+        if ready.get("bucket_us") is not None:
+            lines.append(
+                f"* {peer}: `cluster.bucket({ready['keyed']!r}, id)` costs "
+                f"{ready['bucket_us']:.1f} µs of CPU a call (once the table is known); the peer "
+                "computes each id's bucket once, before the rounds, so this is not in its "
+                "CPU/req"
+            )
+    if not lines:
+        return ""
+    return "\n".join(["Counters over the measured windows (all rounds):", "", *lines])
+
+
+def sluggish_table(results: dict[str, Any]) -> str:
+    sl = results.get("sluggish")
+    if not sl:
+        return ""
+    duties = [m["duty_cycle"] for m in sl["peers"].values() if "duty_cycle" in m]
+    measured = ""
+    if duties:
+        medians = [d["paused_ms_median"] for d in duties if d["paused_ms_median"] is not None]
+        shares = [d["paused_share"] for d in duties if d["paused_share"] is not None]
+        measured = (
+            f" Measured by the parent: pauses of {min(medians):.0f}..{max(medians):.0f} ms "
+            f"(median per client), paused {min(shares):.0%}..{max(shares):.0%} of the time, "
+            f"{sum(d['skipped'] for d in duties)} cycles skipped because the one before "
+            "ended late (`resume` also re-writes the node's catalog)."
+            if medians and shares
+            else ""
+        )
+    lines = [
+        f"Node {sl['victim']} paused (`LocalCluster.pause`: SIGSTOP of its postmaster and "
+        f"backends) for {sl['pause_s'] * 1000:.0f} ms in every {sl['period_s'] * 1000:.0f} ms "
+        "by the parent, the same schedule for every client, from the moment its tasks start; "
+        f"{sl['concurrency']} tasks run `{sl['query']}` (idempotent) over "
+        f"{sl['connections']} connections; {sl['warmup']:g} s of warm-up (under the fault: "
+        f"the adaptive hedge delay learns), then {sl['duration']:g} s measured. Each client "
+        "runs once, in a fresh process. *extra*: hedges sent per request answered in the "
+        f"window, against the policy's budget.{measured}",
+        "",
+        "| client | req/s | p50 | p99 | p99.9 | max | CPU/req | failed | hedges sent | won "
+        "| refused (budget) | extra / budget | hedge delay |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for peer, m in sl["peers"].items():
+        if "error" in m:
+            lines.append(f"| {peer} | error: {m['error']} ||||||||||||")
+            continue
+        if "hedges_sent" in m:
+            hedges = (
+                f"{m['hedges_sent']} | {m['hedges_won']} | {m['hedges_refused']} | "
+                f"{_share(m['extra_share'])} / {_share(m['budget'])} | "
+                f"{_us(m['hedge_delay_s'] * 1e6 if m['hedge_delay_s'] is not None else None)}"
+            )
+        else:
+            hedges = "none | | | |"
+        lines.append(
+            f"| {peer} | {m['rps']:.0f} | {_us(m['p50_us'])} | {_us(m['p99_us'])} | "
+            f"{_us(m['p999_us'])} | {_us(m['max_us'])} | {_us(m['cpu_us_per_request'])} | "
+            f"{m['failed']} | {hedges} |"
+        )
     return "\n".join(lines)
 
 
@@ -246,8 +339,10 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     sections = [
         ("Throughput and latency", throughput_table(results)),
+        ("Hedging and routing counters", counters_note(results)),
         ("Failover (node killed, then restarted)", timeline_table(results, "failover")),
         ("Hung node (paused, then resumed)", timeline_table(results, "hang")),
+        ("Sluggish node (paused again and again): hedged reads", sluggish_table(results)),
         ("Scale: client cost per request vs node count", scale_table(results)),
         ("Where the time goes", profile_table(results)),
         ("Targets", targets_table(results)),
@@ -279,7 +374,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 out.append(
                     (
                         f"throughput >= 0.95x picopyn 0.2.0 ({label})",
-                        f"{_f(r)}x",
+                        _f(r, suffix="x"),
                         None if r is None else r >= 0.95,
                     )
                 )
@@ -299,7 +394,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 out.append(
                     (
                         f"throughput >= {want:.1f}x picopyn 0.2.0 ({label})",
-                        f"{_f(r)}x",
+                        _f(r, suffix="x"),
                         None if r is None else r >= want,
                     )
                 )
@@ -311,6 +406,30 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 if case["concurrency"] >= 100 and row["p50_us"]:
                     q = row["p99_us"] / row["p50_us"]
                     out.append((f"p99 <= 3x p50 ({label})", f"{q:.1f}x", q <= 3.0))
+            hedge = peers.get("actors-rr-hedge")
+            rh = hedge.get("ratio_vs_actors_rr") if hedge else None
+            if rh is not None:
+                out.append(
+                    (
+                        f"throughput with hedging >= 0.97x without, healthy cluster ({label})",
+                        f"{rh:.2f}x",
+                        rh >= 0.97,
+                    )
+                )
+            keyed = peers.get("actors-rr-keyed")
+            mine, theirs = (
+                (keyed.get("cpu_us_per_request"), row.get("cpu_us_per_request"))
+                if keyed
+                else (None, None)
+            )
+            if mine and theirs:
+                out.append(
+                    (
+                        f"CPU/request keyed (bucket=) <= 1.05x unkeyed ({label})",
+                        f"{mine / theirs:.2f}x ({mine:.0f} / {theirs:.0f} µs)",
+                        mine / theirs <= 1.05,
+                    )
+                )
             inside = peers.get("actors-rr-in-ta")
             ri = inside.get("ratio_vs_actors_rr") if inside else None
             if ri is not None:
@@ -350,6 +469,33 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     if hang and "error" not in hang:
         worst = hang["max_latency_s"]
         out.append(("max latency < 3 s in a 4 s hang", _f(worst, 2, " s"), worst < 3.0))
+    sluggish = results.get("sluggish") or {}
+    sl = sluggish.get("peers", {})
+    hedged, plain = sl.get("actors-rr-hedge"), sl.get(rr)
+    if hedged and "error" not in hedged:
+        p999 = hedged["p999_us"]
+        without = (
+            f" (without hedging: {_us(plain['p999_us'])})" if plain and "error" not in plain else ""
+        )
+        out.append(
+            (
+                f"p99.9 <= 30 ms with hedging, a node paused "
+                f"{sluggish['pause_s'] * 1000:.0f} ms in every "
+                f"{sluggish['period_s'] * 1000:.0f} ms",
+                f"{_us(p999)}{without}",
+                None if p999 is None else p999 <= 30_000,
+            )
+        )
+        share, budget = hedged.get("extra_share"), hedged.get("budget")
+        if budget is not None:
+            out.append(
+                (
+                    f"hedges within the budget ({budget:.0%} extra requests), sluggish node",
+                    f"{_share(share)} ({hedged.get('hedges_sent')} hedges, "
+                    f"{hedged.get('hedges_refused')} refused)",
+                    None if share is None else share <= budget,
+                )
+            )
     sc = results.get("scale")
     if sc and len(sc["rows"]) > 1:
         first, last = sc["rows"][0], sc["rows"][-1]

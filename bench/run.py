@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark picopyn_actors against its peers on one stand-in cluster, in one run.
 
-    python bench/run.py                 # everything (about 17 minutes)
-    python bench/run.py --quick         # a smoke run (about 5 minutes)
+    python bench/run.py                 # everything (about 20 minutes)
+    python bench/run.py --quick         # a smoke run (about 6 minutes)
     python bench/run.py --only throughput --peers picopyn-0.2.0,actors-rr
     python bench/run.py --docs          # also refresh docs/benchmarks.md and docs/img/
 
@@ -16,8 +16,8 @@ peer as a subprocess that gets the cluster as JSON on its command line and answe
 bench/peers/_harness.py). Results go to bench/results/<timestamp>.json, a
 markdown report next to it, and the timeline plots.
 
-Workloads (``--only``): ``throughput``, ``failover``, ``hang``, ``scale``,
-``profile``. See bench/README.md.
+Workloads (``--only``): ``throughput``, ``failover``, ``hang``, ``sluggish``,
+``scale``, ``profile``. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import queue
@@ -45,18 +46,35 @@ sys.path.insert(0, str(BENCH))
 
 import _envs  # noqa: E402
 
-WORKLOADS = ("throughput", "failover", "hang", "scale", "profile")
+WORKLOADS = ("throughput", "failover", "hang", "sluggish", "scale", "profile")
 BASELINE = "picopyn-0.2.0"
 
 
-class Peer:
-    """A client under test: where it runs and with what config."""
+#: The sharded table the keyed peer routes on (``bench_items``, sharded by ``id``).
+KEYED_TABLE = "bench_items"
 
-    def __init__(self, name: str, env: str, script: str, **config: Any) -> None:
+
+class Peer:
+    """A client under test: where it runs and with what config; ``queries``, if
+    given, limits the throughput cases it runs to those queries."""
+
+    def __init__(
+        self,
+        name: str,
+        env: str,
+        script: str,
+        *,
+        queries: tuple[str, ...] | None = None,
+        **config: Any,
+    ) -> None:
         self.name = name
         self.env = env
         self.script = script
+        self.queries = queries
         self.config = config
+
+    def runs(self, query: str) -> bool:
+        return self.queries is None or query in self.queries
 
 
 PEERS = [
@@ -88,6 +106,20 @@ PEERS = [
         strategy="RoundRobin",
         options={"bridge": "thread"},
     ),
+    # RoundRobin with hedged reads (the default adaptive policy): what hedging costs
+    # on a healthy cluster (here) and what it buys on a sluggish one (the sluggish
+    # workload).
+    Peer("actors-rr-hedge", "bench", "actors.py", strategy="RoundRobin", hedging={}),
+    # RoundRobin with bucket= on every request (the row's id is the sharding key):
+    # what keyed routing costs the client. Only the row query has a key of its own.
+    Peer(
+        "actors-rr-keyed",
+        "bench",
+        "actors.py",
+        queries=("row",),
+        strategy="RoundRobin",
+        keyed=KEYED_TABLE,
+    ),
 ]
 PEER_BY_NAME = {p.name: p for p in PEERS}
 
@@ -98,6 +130,10 @@ TIMELINE_OPTIONS: dict[str, dict[str, Any]] = {
     "actors-rr-ta": {"discovery_interval": 1.0, "health_interval": 0.5},
     "picopyn-3": {"topology_update_interval": 1.0},  # its minimum
 }
+
+#: Sluggish runs: without and with hedging, and the picopyn releases for reference.
+SLUGGISH_PEERS = ["actors-rr", "actors-rr-hedge", "picopyn-3", BASELINE]
+SLUGGISH_QUICK_PEERS = ["actors-rr", "actors-rr-hedge"]
 
 
 def log(message: str) -> None:
@@ -148,6 +184,8 @@ class PeerProcess:
             cwd=BENCH,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
+        #: The peer's ready line (set by ``running``).
+        self.ready: dict[str, Any] = {}
         threading.Thread(target=self._pump, daemon=True).start()
 
     @property
@@ -205,8 +243,8 @@ def running(
         for peer in peers:
             procs[peer.name] = PeerProcess(peer, cluster, logdir, peer.name + suffix, **extra)
         for name, proc in procs.items():
-            ready = proc.read(timeout=90)
-            log(f"  {name} ready {ready}")
+            proc.ready = proc.read(timeout=90)
+            log(f"  {name} ready {proc.ready}")
         yield procs
     finally:
         for proc in procs.values():
@@ -227,16 +265,18 @@ def run_throughput(
         for c in (args.rows1000_concurrency if q == "rows1000" else args.concurrency)
     ]
     raw: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {
-        case: {p.name: [] for p in peers} for case in cases
+        case: {p.name: [] for p in peers if p.runs(case[0])} for case in cases
     }
-    total = args.rounds * len(cases) * len(peers)
+    total = args.rounds * sum(len(by_peer) for by_peer in raw.values())
     step = 0
     with running(peers, cluster, logdir, "-throughput") as procs:
+        ready = {name: proc.ready for name, proc in procs.items()}
         for r in range(args.rounds):
             for ci, (query, concurrency) in enumerate(cases):
                 # Rotate the order each round so no peer always runs first or last.
-                shift = (r + ci) % len(peers)
-                order = peers[shift:] + peers[:shift]
+                mine = [p for p in peers if p.runs(query)]
+                shift = (r + ci) % len(mine)
+                order = mine[shift:] + mine[:shift]
                 for peer in order:
                     step += 1
                     cmd = {
@@ -279,6 +319,7 @@ def run_throughput(
         "connections": cluster["connections"],
         "nodes": len(cluster["nodes"]),
         "cases": out_cases,
+        "ready": ready,
     }
 
 
@@ -379,6 +420,145 @@ def heal(lc: Any, name: str) -> None:
             lc.start(name)
     except Exception as exc:
         log(f"  could not heal {name}: {exc}")
+
+
+class DutyCycle:
+    """Pause node ``name`` for ``on`` seconds in every ``period``, from ``t0`` on, in a
+    thread of the parent (``LocalCluster.pause``/``resume``: SIGSTOP/SIGCONT of the
+    postmaster and its backends), until :meth:`stop`.
+
+    The cycle keeps to its schedule: each pause starts at ``t0 + k * period`` and
+    lasts ``on`` from the moment ``pause`` returned (its processes are stopped).
+    ``resume`` re-writes the node's catalog after SIGCONT, so a cycle that ends
+    late pushes the next pause to the next slot still ahead (counted in
+    ``skipped``). ``pauses`` holds the (stopped, continued) moments, seconds since
+    ``t0``, as measured around the calls.
+    """
+
+    def __init__(self, lc: Any, name: str, t0: float, period: float, on: float) -> None:
+        self.lc = lc
+        self.name = name
+        self.t0 = t0
+        self.period = period
+        self.on = on
+        self.pauses: list[tuple[float, float]] = []
+        self.skipped = 0
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="duty-cycle", daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> DutyCycle:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        slot = 0
+        try:
+            while True:
+                start = self.t0 + slot * self.period
+                # Waiting on the halt event is also the schedule's sleep.
+                if self._halt.wait(max(0.0, start - time.monotonic())):
+                    return
+                self.lc.pause(self.name)
+                stopped = time.monotonic()
+                # ``on`` from the moment the backends are stopped (pause() takes a while).
+                halted = self._halt.wait(self.on)
+                continued = time.monotonic()
+                self.lc.resume(self.name)
+                self.pauses.append((stopped - self.t0, continued - self.t0))
+                if halted:
+                    return
+                ahead = math.ceil((time.monotonic() - self.t0) / self.period)
+                self.skipped += max(0, ahead - slot - 1)
+                slot = max(slot + 1, ahead)
+        except BaseException as exc:  # reported by run_sluggish; heal() cleans up
+            self.error = exc
+
+
+def run_sluggish(
+    args: argparse.Namespace,
+    lc: Any,
+    cluster: dict[str, Any],
+    peers: list[Peer],
+    logdir: Path,
+) -> dict[str, Any]:
+    """Idempotent reads while one node is paused for a moment again and again.
+
+    Each peer runs in a fresh process; the parent drives the same duty cycle
+    for every peer, from the moment the peer's tasks start (``t0``, on the
+    shared monotonic clock), through the warm-up and the measured window.
+    """
+    from _metrics import duty_cycle_metrics, sluggish_metrics
+
+    import picopyn_actors as pa
+
+    budget = pa.Hedging().budget
+    result: dict[str, Any] = {
+        "victim": args.victim,
+        "period_s": args.sluggish_period,
+        "pause_s": args.sluggish_pause,
+        "duration": args.sluggish_duration,
+        "warmup": args.sluggish_warmup,
+        "concurrency": args.sluggish_concurrency,
+        "connections": cluster["connections"],
+        "query": "SELECT pico_instance_uuid()",
+        "peers": {},
+    }
+    for peer in peers:
+        log(f"  sluggish: {peer.name}")
+        try:
+            with running([peer], cluster, logdir, "-sluggish") as procs:
+                proc = procs[peer.name]
+                t0 = time.monotonic() + 0.5
+                cycle = DutyCycle(lc, args.victim, t0, args.sluggish_period, args.sluggish_pause)
+                with cycle:
+                    res = proc.request(
+                        {
+                            "cmd": "throughput",
+                            "query": "uuid",
+                            "concurrency": args.sluggish_concurrency,
+                            "t0": t0,
+                            "warmup": args.sluggish_warmup,
+                            "duration": args.sluggish_duration,
+                        },
+                        timeout=args.sluggish_warmup + args.sluggish_duration + 60,
+                    )
+                if cycle.error is not None:
+                    raise RuntimeError(f"duty cycle failed: {cycle.error!r}")
+        except Exception as exc:  # one broken peer must not stop the run
+            log(f"  {peer.name}: {exc}")
+            result["peers"][peer.name] = {"error": str(exc)}
+            continue
+        finally:
+            heal(lc, args.victim)
+        res["hedging"] = peer.config.get("hedging") is not None
+        metrics = sluggish_metrics(res, budget if res["hedging"] else None)
+        metrics["duty_cycle"] = duty_cycle_metrics(
+            cycle.pauses, args.sluggish_period, cycle.skipped
+        )
+        result["peers"][peer.name] = metrics
+        duty = metrics["duty_cycle"]
+        log(
+            f"    {metrics['rps']:.0f} req/s, p50 {metrics['p50_us'] or 0:.0f} µs, "
+            f"p99 {metrics['p99_us'] or 0:.0f} µs, p99.9 {metrics['p999_us'] or 0:.0f} µs, "
+            f"max {metrics['max_us'] or 0:.0f} µs, failed {metrics['failed']}"
+            + (
+                f", hedges {metrics['hedges_sent']} (won {metrics['hedges_won']}, refused "
+                f"{metrics['hedges_refused']}, {metrics['extra_share'] or 0:.1%} extra)"
+                if "hedges_sent" in metrics
+                else ""
+            )
+            + f"; {duty['cycles']} pauses, median {duty['paused_ms_median'] or 0:.0f} ms, "
+            f"skipped {duty['skipped']}"
+        )
+    return result
 
 
 def run_scale(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
@@ -639,6 +819,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fault-at", type=float, default=3.0)
     p.add_argument("--restore-at", type=float, default=7.0)
     p.add_argument("--victim", default="i2", help="the node killed or paused (default i2)")
+    p.add_argument(
+        "--sluggish-duration",
+        type=float,
+        help="seconds measured per client in the sluggish run (default 10, quick 4)",
+    )
+    p.add_argument("--sluggish-warmup", type=float, default=1.0)
+    p.add_argument("--sluggish-concurrency", type=int, default=20)
+    p.add_argument(
+        "--sluggish-period", type=float, default=0.2, help="duty cycle period (default 0.2 s)"
+    )
+    p.add_argument(
+        "--sluggish-pause",
+        type=float,
+        default=0.08,
+        help="paused part of each period (default 0.08 s)",
+    )
+    p.add_argument(
+        "--sluggish-peers",
+        help=f"clients of the sluggish run (default {','.join(SLUGGISH_PEERS)}; "
+        f"quick: {','.join(SLUGGISH_QUICK_PEERS)})",
+    )
     p.add_argument("--scale-nodes", default="3,10,30")
     p.add_argument("--scale-tasks", type=int, default=100)
     p.add_argument(
@@ -671,6 +872,16 @@ def parse_args() -> argparse.Namespace:
     args.rows1000_concurrency = [int(x) for x in args.rows1000_concurrency.split(",")]
     args.scale_nodes = [int(x) for x in args.scale_nodes.split(",")]
     args.profile_peers = [x.strip() for x in args.profile_peers.split(",") if x.strip()]
+    if args.sluggish_peers is None:
+        args.sluggish_peers = SLUGGISH_QUICK_PEERS if args.quick else SLUGGISH_PEERS
+    else:
+        args.sluggish_peers = [x.strip() for x in args.sluggish_peers.split(",") if x.strip()]
+    for name in args.sluggish_peers:
+        if name not in PEER_BY_NAME:
+            p.error(f"unknown peer {name}; known: {', '.join(PEER_BY_NAME)}")
+    if not 0 < args.sluggish_pause < args.sluggish_period:
+        p.error("--sluggish-pause must be positive and shorter than --sluggish-period")
+    args.sluggish_duration = args.sluggish_duration or (4.0 if args.quick else 10.0)
     if args.quick:
         args.duration = args.duration or 1.0
         args.rounds = args.rounds or 2
@@ -702,6 +913,8 @@ def main() -> int:
     needed = {PEER_BY_NAME[n].env for n in args.peers} | {"bench"}
     if {"failover", "hang"} & set(args.only):
         needed |= {PEER_BY_NAME[n].env for n in TIMELINE_PEERS}
+    if "sluggish" in args.only:
+        needed |= {PEER_BY_NAME[n].env for n in args.sluggish_peers}
     if "profile" in args.only:
         needed |= {PEER_BY_NAME[n.removesuffix("-fake")].env for n in args.profile_peers}
     for env in sorted(needed):
@@ -725,11 +938,16 @@ def main() -> int:
     if set(args.only) - {"scale"}:
         log("starting a 3-node LocalCluster(strict=False)")
         with LocalCluster(nodes=3, strict=False) as lc:
+            # A sharded table (in _pico_table, with the stand-in's bucket map over the
+            # three nodes' replicasets), so that the keyed peer can route on its id.
+            lc.create_sharded_table(
+                KEYED_TABLE,
+                {"id": "integer", "name": "string", "value": "double"},
+                key=["id"],
+            )
             lc.execute_everywhere(
-                "CREATE TABLE bench_items (id int PRIMARY KEY, name text NOT NULL, "
-                "value float8 NOT NULL);\n"
-                "INSERT INTO bench_items SELECT g, 'item-' || g, g * 0.5 "
-                "FROM generate_series(1, 1000) g;\nANALYZE bench_items;"
+                f"INSERT INTO {KEYED_TABLE} (id, name, value) SELECT g, 'item-' || g, g * 0.5 "
+                f"FROM generate_series(1, 1000) g;\nANALYZE {KEYED_TABLE};"
             )
             cluster = {
                 "dsn": lc.dsn,
@@ -752,6 +970,13 @@ def main() -> int:
                     log(f"{kind} ({fault} {args.victim})")
                     peers = [PEER_BY_NAME[n] for n in TIMELINE_PEERS]
                     results[kind] = run_timeline(kind, args, lc, cluster, peers, logdir)
+            if "sluggish" in args.only:
+                log(
+                    f"sluggish ({args.victim} paused {args.sluggish_pause * 1000:.0f} ms "
+                    f"in every {args.sluggish_period * 1000:.0f} ms)"
+                )
+                peers = [PEER_BY_NAME[n] for n in args.sluggish_peers]
+                results["sluggish"] = run_sluggish(args, lc, cluster, peers, logdir)
             if "profile" in args.only:
                 log("profile")
                 results["profile"] = run_profile(args, cluster, logdir)

@@ -5,10 +5,15 @@ holds the cluster (``dsn``, ``nodes``: name, uuid, host, port) and the peer's
 options. The peer connects, prints ``{"event": "ready", ...}`` on stdout, then
 reads one JSON command per line on stdin and answers each with one JSON line:
 
-* ``{"cmd": "throughput", "query": "select1"|"row"|"rows1000", "concurrency": C,
-  "warmup": s, "duration": s}``: C tasks run the query in a loop; the answer
-  has the request count, requests/s, latencies (microseconds, sorted) and
-  client CPU (``time.process_time``) of the measured window.
+* ``{"cmd": "throughput", "query": "select1"|"row"|"rows1000"|"uuid",
+  "concurrency": C, "warmup": s, "duration": s}``: C tasks run the query in a
+  loop; the answer has the request count, requests/s, latencies
+  (microseconds, sorted) and client CPU (``time.process_time``) of the
+  measured window. With ``"t0": T`` the tasks start at ``time.monotonic() ==
+  T`` (see ``timeline``; the sluggish workload starts its fault then). A peer
+  that passes ``counters`` (picopyn_actors: its ``statistics()`` counters)
+  adds ``"counters"``: each integer's change over the window, other values as
+  they were at its end.
 * ``{"cmd": "timeline", "query": "uuid", "concurrency": C, "t0": T,
   "duration": s, "bin": s}``: starts at ``time.monotonic() == T`` (the parent
   reads the same system-wide clock and injects faults at fixed offsets from
@@ -134,9 +139,10 @@ class Throughput:
             ends.append(end)
             latencies.append(end - start)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, counters: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
         times = os.times()
         return {
+            "counters": counters() if counters is not None else None,
             "t": time.monotonic(),
             "cpu": time.process_time(),
             "user": times.user,
@@ -165,7 +171,7 @@ class Throughput:
         def per_request(key: str) -> float | None:
             return (b[key] - a[key]) * 1e6 / requests if requests else None
 
-        return {
+        out: dict[str, Any] = {
             "requests": requests,
             "elapsed": t1 - t0,
             "rps": requests / (t1 - t0) if t1 > t0 else 0.0,
@@ -182,6 +188,16 @@ class Throughput:
             "per_task_min": min(per_task, default=0),
             "per_task_max": max(per_task, default=0),
         }
+        if a["counters"] is not None and b["counters"] is not None:
+            out["counters"] = {
+                key: (
+                    value - a["counters"][key]
+                    if isinstance(value, int) and not isinstance(value, bool)
+                    else value
+                )
+                for key, value in b["counters"].items()
+            }
+        return out
 
 
 async def run_throughput(
@@ -191,19 +207,23 @@ async def run_throughput(
     run_tasks: Callable[[list[Callable[[], Awaitable[None]]]], Awaitable[None]],
     *,
     tasks: int | None = None,
+    counters: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the throughput command. ``run_tasks(fns)`` runs the functions concurrently
-    and returns when all have returned; ``tasks`` overrides the task count."""
+    and returns when all have returned; ``tasks`` overrides the task count;
+    ``counters`` (optional) reads the client's own counters at the window's ends."""
     query, make_args, method = QUERIES[cmd["query"]]
     count = tasks if tasks is not None else int(cmd["concurrency"])
     rec = Throughput(count)
     snaps: list[dict[str, Any]] = []
+    if "t0" in cmd:
+        await sleep(max(0.0, float(cmd["t0"]) - time.monotonic()))
 
     async def clock() -> None:
         await sleep(float(cmd["warmup"]))
-        snaps.append(rec.snapshot())
+        snaps.append(rec.snapshot(counters))
         await sleep(float(cmd["duration"]))
-        snaps.append(rec.snapshot())
+        snaps.append(rec.snapshot(counters))
         rec.stopping = True
 
     def make(i: int) -> Callable[[], Awaitable[None]]:

@@ -4,6 +4,16 @@
 with the strategy named in the config and any extra ``options`` given to
 ``open_cluster``. Reads are sent with ``idempotent=True``.
 
+With ``"hedging": {...}`` the cluster gets ``hedging=pa.Hedging(**that)``
+(``{}``: the default adaptive policy). With ``"keyed": TABLE`` every request
+passes ``bucket=`` the bucket of a key of the sharded ``TABLE``: the
+request's own first argument (the row's id of the ``row`` query), or a
+random id in 1..1000 for a query without arguments. The peer computes the
+buckets of ids 1..1000 once, with ``cluster.bucket(TABLE, id)``, before it
+says it is ready, and reports the CPU one such call costs (``bucket_us``).
+Every throughput answer carries the client's hedging and routing counters
+(``counters``, from ``cluster.statistics()``).
+
 With ``"in_trio_asyncio": true`` the whole client runs inside a running
 ``trio_asyncio.open_loop()``, as in a service that already uses trio-asyncio
 (the bridge is the default one unless ``options`` names another).
@@ -16,6 +26,7 @@ cost per request, without any I/O.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +44,22 @@ from _harness import (
 )
 
 import picopyn_actors as pa
+
+#: Keyed requests use the ids 1..KEYS (the rows of the bench's table).
+KEYS = 1000
+
+#: ``ClusterStatistics`` fields every throughput answer carries (see ``counters``).
+COUNTERS = (
+    "requests_ok",
+    "requests_failed",
+    "requests_retried",
+    "requests_routed",
+    "routing_fallbacks",
+    "hedges_sent",
+    "hedges_won",
+    "hedges_refused",
+    "hedge_delay",
+)
 
 STRATEGIES: dict[str, Callable[[], Any]] = {
     "RoundRobin": pa.RoundRobin,
@@ -83,6 +110,8 @@ async def run_peer(cfg: dict[str, Any]) -> None:
         per_node = max(1, cfg["connections"] // len(cfg["nodes"]))
         # The bench's servers are bare PostgreSQL, which refuses Picodata's options.
         options.setdefault("dialect", "postgresql")
+    if cfg.get("hedging") is not None:
+        options["hedging"] = pa.Hedging(**cfg["hedging"])
     async with pa.open_cluster(
         dsn, connections_per_node=per_node, strategy=strategy, **options
     ) as cluster:
@@ -92,6 +121,17 @@ async def run_peer(cfg: dict[str, Any]) -> None:
             with trio.move_on_after(10):
                 while sum(n.state is pa.NodeState.UP for n in cluster.nodes()) < want:
                     await events.receive()
+        table = cfg.get("keyed")
+        buckets: dict[int, pa.Bucket] = {}
+        bucket_us = None
+        if table:
+            ids = range(1, KEYS + 1)
+            for key in ids:  # the first call reads the table's key and the bucket map
+                buckets[key] = await cluster.bucket(table, key)
+            start = time.process_time()
+            for key in ids:
+                await cluster.bucket(table, key)
+            bucket_us = (time.process_time() - start) * 1e6 / KEYS
         # The bridge asked for, and the one it resolved to (informational).
         backend = cluster._backend
         resolved = getattr(backend, "kind", type(backend).__name__)
@@ -102,6 +142,8 @@ async def run_peer(cfg: dict[str, Any]) -> None:
                 "version": pa.__version__,
                 "nodes": len(cluster.nodes()),
                 "bridge": "fake" if fake else bridge,
+                "hedging": repr(options.get("hedging")),
+                **({"keyed": table, "bucket_us": round(bucket_us, 2)} if table else {}),
             }
         )
 
@@ -111,10 +153,22 @@ async def run_peer(cfg: dict[str, Any]) -> None:
             return await methods[method](query, *args, idempotent=True)
 
         def make_call(i: int) -> Call:
-            return call
+            if not table:
+                return call
+            rnd = random.Random(1000 + i)
+
+            async def keyed(method: str, query: str, args: tuple[Any, ...]) -> Any:
+                key = args[0] if args else rnd.randint(1, KEYS)
+                return await methods[method](query, *args, bucket=buckets[key], idempotent=True)
+
+            return keyed
+
+        def counters() -> dict[str, Any]:
+            stats = cluster.statistics()
+            return {name: getattr(stats, name) for name in COUNTERS}
 
         async def throughput(cmd: dict[str, Any]) -> dict[str, Any]:
-            return await run_throughput(cmd, make_call, trio.sleep, run_tasks)
+            return await run_throughput(cmd, make_call, trio.sleep, run_tasks, counters=counters)
 
         async def side(tl: Timeline) -> None:
             """Record node state changes and the retry counter, relative to t0."""
