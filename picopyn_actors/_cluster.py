@@ -331,8 +331,8 @@ class Cluster:
             events_published=self._hub.published,
             statements_invalidated=sum(s.statements_invalidated for s in every),
             views_rejected=self._supervisor.views_rejected,
-            requests_routed=self._dispatcher.routed,
-            routing_fallbacks=self._dispatcher.routing_fallbacks,
+            requests_routed=self._dispatcher.owners.routed,
+            routing_fallbacks=self._dispatcher.owners.fallbacks,
             **self._dispatcher.hedges.statistics(),
             discovery_connects=self._supervisor.discovery_connects,
         )

@@ -5,7 +5,10 @@ The data plane is synchronous. A request reaches the dispatcher by
 node that lost it). When nobody is waiting and a node has an idle connection
 slot, the strategy picks a node and the request is handed to one of its slots
 right there (``_slot.Slot.start``, a hand-off that cannot block);
-otherwise it waits in a FIFO queue, first come first served. A slot comes to
+otherwise it waits in a FIFO queue, first come first served; a keyed request
+whose owner is up but busy waits in that owner's line instead
+(:class:`~._routes.Route`), and the owner's next free slot serves the older of
+its line's head and the queue's. A slot comes to
 the dispatcher one way only, by :meth:`Dispatcher.release`: a new connection
 and one that finished its request alike; it takes the head of the queue if
 there is one. A node whose session ends takes its slots back at once with
@@ -48,11 +51,11 @@ from ._config import ClusterConfig
 from ._errors import AcquireTimeout, NoNodesAvailable, StrategyError
 from ._events import NodeState
 from ._hedges import HedgeScheduler
+from ._owners import Owners
 from ._request import Phase, Request
 from ._routes import Route, RouteTable, StrategyCall
 from ._routing import Routing
 from ._strategies import Candidate
-from ._topology import Role
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +107,8 @@ class Dispatcher:
     table: RouteTable = attrs.field(init=False, factory=RouteTable)
     routing: Routing = attrs.field(init=False, factory=Routing)
     hedges: HedgeScheduler = attrs.field(init=False)
-    #: Keyed requests sent to the node that owns their bucket, and the others.
-    routed: int = attrs.field(init=False, default=0)
-    routing_fallbacks: int = attrs.field(init=False, default=0)
+    owners: Owners = attrs.field(init=False)
     _strategy: StrategyCall = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._strategy = StrategyCall(self.config.strategy)
-        self.hedges = HedgeScheduler(self)
     _pending: deque[Request] = attrs.field(init=False, factory=deque)
     # Requests coming back for another try go first, in a queue of their own,
     # so that both queues stay ordered by enqueue time for acquire_timeout.
@@ -121,14 +118,19 @@ class Dispatcher:
     # The run task's wait, while it waits: submit() moves its deadline.
     _wait: trio.CancelScope | None = attrs.field(init=False, default=None)
     # trio's clock, read directly (made in trio: the dispatcher lives in a run).
-    _clock: Callable[[], float] = attrs.field(
+    clock: Callable[[], float] = attrs.field(
         init=False, factory=lambda: trio.lowlevel.current_clock().current_time
     )
 
+    def __attrs_post_init__(self) -> None:
+        self._strategy = StrategyCall(self.config.strategy)
+        self.hedges = HedgeScheduler(self)
+        self.owners = Owners(self)
+
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a free connection."""
-        return len(self._pending) + len(self._retries)
+        """Requests waiting for a free connection (in the queues and the owners' lines)."""
+        return len(self._pending) + len(self._retries) + self.table.lined()
 
     # -- the synchronous side: callers and node actors ---------------------------
 
@@ -144,39 +146,31 @@ class Dispatcher:
         if self._closed:
             request.close()
             return
+        if request.bucket is not None and self.owners.submit(request):
+            return  # to its owner, now or in its line
         retries, pending = self._retries, self._pending
         if not (retries or pending):
-            if request.bucket is not None:
-                route = self._owner(request)
-                if route is not None:  # the owner is up: it takes it, or it waits for it
-                    if route.idle:
-                        self.routed += 1
-                        self._hand(route, request)
-                        return
-                else:
-                    available = self.table.available()
-                    if available:
-                        self._start(request, available)
-                        return
-            else:
-                available = self.table.available()
-                if available:
-                    self._start(request, available)
-                    return
-        request.enqueued_at = now = self._clock()
+            available = self.table.available()
+            if available:
+                self._start(request, available)
+                return
+        request.enqueued_at = now = self.clock()
         (retries if request.last_route is not None else pending).append(request)
         if len(retries) + len(pending) > 1:
             # Others wait already: the run task has a deadline (the oldest
             # one's), and some node is hopeful, or they would have failed
             # when the last one stopped being so.
             return
-        wait = self._wait
-        if wait is not None and wait.deadline == math.inf:
-            # The run task waits with no deadline: give it this one. When it
-            # passes, the run task looks at the queue's head again.
-            wait.deadline = now + self.config.acquire_timeout
+        self.arm(now)
         if not self.table.hopeful():
             self._fail_if_hopeless()
+
+    def arm(self, now: float) -> None:
+        """A request waits from ``now``: if the run task waits with no deadline, give
+        it this one (when it passes, the task looks at the oldest waiters again)."""
+        wait = self._wait
+        if wait is not None and wait.deadline == math.inf:
+            wait.deadline = now + self.config.acquire_timeout
 
     def release(self, slot: SlotLike) -> None:
         """Take a slot that is free (new, or done with its request); it serves the queue first."""
@@ -187,8 +181,12 @@ class Dispatcher:
             route = self.table.add(slot.route_id, slot.candidate)
         route.idle.append(slot)
         route.candidate.free = len(route.idle)
+        if route.line:
+            self.owners.serve_line(route, by_age=True)
         if self._pending or self._retries:
             self._dispatch()
+            if route.line:  # what still waits in the queues cannot take this node
+                self.owners.serve_line(route, by_age=False)
 
     def withdraw(self, route_id: int) -> None:
         """A node's session ended: forget its idle slots now."""
@@ -215,17 +213,17 @@ class Dispatcher:
                             break
                         handle(message)
                 self._wait = None
-                if self.hedges.deadline() <= self._clock():
-                    self.hedges.fire(self._clock())
+                if self.hedges.deadline() <= self.clock():
+                    self.hedges.fire(self.clock())
                 if self._pending or self._retries:
                     self._dispatch()
-                    self._expire(self._clock())
+                self._expire(self.clock())
         finally:
             self._wait = None
             self._close()
 
     def _next_deadline(self) -> float:
-        heads = [q[0].enqueued_at for q in (self._pending, self._retries) if q]
+        heads = [q[0].enqueued_at for q in (self._pending, self._retries, *self.table.lines()) if q]
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
         return min(deadline, self.hedges.deadline())
 
@@ -238,93 +236,85 @@ class Dispatcher:
     def send_hedge(self, hedge: Request, routes: list[Route], now: float) -> None:
         """Start ``hedge`` on one of ``routes`` now, or let it wait first in line."""
         if routes and not self._retries:
-            route = self._choose(hedge, routes)
+            route = self.choose(hedge, routes)
             if route is not None:
-                self._hand(route, hedge)
+                self.hand(route, hedge)
         else:
             hedge.enqueued_at = now
             self._retries.append(hedge)
 
     def _close(self) -> None:
         self._closed = True
-        for queue in (self._retries, self._pending):
+        for queue in (self._retries, self._pending, *self.table.lines()):
             while queue:
                 queue.popleft().close()
         self.inbox.close()
 
     def _handle(self, message: Message) -> None:
         if type(message) is RouteUpdate:
+            route = self.table.routes.get(message.route_id)
             self.table.update(message)
+            if route is not None and route.state is not NodeState.UP:
+                self.owners.requeue(route)  # it may be leaving the table: its line goes first
             self._fail_if_hopeless()
         elif type(message) is RoutingUpdate:
             self.routing = message.routing
+            for route in self.table.routes.values():
+                self.owners.requeue(route)  # owners may have changed: each finds its own again
         elif type(message) is RouteRemoved:
             route = self.table.routes.get(message.route_id)
             if route is not None:
+                self.owners.requeue(route)
                 self.table.remove(route, route.last_error or route.state.value)
                 self._fail_if_hopeless()
+
+    def requeue(self, moved: deque[Request]) -> None:
+        """Requests back from an owner's line, in age order, to the queues (the
+        run task dispatches them again: to their owner, or to the tier)."""
+        key = _enqueued_at
+        if again := [r for r in moved if r.last_route is not None]:
+            self._retries = deque(sorted([*self._retries, *again], key=key))
+        if fresh := [r for r in moved if r.last_route is None]:
+            self._pending = deque(sorted([*self._pending, *fresh], key=key))
+
+    def queue_head(self) -> Request | None:
+        """The request that has waited longest in the queues (not the lines)."""
+        queue = self._retries or self._pending
+        return queue[0] if queue else None
 
     # -- routing ---------------------------------------------------------------
 
     def _start(self, request: Request, available: list[Route]) -> None:
         """Hand ``request`` to an idle slot of the route it must go to, or the strategy picks."""
         if request.bucket is None:
-            route = self._choose(request, available)
+            route = self.choose(request, available)
         else:
-            route = self._owner(request)
+            route = self.owners.owner(request)
             if not request.open:
                 return  # the strategy failed it, choosing among the owner's replicas
             if route is not None:
-                self.routed += 1
+                self.owners.routed += 1
             else:
                 # The owner cannot take it (down, draining, unknown yet): any node
                 # of the tier will, and Picodata forwards it. Counted.
-                self.routing_fallbacks += 1
+                self.owners.fallbacks += 1
                 tier = request.bucket.tier
-                route = self._choose(
+                route = self.choose(
                     request, [r for r in available if r.candidate.tier == tier] or available
                 )
         if route is not None:
-            self._hand(route, request)
+            self.hand(route, request)
 
-    def _hand(self, route: Route, request: Request) -> None:
+    def hand(self, route: Route, request: Request) -> None:
         slot = route.idle.pop()
         route.candidate.free = len(route.idle)
         slot.start(request)
         if request.hedger is not None and not request.hedged and request.parent is None:
             self.hedges.arm(request, slot.started)
 
-    def _owner(self, request: Request) -> Route | None:
-        """The route that must take keyed ``request``: its bucket's owner, when it is up.
-
-        The current master of the owning replicaset, or with ``role="replica"``
-        a replica of it (the strategy picks one, among those with an idle slot
-        if any). Not the route the request just failed on. ``None``: the
-        request may go to any node of the tier.
-        """
-        bucket = request.bucket
-        assert bucket is not None
-        routing = self.routing
-        if self.config.selector.role is Role.REPLICA:
-            owner = routing.owner(bucket.tier, bucket.bucket_id)
-            replicas = [
-                r
-                for r in self.table.routes.values()
-                if r.candidate.replicaset == owner
-                and r.state is NodeState.UP
-                and r.id != request.last_route
-            ]
-            if not replicas:
-                return None
-            return self._choose(request, [r for r in replicas if r.idle] or replicas)
-        route = self.table.named(routing.master_of(bucket.tier, bucket.bucket_id) or "")
-        if route is None or route.state is not NodeState.UP or route.id == request.last_route:
-            return None
-        return route
-
     def _dispatch(self) -> None:
         """Serve waiting requests, oldest first, while slots are idle. A keyed
-        request whose owner is up but busy keeps its place and waits for it."""
+        request whose owner is up but busy moves to its owner's line."""
         for queue in (self._retries, self._pending):
             waiting: list[Request] = []
             while queue:
@@ -343,19 +333,19 @@ class Dispatcher:
                     if not others:
                         waiting.append(request)
                         continue
-                    route = self._choose(request, others)
+                    route = self.choose(request, others)
                     if route is not None:
-                        self._hand(route, request)
+                        self.hand(route, request)
                     continue
                 if request.bucket is not None:
-                    owner = self._owner(request)
+                    owner = self.owners.owner(request)
                     if owner is not None and not owner.idle:
-                        waiting.append(request)
+                        owner.wait_in_line(request)
                         continue
                 self._start(request, available)
             queue.extendleft(reversed(waiting))
 
-    def _choose(self, request: Request, available: list[Route]) -> Route | None:
+    def choose(self, request: Request, available: list[Route]) -> Route | None:
         """The route the strategy picks for ``request``, or ``None`` (it failed the
         request: the strategy raised or picked a stranger)."""
         if len(available) > 1 and request.last_route is not None:
@@ -370,7 +360,7 @@ class Dispatcher:
 
     def _expire(self, now: float) -> None:
         limit = self.config.acquire_timeout
-        for queue in (self._retries, self._pending):
+        for queue in (self._retries, self._pending, *self.table.lines()):
             while queue and queue[0].enqueued_at + limit <= now:
                 request = queue.popleft()
                 if request.fail(
@@ -395,3 +385,7 @@ class Dispatcher:
     def node_errors(self) -> dict[str, str]:
         """Each node's last error (or state), for messages; nodes that went included."""
         return self.table.errors()
+
+
+def _enqueued_at(request: Request) -> float:
+    return request.enqueued_at

@@ -2,13 +2,18 @@
 
 A route holds what the dispatcher knows of a node: its latest state (from
 :class:`~._dispatcher.RouteUpdate` messages, the newest by sequence number),
-its idle connection slots, and its strategy :class:`~._strategies.Candidate`.
-The table also remembers the nodes whose routes went, for the message of a
+its idle connection slots, its strategy :class:`~._strategies.Candidate`,
+and its *line*: the keyed requests that wait for this node because it owns
+their bucket and is busy. Each line is ordered by enqueue time, like the
+dispatcher's own queues, so a freed slot looks at one line, not at every
+waiting request. The table also remembers the nodes whose routes went, for the message of a
 :class:`~._errors.NoNodesAvailable`. Only the dispatcher uses it.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -20,6 +25,7 @@ from ._strategies import Candidate, Strategy, strategy_name, takes_bucket
 
 if TYPE_CHECKING:
     from ._dispatcher import RouteUpdate, SlotLike
+    from ._request import Request
 
 # Nodes remembered after their route went, for NoNodesAvailable's message.
 _REMEMBERED = 64
@@ -35,6 +41,19 @@ class Route:
     seq: int = 0
     idle: list[SlotLike] = attrs.field(factory=list)
     last_error: str | None = None
+    # Keyed requests waiting for this node's next free slot, oldest first.
+    line: deque[Request] = attrs.field(factory=deque)
+
+    def wait_in_line(self, request: Request) -> None:
+        """Queue ``request`` (its ``enqueued_at`` set) in its place by age."""
+        line = self.line
+        if not line or line[-1].enqueued_at <= request.enqueued_at:
+            line.append(request)
+            return
+        for index, other in enumerate(line):  # rare: one that waited elsewhere first
+            if other.enqueued_at > request.enqueued_at:
+                line.insert(index, request)
+                return
 
 
 @attrs.define(eq=False)
@@ -86,6 +105,14 @@ class RouteTable:
 
     def named(self, name: str) -> Route | None:
         return self._by_name.get(name)
+
+    def lines(self) -> Iterator[deque[Request]]:
+        """The routes' lines that hold requests."""
+        return (r.line for r in self.routes.values() if r.line)
+
+    def lined(self) -> int:
+        """Requests waiting in the routes' lines."""
+        return sum(len(line) for line in self.lines())
 
     def available(self) -> list[Route]:
         """The routes that can take a request now: UP, with an idle slot."""

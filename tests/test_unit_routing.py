@@ -127,4 +127,88 @@ async def test_a_keyed_request_before_the_map_goes_anywhere_in_the_tier(
         assert cluster.statistics().routing_fallbacks == 1
 
 
+async def test_keyed_requests_wait_in_their_owners_line_beside_unkeyed_ones(
+    autojump_clock: object,
+) -> None:
+    """Many keyed requests for one busy owner, and unkeyed ones beside them: the
+    keyed ones are each answered by the owner, the unkeyed ones are not held up
+    behind them (they take the other nodes), and the line counts in queue_depth."""
+    fake = FakeCluster(3, service_time=0.1)
+    async with fake.open(connections_per_node=2, acquire_timeout=60.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, pa.NodeState.UP)
+        _route_buckets(cluster)
+        keyed: list[str] = []
+        plain: list[tuple[str, float]] = []
+        depth: list[int] = []
+        start = trio.current_time()
+
+        async def ask_keyed() -> None:
+            keyed.append(await cluster.fetchval("whoami", bucket=pa.Bucket("default", 3)))
+
+        async def ask_plain() -> None:
+            answer = await cluster.fetchval("whoami")
+            plain.append((answer, trio.current_time() - start))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(ask_keyed)
+            await trio.testing.wait_all_tasks_blocked()
+            depth.append(cluster.statistics().queue_depth)
+            for _ in range(4):
+                nursery.start_soon(ask_plain)
+        stats = cluster.statistics()
+    assert keyed == ["i1"] * 20
+    assert depth == [18]  # two run on i1, the others wait in its line
+    assert {answer for answer, _ in plain} <= {"i2", "i3"}
+    # At once, not after i1 next frees a slot (0.1 s), nor after the 20 keyed ones.
+    assert max(took for _, took in plain) < 0.15
+    assert stats.requests_routed == 20 and stats.routing_fallbacks == 0
+    assert stats.queue_depth == 0
+
+
+async def test_a_keyed_request_in_a_line_times_out_like_any_other(autojump_clock: object) -> None:
+    fake = FakeCluster(2, service_time=10.0)
+    async with fake.open(connections_per_node=1, acquire_timeout=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, pa.NodeState.UP)
+        _route_buckets(cluster)
+        errors: list[BaseException] = []
+
+        async def ask() -> None:
+            try:
+                await cluster.fetchval("whoami", bucket=pa.Bucket("default", 3))
+            except pa.AcquireTimeout as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(ask)
+            await trio.sleep(1.5)
+            assert len(errors) == 2  # the two in i1's line, after acquire_timeout
+            assert cluster.statistics().queue_depth == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_owner_going_down_sends_its_line_to_the_tier(autojump_clock: object) -> None:
+    fake = FakeCluster(3, service_time=1.0)
+    async with fake.open(connections_per_node=1, acquire_timeout=60.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, pa.NodeState.UP)
+        _route_buckets(cluster)
+        answers: list[str] = []
+
+        async def ask() -> None:
+            answers.append(
+                await cluster.fetchval("whoami", bucket=pa.Bucket("default", 3), idempotent=True)
+            )
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            assert cluster.statistics().queue_depth == 4
+            fake["i1"].down()
+        stats = cluster.statistics()
+    assert len(answers) == 5 and set(answers) <= {"i2", "i3"}
+    assert stats.routing_fallbacks == 5 and stats.requests_failed == 0
+
+
 bound_every_test(globals())
