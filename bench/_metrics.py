@@ -133,6 +133,7 @@ def sluggish_metrics(res: dict[str, Any], budget: float | None) -> dict[str, Any
         out["hedges_sent"] = sent
         out["hedges_won"] = counters["hedges_won"]
         out["hedges_refused"] = counters["hedges_refused"]
+        out["hedges_skipped"] = counters.get("hedges_skipped", 0)
         out["hedge_delay_s"] = counters.get("hedge_delay")
         out["extra_share"] = sent / requests if requests else None
         out["budget"] = budget

@@ -91,7 +91,7 @@ def counters_note(results: dict[str, Any]) -> str:
                     f"* {peer} ({label}): {sent} hedges sent "
                     f"({_share(sent / requests if requests else None)} of {requests} requests), "
                     f"{c.get('hedges_won', 0)} won, {c.get('hedges_refused', 0)} refused by the "
-                    "budget"
+                    f"budget, {c.get('hedges_skipped', 0)} skipped (every other node as late)"
                 )
             if c.get("requests_routed") or c.get("routing_fallbacks"):
                 lines.append(
@@ -140,7 +140,7 @@ def sluggish_table(results: dict[str, Any]) -> str:
         f"window, against the policy's budget.{measured}",
         "",
         "| client | req/s | p50 | p99 | p99.9 | max | CPU/req | failed | hedges sent | won "
-        "| refused (budget) | extra / budget | hedge delay |",
+        "| refused (budget) / skipped | extra / budget | hedge delay |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for peer, m in sl["peers"].items():
@@ -149,7 +149,8 @@ def sluggish_table(results: dict[str, Any]) -> str:
             continue
         if "hedges_sent" in m:
             hedges = (
-                f"{m['hedges_sent']} | {m['hedges_won']} | {m['hedges_refused']} | "
+                f"{m['hedges_sent']} | {m['hedges_won']} | "
+                f"{m['hedges_refused']} / {m.get('hedges_skipped', 0)} | "
                 f"{_share(m['extra_share'])} / {_share(m['budget'])} | "
                 f"{_us(m['hedge_delay_s'] * 1e6 if m['hedge_delay_s'] is not None else None)}"
             )

@@ -309,6 +309,9 @@ class ClusterStatistics:
             had not answered after the hedge delay.
         hedges_won: hedges that answered first.
         hedges_refused: hedges the budget refused.
+        hedges_skipped: hedges not sent because every node they could go to
+            had a late request of its own (the whole client or cluster was
+            slow, not one node).
         hedge_delay: the hedge delay in force, in seconds (``None``: no hedging,
             or not enough latencies measured yet).
         restarts: node restarts (down after up), all nodes.
@@ -335,4 +338,5 @@ class ClusterStatistics:
     hedges_sent: int = 0
     hedges_won: int = 0
     hedges_refused: int = 0
+    hedges_skipped: int = 0
     hedge_delay: float | None = None

@@ -53,6 +53,7 @@ class HedgeScheduler:
             "hedges_sent": sum(h.sent for h in hedgers),
             "hedges_won": sum(h.won for h in hedgers),
             "hedges_refused": sum(h.refused for h in hedgers),
+            "hedges_skipped": sum(h.skipped for h in hedgers),
             "hedge_delay": min(delays) if delays else None,
         }
 
@@ -77,10 +78,17 @@ class HedgeScheduler:
 
     def fire(self, now: float) -> None:
         """Send the hedges that are due (in the order they were armed). A hedge
-        with no idle slot to go to waits at the head of the queue."""
+        with no idle slot to go to waits at the head of the queue.
+
+        A hedge goes only to a node that holds no late request itself: when
+        every other node is as late, the slowness is not one node's (the
+        client's own pause, a busy machine, a slow cluster), no hedge would
+        answer sooner, and it is skipped (counted).
+        """
         due = self._due
         dispatcher = self.dispatcher
         max_attempts = dispatcher.config.max_attempts
+        late = self._late_routes(now)
         while due and due[0][0] <= now:
             _, request = due.popleft()
             hedger = request.hedger
@@ -92,7 +100,10 @@ class HedgeScheduler:
                 or request.attempts + request.in_flight >= max_attempts
             ):
                 continue  # answered, failed, retried elsewhere, or out of attempts
-            if not self.routes(request, idle=False) or not hedger.allow(now):
+            if not any(r.id not in late for r in self.routes(request, idle=False)):
+                hedger.skipped += 1
+                continue
+            if not hedger.allow(now):
                 continue
             hedge = Request(
                 request.method, request.query, request.args, True, bucket=request.bucket
@@ -101,8 +112,19 @@ class HedgeScheduler:
             hedge.last_route = request.last_route
             request.hedged = True
             request.hedges = [hedge]
-            dispatcher.send_hedge(hedge, self.routes(request), now)
+            routes = [r for r in self.routes(request) if r.id not in late]
+            dispatcher.send_hedge(hedge, routes, now)
         self._next = now + HEDGE_TICK
+
+    def _late_routes(self, now: float) -> set[int | None]:
+        """The routes running a request whose hedge delay has passed."""
+        late: set[int | None] = set()
+        for when, request in self._due:
+            if when > now:
+                break
+            if request.phase is Phase.SENT:
+                late.add(request.last_route)
+        return late
 
     def routes(self, request: Request, *, idle: bool = True) -> list[Route]:
         """Where a hedge of ``request`` may go: another node that is up (with an

@@ -120,6 +120,7 @@ class Hedger:
     sent: int = 0
     won: int = 0
     refused: int = 0  # hedges the budget refused
+    skipped: int = 0  # hedges not sent: every other node was as late
     _slices: deque[_Slice] = attrs.field(init=False, factory=deque)
     _cur: _Slice = attrs.field(init=False, factory=lambda: _Slice(-math.inf))
     _slice_end: float = attrs.field(init=False, default=-math.inf)

@@ -157,6 +157,11 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
     ),
     _counter("hedges_won_total", "Hedges that answered first.", "hedges_won"),
     _counter("hedges_refused_total", "Hedges the budget refused.", "hedges_refused"),
+    _counter(
+        "hedges_skipped_total",
+        "Hedges not sent: every node they could go to was as late (not one slow node).",
+        "hedges_skipped",
+    ),
     _gauge(
         "hedge_delay_seconds",
         "The hedge delay in force (absent without hedging or before enough latencies).",

@@ -120,9 +120,31 @@ async def test_cancelling_mid_hedge_leaves_nothing_behind(autojump_clock: object
         assert await cluster.fetchval("whoami", idempotent=True) in {"i1", "i2"}
 
 
-async def test_the_budget_holds_when_every_node_is_slow(autojump_clock: object) -> None:
-    fake = FakeCluster(3, service_time=0.2)
+async def test_the_budget_holds_when_one_node_is_slow(autojump_clock: object) -> None:
+    fake = FakeCluster(3)
     policy = pa.Hedging(delay=0.05, budget=0.1)
+    async with fake.open(hedging=policy, connections_per_node=8) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i2"].service_time = 1.0  # a third of the requests would want a hedge
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+
+                async def read() -> None:
+                    for _ in range(10):
+                        await cluster.fetchval("whoami", idempotent=True)
+
+                nursery.start_soon(read)
+        stats = cluster.statistics()
+    assert 0 < stats.hedges_sent <= 0.1 * 120 + 1
+    assert stats.hedges_refused > 0
+    assert stats.requests_failed == 0
+
+
+async def test_no_hedge_when_every_node_is_as_late(autojump_clock: object) -> None:
+    """Every node slow alike (or the client itself paused): a hedge would not
+    answer sooner, so none is sent; the skips are counted."""
+    fake = FakeCluster(3, service_time=0.2)
+    policy = pa.Hedging(delay=0.05, budget=0.5)
     async with fake.open(hedging=policy, connections_per_node=8) as cluster:
         await wait_all_states(cluster, fake.nodes, UP)
         async with trio.open_nursery() as nursery:
@@ -134,8 +156,8 @@ async def test_the_budget_holds_when_every_node_is_slow(autojump_clock: object) 
 
                 nursery.start_soon(read)
         stats = cluster.statistics()
-    assert stats.hedges_sent <= 0.1 * 120 + 1
-    assert stats.hedges_refused > 0
+    assert stats.hedges_sent == 0 and stats.hedges_refused == 0
+    assert stats.hedges_skipped > 0
     assert stats.requests_failed == 0
 
 

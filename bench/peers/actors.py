@@ -58,6 +58,7 @@ COUNTERS = (
     "hedges_sent",
     "hedges_won",
     "hedges_refused",
+    "hedges_skipped",
     "hedge_delay",
 )
 
