@@ -252,8 +252,21 @@ def timeline_metrics(
 OWNERS: list[tuple[str, tuple[str, ...]]] = [
     ("socket I/O (asyncio transport, syscalls)", ("asyncio/selector_events.py",)),
     ("asyncpg (driver)", ("asyncpg/",)),
-    ("dispatcher", ("picopyn_actors/_dispatcher.py", "picopyn_actors/_strategies.py")),
-    ("node worker", ("picopyn_actors/_node.py", "picopyn_actors/_session.py")),
+    (
+        "dispatcher",
+        (
+            "picopyn_actors/_dispatcher.py",
+            "picopyn_actors/_strategies.py",
+            "picopyn_actors/_routes.py",
+            "picopyn_actors/_owners.py",
+            "picopyn_actors/_hedges.py",
+            "picopyn_actors/_hedging.py",
+        ),
+    ),
+    (
+        "node (slots, completions)",
+        ("picopyn_actors/_node.py", "picopyn_actors/_session.py", "picopyn_actors/_slot.py"),
+    ),
     ("bridge: _bridge/", ("picopyn_actors/_bridge/",)),
     (
         "caller side: _cluster.py, _request.py",

@@ -252,7 +252,7 @@ PART_GROUPS: dict[str, str] = {
     "trio scheduler (run loop, epoll)": "trio scheduler",
     "dispatcher": "dispatcher",
     "caller side: _cluster.py, _request.py": "caller side (Cluster, Request)",
-    "node worker": "node (slots, completions)",
+    "node (slots, completions)": "node (slots, completions)",
     "picopyn pool": "picopyn pool",
     "bench loop": "bench loop, fake backend, other",
     "fake backend": "bench loop, fake backend, other",
