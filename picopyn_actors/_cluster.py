@@ -34,7 +34,13 @@ from ._bridge import (
 from ._bucket import Bucket
 from ._config import ClusterConfig
 from ._dispatcher import Dispatcher, Message
-from ._errors import ClusterClosed, NoNodesAvailable, OutcomeUnknown, PicodataError
+from ._errors import (
+    ArgumentError,
+    ClusterClosed,
+    NoNodesAvailable,
+    OutcomeUnknown,
+    PicodataError,
+)
 from ._events import (
     ClusterStatistics,
     EventHub,
@@ -61,7 +67,7 @@ _DEFAULT_HEDGING = Hedging()
 
 def _check_bucket(bucket: object) -> None:
     if bucket is not None and type(bucket) is not Bucket:
-        raise TypeError(f"bucket must be a Bucket (see Cluster.bucket()), got {bucket!r}")
+        raise ArgumentError(f"bucket must be a Bucket (see Cluster.bucket()), got {bucket!r}")
 
 # The dispatcher's inbox: node updates and the first idle token of each new
 # connection (requests reach the dispatcher by a synchronous call). Bounded;
@@ -127,7 +133,7 @@ class Cluster:
     ) -> Any:
         self._check_caller()
         if type(idempotent) is not bool:
-            raise TypeError(f"idempotent must be True or False, got {idempotent!r}")
+            raise ArgumentError(f"idempotent must be True or False, got {idempotent!r}")
         _check_bucket(bucket)
         check_query(query)
         # Never submit work for a caller that is already cancelled: it would
@@ -159,7 +165,7 @@ class Cluster:
             return None
         if isinstance(hedging, Hedging):
             return hedging
-        raise TypeError(f"hedging must be None, True, False or a Hedging, got {hedging!r}")
+        raise ArgumentError(f"hedging must be None, True, False or a Hedging, got {hedging!r}")
 
     def _check_caller(self) -> None:
         """Refuse a call from outside the trio run this cluster lives in."""
@@ -261,9 +267,10 @@ class Cluster:
         ``timeout`` bounds the wait for a connection only. While pinned, the
         connection serves nobody else, and one task at a time may use it.
         It goes back clean: if the body was cancelled mid-query, the
-        connection broke, or it may hold session state (a ``SET``, ``RESET``,
-        ``DISCARD`` or transaction statement ran, or a transaction is still
-        open), it is closed and its node opens a new one in its place.
+        connection broke, or it may hold session state (a ``SET``, a
+        transaction, a temporary table... in any statement of the text: see
+        docs/failure-semantics.md), it is closed and its node opens a new one
+        in its place.
         """
         self._check_caller()
         await trio.lowlevel.checkpoint_if_cancelled()

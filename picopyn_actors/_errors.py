@@ -37,6 +37,11 @@ class ConfigError(PicodataError, ValueError):
     """
 
 
+class ArgumentError(ConfigError, TypeError):
+    """A bad argument of one call (``timeout=``, ``idempotent=``): a
+    :class:`ConfigError` naming it, and a ``TypeError`` too. Nothing is sent."""
+
+
 class NoNodesAvailable(PicodataError):
     """No node of the cluster can take the request right now.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
@@ -18,7 +19,7 @@ import outcome
 import trio
 
 from ._bucket import Bucket
-from ._errors import ClusterClosed, QueryError
+from ._errors import ArgumentError, ClusterClosed, QueryError
 from ._hedging import Hedger
 
 #: The method of a request that borrows a connection (``cluster.connection()``).
@@ -43,8 +44,13 @@ _SESSION_VERBS = frozenset(
         "declare",
         "listen",
         "lock",
+        "do",
+        "call",
     }
 )
+# SQL comments, and the statements that create session-local objects.
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+_TEMPORARY = re.compile(r"\bcreate\s+(?:(?:global|local)\s+)?temp(?:orary)?\b")
 
 
 def check_query(query: object) -> None:
@@ -85,15 +91,21 @@ def check_timeout(timeout: object) -> float:
                 return float(timeout)
         except OverflowError:
             return math.inf
-    raise TypeError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+    raise ArgumentError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
 
 
 def changes_session(query: str) -> bool:
-    """``query`` may leave state on its session (``SET``, a transaction, ...)."""
-    words = query.lstrip().split(None, 1)
-    if not words:
-        return False
-    return words[0].lower().rstrip(";") in _SESSION_VERBS or "set_config" in query.lower()
+    """``query`` may leave state on its session (``SET``, a transaction, a temporary
+    table, ...), in any of its statements, after any comment. Errs on the safe
+    side: a ``;`` inside a string literal may count as a statement's end."""
+    text = _COMMENTS.sub(" ", query).lower()
+    if "set_config" in text or _TEMPORARY.search(text):
+        return True
+    for statement in text.split(";"):
+        words = statement.lstrip(" \t\r\n(").split(None, 1)
+        if words and words[0] in _SESSION_VERBS:
+            return True
+    return False
 
 
 class Terminable(Protocol):

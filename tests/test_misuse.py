@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import picopyn_actors as pa
 from picopyn_actors._dsn import parse_dsn, redact, redact_dsn
+from picopyn_actors._request import changes_session
 from picopyn_actors.testing import LocalCluster
 
 UP = pa.NodeState.UP
@@ -196,12 +197,11 @@ def test_a_fragment_is_refused_not_taken_for_the_database() -> None:
 async def test_call_arguments_are_checked(autojump_clock: object) -> None:
     fake = FakeCluster(1)
     async with fake.open() as cluster:
-        with pytest.raises(TypeError, match="timeout"):
-            await cluster.fetchval("whoami", timeout="5")
-        with pytest.raises(TypeError, match="timeout"):
-            await cluster.fetchval("whoami", timeout=-1)
-        with pytest.raises(TypeError, match="idempotent"):
-            await cluster.fetchval("whoami", idempotent="yes")
+        # A ConfigError naming the argument, and a TypeError too.
+        for bad in ({"timeout": "5"}, {"timeout": -1}, {"idempotent": "yes"}):
+            with pytest.raises(pa.ConfigError, match=next(iter(bad))) as caught:
+                await cluster.fetchval("whoami", **bad)
+            assert isinstance(caught.value, TypeError)
         assert await cluster.fetchval("whoami", timeout=10**400) == "i1"
         with pytest.raises(TypeError, match="timeout"):
             async with cluster.connection(timeout="1"):
@@ -306,11 +306,37 @@ async def test_pinned_session_state_costs_the_connection(autojump_clock: object)
         assert await cluster.fetchval("whoami") == "i1"
 
 
+@pytest.mark.parametrize(
+    ("query", "changes"),
+    [
+        ("SELECT 1", False),
+        ("select 'a; b'", False),
+        ("WITH x AS (SELECT 1) SELECT * FROM x", False),
+        ("CREATE TABLE t (a int)", False),
+        ("SET search_path = x", True),
+        ("/* first */ SET search_path = x", True),
+        ("-- first\nset x = 1", True),
+        ("SELECT 1; SET x = 1", True),
+        ("  begin", True),
+        ("CREATE TEMP TABLE t (a int)", True),
+        ("create global temporary table t (a int)", True),
+        ("SELECT set_config('a', 'b', false)", True),
+        ("DO $$ BEGIN PERFORM 1; END $$", True),
+    ],
+)
+def test_which_statements_may_leave_session_state(query: str, changes: bool) -> None:
+    assert changes_session(query) is changes
+
+
 async def test_pinned_session_state_never_leaks_on_postgresql(
     shared_cluster: LocalCluster,
 ) -> None:
     async with pa.open_cluster(shared_cluster.dsn, connections_per_node=1, **FAST) as cluster:
-        for setting in ("SET statement_timeout = '1ms'", "SET search_path = nowhere"):
+        for setting in (
+            "SET statement_timeout = '1ms'",
+            "SET search_path = nowhere",
+            "/* a comment first */ SET search_path = nowhere",
+        ):
             for _ in range(len(cluster.nodes())):  # round robin: one pin per node
                 async with cluster.connection() as conn:
                     await conn.execute(setting)
@@ -319,6 +345,26 @@ async def test_pinned_session_state_never_leaks_on_postgresql(
         for _ in range(30):
             assert await cluster.fetchval("SELECT count(*) FROM _pico_instance") == 3
             assert await cluster.fetchval("SELECT pg_sleep(0.002)::text") == ""
+
+
+async def test_session_state_after_a_comment_or_another_statement_never_leaks(
+    make_cluster: Any,
+) -> None:
+    """On bare PostgreSQL, which runs a text of several statements (Picodata and
+    the strict stand-in refuse one)."""
+    lc = make_cluster(nodes=1, strict=False)
+    options: dict[str, Any] = {**FAST, "dialect": "postgresql", "connections_per_node": 1}
+    async with pa.open_cluster(lc.dsn, **options) as cluster:
+        for setting in (
+            "/* a comment first */ SET search_path = nowhere",
+            "SELECT 1; SET search_path = nowhere",
+            "SELECT 1; CREATE TEMP TABLE kept (a int)",
+        ):
+            async with cluster.connection() as conn:
+                await conn.execute(setting)
+            assert await cluster.fetchval("SELECT count(*) FROM _pico_instance") == 1
+            kept = "SELECT count(*) FROM pg_tables WHERE tablename = 'kept'"
+            assert await cluster.fetchval(kept) == 0
 
 
 def conn_transaction(conn: pa.PinnedConnection) -> Any:
