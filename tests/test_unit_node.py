@@ -4,6 +4,7 @@ reconnect attempts in the status, the identity check, 42999 and checked transiti
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import trio
@@ -174,3 +175,43 @@ async def test_a_failed_session_hands_out_no_slot_before_its_actor_runs(
                 nursery.start_soon(cluster.fetchval, "SELECT 1")
         assert fake["i2"].queries == served
         await wait_state(cluster, "i2", DOWN)
+
+
+async def test_a_catalog_change_reaches_the_strategys_candidate(autojump_clock: object) -> None:
+    """A node's new failure domain (and tier, replicaset) in the catalog reaches
+    the candidate a strategy reads, without restarting the node."""
+    fake = FakeCluster(2)
+    seen: list[dict[str, str]] = []
+
+    def strategy(candidates: Any) -> Any:
+        seen.extend(dict(c.failure_domain) for c in candidates if c.name == "i2")
+        return candidates[0]
+
+    async with fake.open(discovery_interval=1.0, strategy=strategy) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        connects = fake["i2"].connects
+        fake["i2"].failure_domain = {"zone": "b"}
+        runs = cluster.statistics().discovery_runs
+        await trio.sleep(2.5)  # virtual time: two discovery runs or more
+        assert cluster.statistics().discovery_runs >= runs + 2
+        seen.clear()
+        for _ in range(4):
+            await cluster.fetchval("whoami")
+        assert fake["i2"].connects == connects  # the same session
+    assert seen and all(domain == {"zone": "b"} for domain in seen)
+
+
+async def test_an_already_cancelled_caller_sends_nothing(autojump_clock: object) -> None:
+    fake = FakeCluster(1)
+    async with fake.open(discovery_interval=1000.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await cluster.fetchval("whoami")
+        assert scope.cancelled_caught
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with cluster.connection() as conn:
+                await conn.fetchval("whoami")  # pragma: no cover
+        assert fake["i1"].queries == 0
+        assert await cluster.fetchval("whoami") == "i1"
