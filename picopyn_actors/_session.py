@@ -6,7 +6,8 @@ a probe connection, checks that the server is the node the catalog names
 ``connections_per_node`` query connections (at most ``CONNECTS_AT_ONCE`` at a
 time), each wrapped in a :class:`~._slot.Slot` handed to the dispatcher, and
 probes the node every ``health_interval`` on its own connection, so that a
-hung node is noticed even when every query connection is busy.
+hung node is noticed even when every query connection is busy; each probe
+asks the uuid again, so a server that stops being the node is noticed too.
 
 A session never changes the node's state itself. It records *facts* (a
 connection is ready, one broke, the node failed) and wakes its node actor,
@@ -59,6 +60,8 @@ class Session:
     _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _probe: Connection | None = attrs.field(init=False, default=None)
     _repairs: trio.MemorySendChannel[bool] | None = attrs.field(init=False, default=None)
+    # The server answers an instance uuid: every probe checks it again.
+    _checkable: bool = attrs.field(init=False, default=True)
 
     # -- the session task --------------------------------------------------------
 
@@ -113,6 +116,7 @@ class Session:
             ) from None
         if uuid is None:
             log.debug("node %s: the server has no instance uuid function; not checked", node.name)
+            self._checkable = False
             node.observe_latency(await self.probe(probe))
             return
         node.observe_latency(self.clock() - start)
@@ -126,16 +130,23 @@ class Session:
             )
 
     async def _watch(self) -> BackendBroken:
-        """Probe every ``health_interval``; return the error once the node has failed."""
+        """Probe every ``health_interval``; return the error once the node has failed.
+
+        Each probe asks the server's uuid again (when it has one), so that a
+        server that is no longer the node, with connections open, is noticed
+        within one interval."""
         node = self.node
         while True:
             await trio.sleep(node.config.health_interval)
             assert self._probe is not None
             try:
-                node.observe_latency(await self.probe(self._probe))
+                if self._checkable:
+                    await self._check_identity(self._probe)
+                else:
+                    node.observe_latency(await self.probe(self._probe))
                 continue
             except BackendBroken as exc:
-                if exc.timed_out:
+                if exc.timed_out or exc.identity:
                     return exc
             # The probe's own connection broke (a reset, say): it is the node
             # that is judged, so try a fresh one once.

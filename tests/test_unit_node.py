@@ -89,6 +89,29 @@ async def test_a_server_with_a_stranger_identity_is_never_served(
     assert len(loud) == 1 and "identity mismatch" in loud[0]
 
 
+async def test_a_server_that_changes_identity_while_connected_stops_being_served(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe asks the uuid again every health_interval: open connections to a
+    server that is no longer the node stop serving within one interval."""
+    fake = FakeCluster(3)
+    caplog.set_level(logging.WARNING, logger="picopyn_actors")
+    async with fake.open(discovery_interval=1000.0, health_interval=0.5) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i2"].answers_uuid = "99999999-0000-4000-8000-000000000000"
+        changed = trio.current_time()
+        await wait_state(cluster, "i2", DOWN)
+        took = trio.current_time() - changed
+        served = fake["i2"].queries
+        seen = {await cluster.fetchval("whoami", idempotent=True) for _ in range(30)}
+        status = next(n for n in cluster.nodes() if n.name == "i2")
+    assert took <= 0.5 + 1e-6
+    assert seen == {"i1", "i3"} and fake["i2"].queries == served
+    assert status.last_error is not None and "identity mismatch" in status.last_error
+    loud = [r.getMessage() for r in caplog.records if "i2" in r.getMessage()]
+    assert len(loud) == 1 and "identity mismatch" in loud[0]
+
+
 @pytest.mark.parametrize("idempotent", [False, True])
 async def test_42999_forgets_the_statements_and_runs_again(
     autojump_clock: object, idempotent: bool
