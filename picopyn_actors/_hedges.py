@@ -3,9 +3,9 @@
 A request with a hedging policy is *armed* when it is sent: if it has not
 answered after the policy's delay, a hedge (a second request, whose answer is
 its own) goes to another node. Due hedges fire while requests flow, as new
-ones are sent, and from the dispatcher's task in a quiet moment; at most once
-a millisecond either way, because a wake-up per request would cost more than
-hedging saves. The policy's state (latencies, budget, counters) is
+ones are sent, and from the dispatcher's task in a quiet moment (once no send
+has fired any for ``BACKSTOP``); at most once a millisecond either way,
+because a wake-up per request would cost more than hedging saves. The policy's state (latencies, budget, counters) is
 :class:`~._hedging.Hedger`.
 """
 
@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 # Seconds between two firings of due hedges, at least.
 HEDGE_TICK = 0.001
+# While requests flow, their sends fire the due hedges; the dispatcher's task
+# steps in only once no send has fired any for this long (so a steady flow
+# does not wake it every HEDGE_TICK). A hedge is late by at most this much
+# when the flow stops.
+BACKSTOP = 0.005
 
 
 @attrs.define(eq=False)
@@ -37,6 +42,7 @@ class HedgeScheduler:
     _hedgers: dict[Hedging, Hedger] = attrs.field(init=False, factory=dict)
     _due: deque[tuple[float, Request]] = attrs.field(init=False, factory=deque)
     _next: float = attrs.field(init=False, default=-math.inf)
+    _fired_by_send: float = attrs.field(init=False, default=-math.inf)
 
     def hedger(self, policy: Hedging) -> Hedger:
         """The hedging state of ``policy`` (one per policy, shared by its requests)."""
@@ -59,21 +65,23 @@ class HedgeScheduler:
 
     def deadline(self) -> float:
         """When the dispatcher's task must wake for hedges (``inf``: never)."""
-        return max(self._due[0][0], self._next) if self._due else math.inf
+        if not self._due:
+            return math.inf
+        return max(self._due[0][0], self._next, self._fired_by_send + BACKSTOP)
 
     def arm(self, request: Request, now: float) -> None:
         """``request`` was sent at ``now``: hedge it if it has not answered after
         the delay. Hedges that are due fire here, while requests flow."""
         hedger = request.hedger
         assert hedger is not None
-        hedger.admitted(now)
-        delay = hedger.delay(now)
+        delay = hedger.admit(now)
         due = self._due
         if delay != math.inf:
             due.append((now + delay, request))
             if len(due) == 1:
-                self.dispatcher.wake_by(max(now + delay, self._next))
+                self.dispatcher.wake_by(self.deadline())
         if now >= self._next and due and due[0][0] <= now:
+            self._fired_by_send = now
             self.fire(now)
 
     def fire(self, now: float) -> None:

@@ -126,7 +126,7 @@ class Hedger:
     _slice_end: float = attrs.field(init=False, default=-math.inf)
     _delay: float = attrs.field(init=False, default=math.inf)
     _seen: int = attrs.field(init=False, default=-1)
-    _delay_at: float = attrs.field(init=False, default=-math.inf)
+    _delay_until: float = attrs.field(init=False, default=-math.inf)
 
     def _current(self, now: float) -> _Slice:
         if now >= self._slice_end:
@@ -155,6 +155,17 @@ class Hedger:
             index = min(_BUCKETS - 1, int(math.log(seconds / _FIRST) * _PER_LOG) + 1)
         current.latencies[index] += 1
 
+    def admit(self, now: float) -> float:
+        """One hedgeable request was sent: count it, and return the hedge delay
+        (:meth:`admitted` and :meth:`delay` in one call, for the hot path)."""
+        if now < self._slice_end:
+            self._cur.requests += 1
+        else:
+            self._current(now).requests += 1
+        if now < self._delay_until:
+            return self._delay
+        return self.delay(now)
+
     def admitted(self, now: float) -> None:
         """One hedgeable request was sent (it counts towards the budget)."""
         current = self._cur if now < self._slice_end else self._current(now)
@@ -166,14 +177,17 @@ class Hedger:
         once per slice of the window."""
         policy = self.policy
         if policy.delay is not None:
+            self._delay, self._delay_until = policy.delay, math.inf
             return policy.delay
-        if now - self._delay_at < policy.window / _SLICES and not math.isinf(self._delay):
+        if now < self._delay_until:
             return self._delay
-        self._delay_at = now
+        # Until the next slice; each call while there are too few samples.
+        self._delay_until = now + policy.window / _SLICES
         self._current(now)
         samples = sum(s.samples for s in self._slices)
         if samples < policy.min_samples:
             self._delay = math.inf
+            self._delay_until = -math.inf
             return self._delay
         rank = math.ceil(policy.percentile * samples)
         seen = 0
