@@ -5,8 +5,8 @@ answered after the policy's delay, a hedge (a second request, whose answer is
 its own) goes to another node. Due hedges fire while requests flow, as new
 ones are sent, and from the dispatcher's task in a quiet moment (once no send
 has fired any for ``BACKSTOP``); at most once a millisecond either way,
-because a wake-up per request would cost more than hedging saves. The policy's state (latencies, budget, counters) is
-:class:`~._hedging.Hedger`.
+because a wake-up per request would cost more than hedging saves. The
+policy's state (latencies, budget, counters) is :class:`~._hedging.Hedger`.
 """
 
 from __future__ import annotations
