@@ -156,8 +156,8 @@ class Hedger:
         current.latencies[index] += 1
 
     def admit(self, now: float) -> float:
-        """One hedgeable request was sent: count it, and return the hedge delay
-        (:meth:`admitted` and :meth:`delay` in one call, for the hot path)."""
+        """One hedgeable request was sent: count it (for the budget), and return
+        the hedge delay (see :meth:`delay`)."""
         if now < self._slice_end:
             self._cur.requests += 1
         else:
@@ -165,11 +165,6 @@ class Hedger:
         if now < self._delay_until:
             return self._delay
         return self.delay(now)
-
-    def admitted(self, now: float) -> None:
-        """One hedgeable request was sent (it counts towards the budget)."""
-        current = self._cur if now < self._slice_end else self._current(now)
-        current.requests += 1
 
     def delay(self, now: float) -> float:
         """The hedge delay now: fixed, or the percentile of the window's latencies

@@ -40,16 +40,16 @@ def test_the_delay_has_a_floor_and_may_be_fixed() -> None:
 def test_the_budget_holds_over_the_window() -> None:
     hedger = Hedger(pa.Hedging(budget=0.1, window=10.0))
     for _ in range(100):
-        hedger.admitted(0.0)
+        hedger.admit(0.0)
     allowed = sum(hedger.allow(0.0) for _ in range(50))
     assert allowed == 10 and hedger.refused == 40 and hedger.sent == 10
     # A new window: the old requests and hedges no longer count.
     for _ in range(20):
-        hedger.admitted(20.0)
+        hedger.admit(20.0)
     assert sum(hedger.allow(20.0) for _ in range(5)) == 2
     # A quiet client may hedge once per window all the same.
     quiet = Hedger(pa.Hedging(budget=0.1))
-    quiet.admitted(0.0)
+    quiet.admit(0.0)
     assert [quiet.allow(0.0), quiet.allow(0.0)] == [True, False]
 
 
@@ -120,20 +120,25 @@ async def test_cancelling_mid_hedge_leaves_nothing_behind(autojump_clock: object
         assert await cluster.fetchval("whoami", idempotent=True) in {"i1", "i2"}
 
 
+async def _read_load(cluster: pa.Cluster, *, tasks: int, each: int) -> None:
+    """``tasks`` tasks of ``each`` idempotent reads, side by side."""
+
+    async def read() -> None:
+        for _ in range(each):
+            await cluster.fetchval("whoami", idempotent=True)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(tasks):
+            nursery.start_soon(read)
+
+
 async def test_the_budget_holds_when_one_node_is_slow(autojump_clock: object) -> None:
     fake = FakeCluster(3)
     policy = pa.Hedging(delay=0.05, budget=0.1)
     async with fake.open(hedging=policy, connections_per_node=8) as cluster:
         await wait_all_states(cluster, fake.nodes, UP)
         fake["i2"].service_time = 1.0  # a third of the requests would want a hedge
-        async with trio.open_nursery() as nursery:
-            for _ in range(12):
-
-                async def read() -> None:
-                    for _ in range(10):
-                        await cluster.fetchval("whoami", idempotent=True)
-
-                nursery.start_soon(read)
+        await _read_load(cluster, tasks=12, each=10)
         stats = cluster.statistics()
     assert 0 < stats.hedges_sent <= 0.1 * 120 + 1
     assert stats.hedges_refused > 0
@@ -147,14 +152,7 @@ async def test_no_hedge_when_every_node_is_as_late(autojump_clock: object) -> No
     policy = pa.Hedging(delay=0.05, budget=0.5)
     async with fake.open(hedging=policy, connections_per_node=8) as cluster:
         await wait_all_states(cluster, fake.nodes, UP)
-        async with trio.open_nursery() as nursery:
-            for _ in range(12):
-
-                async def read() -> None:
-                    for _ in range(10):
-                        await cluster.fetchval("whoami", idempotent=True)
-
-                nursery.start_soon(read)
+        await _read_load(cluster, tasks=12, each=10)
         stats = cluster.statistics()
     assert stats.hedges_sent == 0 and stats.hedges_refused == 0
     assert stats.hedges_skipped > 0
