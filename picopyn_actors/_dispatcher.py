@@ -214,7 +214,7 @@ class Dispatcher:
                         handle(message)
                 self._wait = None
                 if self.hedges.deadline() <= self.clock():
-                    self.hedges.fire(self.clock())
+                    self.hedges.look(self.clock())
                 if self._pending or self._retries:
                     self._dispatch()
                 self._expire(self.clock())
@@ -309,8 +309,14 @@ class Dispatcher:
         slot = route.idle.pop()
         route.candidate.free = len(route.idle)
         slot.start(request)
-        if request.hedger is not None and not request.hedged and request.parent is None:
-            self.hedges.arm(request, slot.started)
+        hedger = request.hedger  # (a hedge has none: it is never hedged again)
+        if hedger is not None:
+            # Noted for the hedge scheduler: in its line, and a look if one is due.
+            started = slot.started
+            hedger.line_times.append(started)
+            hedger.line.append(request)
+            if started >= self.hedges.next_look:
+                self.hedges.sent(hedger, started)
 
     def _dispatch(self) -> None:
         """Serve waiting requests, oldest first, while slots are idle. A keyed

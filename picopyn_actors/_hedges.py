@@ -1,18 +1,21 @@
 """The dispatcher's hedge scheduler: which sent requests get a second attempt, when.
 
-A request with a hedging policy is *armed* when it is sent: if it has not
-answered after the policy's delay, a hedge (a second request, whose answer is
-its own) goes to another node. Due hedges fire while requests flow, as new
-ones are sent, and from the dispatcher's task in a quiet moment (once no send
-has fired any for ``BACKSTOP``); at most once a millisecond either way,
-because a wake-up per request would cost more than hedging saves. The
-policy's state (latencies, budget, counters) is :class:`~._hedging.Hedger`.
+A request with a hedging policy is noted when it is sent: it and its send
+time are appended to its policy's line (:class:`~._hedging.Hedger`), and
+that is all the request path does for hedging. The scheduler looks at the
+lines at most once a millisecond (``HEDGE_TICK``): from a send, while
+requests flow, and from the dispatcher's task in a quiet moment (once no
+send has looked for ``BACKSTOP``). It takes every request whose hedge delay
+has passed off its line (counted for the budget) and hedges it if it has
+not answered: a hedge (a second request, whose answer is its own) goes to
+another node. The policy's state (latencies, budget, counters) is
+:class:`~._hedging.Hedger`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+import operator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -25,24 +28,30 @@ if TYPE_CHECKING:
     from ._dispatcher import Dispatcher
     from ._routes import Route
 
-# Seconds between two firings of due hedges, at least.
+# Seconds between two looks at the lines, at least.
 HEDGE_TICK = 0.001
-# While requests flow, their sends fire the due hedges; the dispatcher's task
-# steps in only once no send has fired any for this long (so a steady flow
+# While requests flow, their sends look at the lines; the dispatcher's task
+# steps in only once no send has looked for this long (so a steady flow
 # does not wake it every HEDGE_TICK). A hedge is late by at most this much
 # when the flow stops.
 BACKSTOP = 0.005
 
+_SENT = Phase.SENT
+_PHASE = operator.attrgetter("phase")
+
 
 @attrs.define(eq=False)
 class HedgeScheduler:
-    """Armed requests by deadline, and one :class:`Hedger` per policy."""
+    """One :class:`Hedger` per policy, and when to look at their lines next."""
 
     dispatcher: Dispatcher
     _hedgers: dict[Hedging, Hedger] = attrs.field(init=False, factory=dict)
-    _due: deque[tuple[float, Request]] = attrs.field(init=False, factory=deque)
-    _next: float = attrs.field(init=False, default=-math.inf)
-    _fired_by_send: float = attrs.field(init=False, default=-math.inf)
+    #: The next look is due at this time or later (sends compare their time
+    #: with it: the request path's only hedging work besides the appends);
+    #: ``-inf`` while the lines are empty, so that the next send looks (and
+    #: makes sure the dispatcher's task wakes for its request).
+    next_look: float = attrs.field(init=False, default=-math.inf)
+    _looked_by_send: float = attrs.field(init=False, default=-math.inf)
 
     def hedger(self, policy: Hedging) -> Hedger:
         """The hedging state of ``policy`` (one per policy, shared by its requests)."""
@@ -65,74 +74,71 @@ class HedgeScheduler:
 
     def deadline(self) -> float:
         """When the dispatcher's task must wake for hedges (``inf``: never)."""
-        if not self._due:
-            return math.inf
-        return max(self._due[0][0], self._next, self._fired_by_send + BACKSTOP)
+        due = math.inf
+        for hedger in self._hedgers.values():
+            if hedger.line_times:
+                due = min(due, hedger.line_times[0] + hedger.last_delay)
+        if due == math.inf:
+            return due
+        return max(due, self.next_look, self._looked_by_send + BACKSTOP)
 
-    def arm(self, request: Request, now: float) -> None:
-        """``request`` was sent at ``now``: hedge it if it has not answered after
-        the delay. Hedges that are due fire here, while requests flow."""
-        hedger = request.hedger
-        assert hedger is not None
-        delay = hedger.admit(now)
-        due = self._due
-        if delay != math.inf:
-            due.append((now + delay, request))
-            if len(due) == 1:
-                self.dispatcher.wake_by(self.deadline())
-        if now >= self._next and due and due[0][0] <= now:
-            self._fired_by_send = now
-            self.fire(now)
+    def sent(self, hedger: Hedger, now: float) -> None:
+        """A send at ``now`` found the next look due: look, and make sure the
+        dispatcher's task wakes for what is left on the lines."""
+        self._looked_by_send = now
+        self.look(now)
+        if hedger.line_times:
+            self.dispatcher.wake_by(self.deadline())
 
-    def fire(self, now: float) -> None:
-        """Send the hedges that are due (in the order they were armed). A hedge
-        with no idle slot to go to waits at the head of the queue.
+    def look(self, now: float) -> None:
+        """Take the requests whose hedge delay has passed off the lines (they
+        are counted for the budget), and send a hedge for each that has not
+        answered. A hedge with no idle slot to go to waits at the head of the
+        dispatcher's queue.
 
         A hedge goes only to a node that holds no late request itself: when
         every other node is as late, the slowness is not one node's (the
         client's own pause, a busy machine, a slow cluster), no hedge would
         answer sooner, and it is skipped (counted).
         """
-        due = self._due
-        dispatcher = self.dispatcher
-        max_attempts = dispatcher.config.max_attempts
-        late = self._late_routes(now)
-        while due and due[0][0] <= now:
-            _, request = due.popleft()
-            hedger = request.hedger
-            if (
-                hedger is None
-                or request.phase is not Phase.SENT
-                or request.in_flight != 1
-                or request.hedged
-                or request.attempts + request.in_flight >= max_attempts
-            ):
-                continue  # answered, failed, retried elsewhere, or out of attempts
-            if not any(r.id not in late for r in self.routes(request, idle=False)):
-                hedger.skipped += 1
+        late: list[tuple[Hedger, Request]] = []
+        waiting = False
+        for hedger in self._hedgers.values():
+            if not hedger.line_times:
                 continue
-            if not hedger.allow(now):
-                continue
-            hedge = Request(
-                request.method, request.query, request.args, True, bucket=request.bucket
-            )
-            hedge.parent = request
-            hedge.last_route = request.last_route
-            request.hedged = True
-            request.hedges = [hedge]
-            routes = [r for r in self.routes(request) if r.id not in late]
-            dispatcher.send_hedge(hedge, routes, now)
-        self._next = now + HEDGE_TICK
+            taken = hedger.take(now)
+            waiting = waiting or bool(hedger.line_times)
+            # The common case, all answered, is checked without a Python loop.
+            if taken and _SENT in map(_PHASE, taken):
+                late.extend((hedger, r) for r in taken if r.phase is _SENT)
+        self.next_look = now + HEDGE_TICK if waiting else -math.inf
+        if not late:
+            return
+        routes = {r.last_route for _, r in late}
+        for hedger, request in late:
+            if self._needs_hedge(request):
+                self._hedge(request, hedger, routes, now)
 
-    def _late_routes(self, now: float) -> set[int | None]:
-        """The routes running a request whose hedge delay has passed."""
-        late: set[int | None] = set()
-        for when, request in self._due:
-            if when > now:
-                break
-            if request.phase is Phase.SENT:
-                late.add(request.last_route)
-        return late
+    def _needs_hedge(self, request: Request) -> bool:
+        return (
+            request.in_flight == 1
+            and not request.hedged
+            and request.attempts + request.in_flight < self.dispatcher.config.max_attempts
+        )  # else: retried elsewhere, hedged already, or out of attempts
+
+    def _hedge(self, request: Request, hedger: Hedger, late: set[int | None], now: float) -> None:
+        if not any(r.id not in late for r in self.routes(request, idle=False)):
+            hedger.skipped += 1
+            return
+        if not hedger.allow(now):
+            return
+        hedge = Request(request.method, request.query, request.args, True, bucket=request.bucket)
+        hedge.parent = request
+        hedge.last_route = request.last_route
+        request.hedged = True
+        request.hedges = [hedge]
+        routes = [r for r in self.routes(request) if r.id not in late]
+        self.dispatcher.send_hedge(hedge, routes, now)
 
     def routes(self, request: Request, *, idle: bool = True) -> list[Route]:
         """Where a hedge of ``request`` may go: another node that is up (with an

@@ -16,19 +16,26 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._errors import ConfigError
+from ._request import Phase
+
+if TYPE_CHECKING:
+    from ._request import Request
 
 # Latencies are kept in buckets 5% wide: the percentile is within 5% of the truth.
 _GROWTH = 1.05
-_PER_LOG = 1 / math.log(_GROWTH)
-_FIRST = 1e-5  # seconds: the lower edge of the first bucket
-_BUCKETS = 400  # up to _FIRST * 1.05**400, about 3 s; slower ones fall in the last
+_FIRST = 1e-5  # seconds: the upper edge of the first bucket
+_BUCKETS = 400  # up to _FIRST * 1.05**400, about 50 minutes; slower ones fall in the last
+# The upper edges of the buckets but the last: bucket i holds the latencies in
+# (_EDGES[i - 1], _EDGES[i]] (a bisection finds it, cheaper than a logarithm).
+_EDGES = [_FIRST * _GROWTH**i for i in range(_BUCKETS - 1)]
 # The sliding window is cut into this many slices.
 _SLICES = 10
 # One latency in this many is kept: the percentile needs a sample, not all.
@@ -114,9 +121,19 @@ class _Slice:
 
 @attrs.define(eq=False)
 class Hedger:
-    """The dispatcher's hedging state for one :class:`Hedging` policy."""
+    """The dispatcher's hedging state for one :class:`Hedging` policy.
+
+    The *line* is the hedge scheduler's (see :mod:`._hedges`): the requests
+    of this policy in the order they were sent (``line``) and their send
+    times (``line_times``, in step). The request path only appends to it
+    (and a completed request keeps its ``latency``); :meth:`take` takes off
+    the requests whose delay has passed, counts them for the budget and
+    samples their latencies.
+    """
 
     policy: Hedging
+    line: list[Request] = attrs.field(init=False, factory=list)
+    line_times: list[float] = attrs.field(init=False, factory=list)
     sent: int = 0
     won: int = 0
     refused: int = 0  # hedges the budget refused
@@ -125,8 +142,11 @@ class Hedger:
     _cur: _Slice = attrs.field(init=False, factory=lambda: _Slice(-math.inf))
     _slice_end: float = attrs.field(init=False, default=-math.inf)
     _delay: float = attrs.field(init=False, default=math.inf)
-    _seen: int = attrs.field(init=False, default=-1)
     _delay_until: float = attrs.field(init=False, default=-math.inf)
+    # Sampling: the position of the next sample in the next requests taken,
+    # and the sampled requests taken before they answered.
+    _offset: int = attrs.field(init=False, default=0)
+    _stragglers: list[Request] = attrs.field(init=False, factory=list)
 
     def _current(self, now: float) -> _Slice:
         if now >= self._slice_end:
@@ -143,28 +163,53 @@ class Hedger:
         self._slice_end = now + width
 
     def record(self, seconds: float, now: float) -> None:
-        """One request answered in ``seconds`` (one in ``_SAMPLE`` is kept)."""
-        self._seen += 1
-        if self._seen % _SAMPLE:
-            return
+        """Keep one latency: a request answered in ``seconds``."""
         current = self._cur if now < self._slice_end else self._current(now)
         current.samples += 1
-        if seconds <= _FIRST:
-            index = 0
-        else:
-            index = min(_BUCKETS - 1, int(math.log(seconds / _FIRST) * _PER_LOG) + 1)
-        current.latencies[index] += 1
+        current.latencies[bisect.bisect_left(_EDGES, seconds)] += 1
 
-    def admit(self, now: float) -> float:
-        """One hedgeable request was sent: count it (for the budget), and return
-        the hedge delay (see :meth:`delay`)."""
-        if now < self._slice_end:
-            self._cur.requests += 1
-        else:
-            self._current(now).requests += 1
-        if now < self._delay_until:
-            return self._delay
-        return self.delay(now)
+    def count(self, requests: int, now: float) -> None:
+        """``requests`` hedgeable requests were sent (for the budget)."""
+        self._current(now).requests += requests
+
+    def take(self, now: float) -> list[Request]:
+        """The requests of the line sent at least the delay ago, taken off it,
+        counted (:meth:`count`) and sampled (:meth:`_sample`). While the delay
+        is unknown, every request is taken, and none is returned: none is
+        hedged."""
+        times = self.line_times
+        delay = self.delay(now)
+        cut = len(times) if delay == math.inf else bisect.bisect_right(times, now - delay)
+        if self._stragglers:
+            self._sample([], now)
+        if not cut:
+            return []
+        line = self.line
+        taken = line[:cut]
+        del line[:cut], times[:cut]
+        self.count(cut, now)
+        if self.policy.delay is None:
+            offset = self._offset
+            self._offset = (offset - cut) % _SAMPLE
+            self._sample(taken[offset::_SAMPLE], now)
+        return [] if delay == math.inf else taken
+
+    def _sample(self, requests: list[Request], now: float) -> None:
+        """Record the latencies of ``requests`` (one in ``_SAMPLE`` of those
+        taken), and of the earlier ones that had not answered then. A request
+        whose attempt still runs (a hedged one: until its first attempt ends)
+        waits among the stragglers, so that the slow ones count too; one that
+        failed or was abandoned counts not at all."""
+        stragglers = self._stragglers
+        if stragglers:
+            requests = [*stragglers, *requests]
+            stragglers.clear()
+        for request in requests:
+            latency = request.latency
+            if latency is not None:
+                self.record(latency, now)
+            elif request.in_flight and request.phase is not Phase.ABANDONED:
+                stragglers.append(request)
 
     def delay(self, now: float) -> float:
         """The hedge delay now: fixed, or the percentile of the window's latencies
@@ -206,6 +251,11 @@ class Hedger:
         current.hedges += 1
         self.sent += 1
         return True
+
+    @property
+    def last_delay(self) -> float:
+        """The delay :meth:`delay` computed last (``inf`` while unknown)."""
+        return self._delay
 
     @property
     def current_delay(self) -> float | None:

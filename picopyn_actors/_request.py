@@ -13,14 +13,16 @@ import enum
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import outcome
 import trio
 
 from ._bucket import Bucket
 from ._errors import ArgumentError, ClusterClosed, QueryError
-from ._hedging import Hedger
+
+if TYPE_CHECKING:
+    from ._hedging import Hedger
 
 #: The method of a request that borrows a connection (``cluster.connection()``).
 PIN: Final = "pin"
@@ -141,6 +143,7 @@ class Request:
         "in_flight",
         "invalidations",
         "last_route",
+        "latency",
         "method",
         "parent",
         "phase",
@@ -167,6 +170,7 @@ class Request:
         self.hedges: list[Request] | None = None
         self.parent: Request | None = None
         self.in_flight = 0  # slots running this request (its hedges included)
+        self.latency: float | None = None  # seconds, once answered (hedging samples it)
         self.query = query
         self.args = args
         self.idempotent = idempotent

@@ -99,9 +99,7 @@ class Slot:
             node.counters.ok += 1
             latency = session.clock() - self.started
             node.observe_latency(latency)
-            hedger = (request.parent or request).hedger
-            if hedger is not None:
-                hedger.record(latency, self.started + latency)
+            request.latency = latency  # (hedging samples it)
             request.finish(result)
             # Session.give_back, written out for the hot path.
             if node.serving and session.failure is None:

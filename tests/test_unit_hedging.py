@@ -9,6 +9,7 @@ from fakes import FakeCluster, bound_every_test, wait_all_states
 
 import picopyn_actors as pa
 from picopyn_actors._hedging import Hedger
+from picopyn_actors._request import Phase, Request
 
 UP = pa.NodeState.UP
 
@@ -39,18 +40,47 @@ def test_the_delay_has_a_floor_and_may_be_fixed() -> None:
 
 def test_the_budget_holds_over_the_window() -> None:
     hedger = Hedger(pa.Hedging(budget=0.1, window=10.0))
-    for _ in range(100):
-        hedger.admit(0.0)
+    hedger.count(100, 0.0)
     allowed = sum(hedger.allow(0.0) for _ in range(50))
     assert allowed == 10 and hedger.refused == 40 and hedger.sent == 10
     # A new window: the old requests and hedges no longer count.
-    for _ in range(20):
-        hedger.admit(20.0)
+    hedger.count(20, 20.0)
     assert sum(hedger.allow(20.0) for _ in range(5)) == 2
     # A quiet client may hedge once per window all the same.
     quiet = Hedger(pa.Hedging(budget=0.1))
-    quiet.admit(0.0)
+    quiet.count(1, 0.0)
     assert [quiet.allow(0.0), quiet.allow(0.0)] == [True, False]
+
+
+def test_the_line_is_taken_counted_and_sampled_with_its_slow_answers() -> None:
+    hedger = Hedger(pa.Hedging(percentile=0.9, floor=0.001, min_samples=5))
+    requests = [Request("fetchval", "q", (), True) for _ in range(400)]
+    for i, request in enumerate(requests):  # sent over 0.4 s; one in ten still runs
+        hedger.line.append(request)
+        hedger.line_times.append(i / 1000)
+        request.in_flight = 1
+        if i % 10:
+            request.phase, request.latency, request.in_flight = Phase.DONE, 0.002, 0
+        else:
+            request.phase = Phase.SENT
+    # The delay is unknown: everything is taken and counted, nothing is hedged.
+    assert hedger.take(1.0) == [] and not hedger.line and not hedger.line_times
+    hedger.count(0, 1.0)
+    assert sum(s.requests for s in hedger._slices) == 400
+    # One in four was sampled; the slow ones count once they answer.
+    assert 0.002 <= hedger.delay(1.0) <= 0.0022
+    for request in requests[::10]:
+        request.phase, request.latency, request.in_flight = Phase.DONE, 0.5, 0
+    assert hedger.take(2.0) == []  # (the delay is recomputed once a slice: next at 3.0)
+    # The slow fifth of the samples (their index a multiple of 20) set the p90.
+    assert 0.5 <= hedger.delay(3.0) <= 0.5 * 1.05  # (buckets are 5% wide)
+    # Now known, the delay decides: only requests sent at least that long ago.
+    late = Request("fetchval", "q", (), True)
+    late.phase, late.in_flight = Phase.SENT, 1
+    early = Request("fetchval", "q", (), True)
+    hedger.line += [late, early]
+    hedger.line_times += [3.0, 3.4]
+    assert hedger.take(3.6) == [late] and hedger.line == [early]
 
 
 @pytest.mark.parametrize(
