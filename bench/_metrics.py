@@ -50,6 +50,31 @@ def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": dict(errors.most_common(5)),
         "requests": sum(r.get("requests", 0) for r in rounds),
         **({"counters": counters} if counters else {}),
+        **({"gc": gc} if (gc := gc_per_request(rounds)) else {}),
+    }
+
+
+def gc_per_request(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The garbage collector's share of the rounds that measured it, pooled: per
+    request, the collections of each generation and the microseconds spent in
+    each; their total, and as a share of the client's CPU; the most objects it
+    tracked after a round, and the most frozen (``gc.freeze()``). ``None`` when
+    no round measured it."""
+    measured = [r for r in rounds if r.get("gc") and r.get("requests")]
+    if not measured:
+        return None
+    requests = sum(r["requests"] for r in measured)
+    collections = [sum(r["gc"]["collections"][g] for r in measured) for g in range(3)]
+    seconds = [sum(r["gc"]["seconds"][g] for r in measured) for g in range(3)]
+    cpu = sum(r.get("cpu") or 0.0 for r in measured)
+    tracked = [r["gc"]["tracked"] for r in measured if r["gc"].get("tracked") is not None]
+    return {
+        "collections_per_request": [c / requests for c in collections],
+        "us_per_request": [s * 1e6 / requests for s in seconds],
+        "us_per_request_total": sum(seconds) * 1e6 / requests,
+        "cpu_share": sum(seconds) / cpu if cpu > 0 else None,
+        "tracked": max(tracked, default=None),
+        "frozen": max((r["gc"].get("frozen") or 0 for r in measured), default=0),
     }
 
 

@@ -37,7 +37,9 @@ def throughput_table(results: dict[str, Any]) -> str:
         "rounds; CPU/req: the client process's CPU time per request (median). "
         "A request still waiting when a window closed counts with the age it had then; "
         "*starved*: tasks (most in any round) that completed no request in a whole window. "
-        "Raw asyncpg runs one task per connection (the number in brackets)."
+        "Raw asyncpg runs one task per connection (the number in brackets). "
+        "GC/req: time in the garbage collector per request (see below)."
+        + (" Every peer called `gc.freeze()` after each warm-up." if tp.get("gc_freeze") else "")
         + (
             f" Load average during the rounds: median {tp['load_median']:.1f}, "
             f"max {tp['load_max']:.1f} ({results['meta']['cores']} cores)."
@@ -46,8 +48,8 @@ def throughput_table(results: dict[str, Any]) -> str:
         ),
         "",
         "| query | tasks | client | req/s | ratio | ratio range | p50 | p99 | p99.9 "
-        "| p99/p50 | CPU/req | starved | failed |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p99/p50 | CPU/req | GC/req | starved | failed |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in tp["cases"]:
         for peer, row in case["peers"].items():
@@ -64,9 +66,56 @@ def throughput_table(results: dict[str, Any]) -> str:
                 f"| {case['query']} | {tasks} | {peer} | {row['rps']:.0f} | "
                 f"{_f(row.get('ratio'), suffix='x')} | {spread} | {_us(p50)} | {_us(p99)} | "
                 f"{_us(row['p999_us'])} | {_f(p99 / p50 if p50 and p99 else None, 1)} | "
-                f"{_us(row['cpu_us_per_request'])} | {row.get('starved_tasks', 0)} | "
-                f"{row['failed']} |"
+                f"{_us(row['cpu_us_per_request'])} | {_gc_us(row.get('gc'))} | "
+                f"{row.get('starved_tasks', 0)} | {row['failed']} |"
             )
+    return "\n".join(lines)
+
+
+def _gc_us(gc: dict[str, Any] | None) -> str:
+    return "n/a" if not gc else f"{gc['us_per_request_total']:.1f} µs"
+
+
+#: Queries whose garbage collection the report details (each of their cases).
+GC_DETAIL_QUERIES = ("rows1000",)
+
+
+def gc_table(results: dict[str, Any]) -> str:
+    """Per generation, the garbage collector's work per request of the big-result cases."""
+    tp = results.get("throughput")
+    if not tp:
+        return ""
+    rows = [
+        (case, peer, row["gc"])
+        for case in tp["cases"]
+        if case["query"] in GC_DETAIL_QUERIES
+        for peer, row in case["peers"].items()
+        if row.get("gc")
+    ]
+    if not rows:
+        return ""
+    frozen = " after `gc.freeze()` at the end of each warm-up" if tp.get("gc_freeze") else ""
+    lines = [
+        "The garbage collector in each throughput peer's process, over the measured "
+        f"windows{frozen}: collections of each generation per request and the time "
+        "they took (`gc.callbacks`), their total as a share of the client's CPU, and the "
+        "objects the collector tracked (frozen ones apart). A full (generation 2) "
+        "collection walks every tracked object.",
+        "",
+        "| query | tasks | client | gen 0 /req | gen 1 /req | gen 2 /req | gen 0 µs | "
+        "gen 1 µs | gen 2 µs | GC µs/req | of CPU | tracked | frozen |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, peer, gc in rows:
+        n, us = gc["collections_per_request"], gc["us_per_request"]
+        lines.append(
+            f"| {case['query']} | {case['concurrency']} | {peer} | "
+            + " | ".join(f"{c:.3f}" for c in n)
+            + " | "
+            + " | ".join(f"{u:.1f}" for u in us)
+            + f" | {gc['us_per_request_total']:.1f} | {_share(gc.get('cpu_share'))} | "
+            f"{gc.get('tracked') or 'n/a'} | {gc.get('frozen') or 0} |"
+        )
     return "\n".join(lines)
 
 
@@ -346,6 +395,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("Sluggish node (paused again and again): hedged reads", sluggish_table(results)),
         ("Scale: client cost per request vs node count", scale_table(results)),
         ("Where the time goes", profile_table(results)),
+        ("Where the time goes: the garbage collector on big results", gc_table(results)),
         ("Targets", targets_table(results)),
     ]
     for title, body in sections:

@@ -285,6 +285,7 @@ def run_throughput(
                         "concurrency": concurrency,
                         "warmup": args.warmup,
                         "duration": args.duration,
+                        "gc_freeze": args.gc_freeze,
                     }
                     res = procs[peer.name].request(cmd, timeout=args.warmup + args.duration + 60)
                     res["at"] = time.monotonic() - args.duration / 2  # the window's middle
@@ -316,6 +317,7 @@ def run_throughput(
         "rounds": args.rounds,
         "duration": args.duration,
         "warmup": args.warmup,
+        "gc_freeze": args.gc_freeze,
         "connections": cluster["connections"],
         "nodes": len(cluster["nodes"]),
         "cases": out_cases,
@@ -813,6 +815,11 @@ def parse_args() -> argparse.Namespace:
         "--rows1000-concurrency",
         default="10",
         help="task counts for the 1000-row fetch (default 10)",
+    )
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="throughput: every peer calls gc.freeze() after each warm-up",
     )
     p.add_argument("--timeline-duration", type=float, default=10.0)
     p.add_argument("--timeline-concurrency", type=int, default=20)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,7 @@ import asyncpg
 import outcome
 import pytest
 import trio
+import trio.testing
 
 from picopyn_actors._bridge import BackendBroken, BackendQueryError, fastpath, open_backend
 from picopyn_actors._bridge import backend as backend_module
@@ -102,6 +104,82 @@ async def test_a_step_reports_its_outcome_once() -> None:
         await finished.wait()
         await trio.sleep(0.05)
         assert [o.unwrap() for o in outcomes] == [42]
+
+
+class _CountingEpoll:
+    """The driver's epoll set, counting its polls: one per pass of the driver."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.polls = 0
+
+    def poll(self, timeout: float = -1) -> Any:
+        self.polls += 1
+        return self.inner.poll(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _Answering(asyncio.Protocol):
+    """Answers its future with ``rows`` rows when data arrives, noting the pass."""
+
+    def __init__(self, loop: EmbeddedLoop, hot: _CountingEpoll, rows: int) -> None:
+        self.future: asyncio.Future[list[None]] = loop.create_future()
+        self.hot = hot
+        self.rows = rows
+        self.read_in_pass: int | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.read_in_pass = self.hot.polls
+        self.future.set_result([None] * self.rows)
+
+
+@pytest.mark.parametrize(
+    ("rows", "same_pass"), [(1, True), (embedded_module._ROWS_PER_PASS, False)]
+)
+async def test_a_pass_that_handed_over_many_rows_yields_before_reading_more(
+    rows: int, same_pass: bool
+) -> None:
+    # Two sockets with their answers waiting: small answers are read in one
+    # pass; after a big one the driver yields to trio before the next read.
+    loop = EmbeddedLoop()
+    hot = loop._hot = _CountingEpoll(loop._hot)  # type: ignore[assignment]
+    pairs = [socket.socketpair() for _ in range(2)]
+    protocols = [_Answering(loop, hot, rows) for _ in pairs]
+    answered: list[int] = []
+    both = trio.Event()
+
+    def on_done(result: outcome.Outcome[Any]) -> None:
+        answered.append(len(result.unwrap()))
+        if len(answered) == 2:
+            both.set()
+
+    async def wait_for(future: asyncio.Future[list[None]]) -> list[None]:
+        return await future
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.drive)
+        try:
+            for (ours, _), protocol in zip(pairs, protocols, strict=True):
+                ours.setblocking(False)
+                loop._make_socket_transport(ours, protocol)  # type: ignore[attr-defined]
+                loop.start_step(wait_for(protocol.future), on_done)
+            loop.kick()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(loop._hot_readers) == 2
+            for _, theirs in pairs:  # in one trio step: the driver sees both at once
+                theirs.send(b"x")
+            with trio.fail_after(5):
+                await both.wait()
+            assert answered == [rows, rows]
+            first, second = (p.read_in_pass for p in protocols)
+            assert (first == second) is same_pass
+        finally:
+            await loop.aclose()
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
 
 
 async def test_cancelling_a_wait_cancels_its_asyncio_task_promptly() -> None:

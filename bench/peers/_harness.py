@@ -13,7 +13,11 @@ reads one JSON command per line on stdin and answers each with one JSON line:
   T`` (see ``timeline``; the sluggish workload starts its fault then). A peer
   that passes ``counters`` (picopyn_actors: its ``statistics()`` counters)
   adds ``"counters"``: each integer's change over the window, other values as
-  they were at its end.
+  they were at its end. Every answer has ``"gc"``: the garbage collections of
+  each generation in the window and the seconds they took (timed through
+  ``gc.callbacks``), the objects the collector tracked after the window and
+  those frozen. With ``"gc_freeze": true`` the peer calls ``gc.freeze()`` at
+  the end of the warm-up, before the window.
 * ``{"cmd": "timeline", "query": "uuid", "concurrency": C, "t0": T,
   "duration": s, "bin": s}``: starts at ``time.monotonic() == T`` (the parent
   reads the same system-wide clock and injects faults at fixed offsets from
@@ -28,6 +32,7 @@ own client.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -92,6 +97,35 @@ def error_name(exc: BaseException) -> str:
 # -- throughput ------------------------------------------------------------------
 
 
+class GcMeter:
+    """The garbage collector's work while installed: collections of each generation
+    and the seconds they took, timed by a ``gc.callbacks`` hook."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._began = 0.0
+
+    def _hook(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        generation = info["generation"]
+        self.collections[generation] += 1
+        self.seconds[generation] += time.perf_counter() - self._began
+
+    def __enter__(self) -> GcMeter:
+        gc.callbacks.append(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._hook)
+
+    def snapshot(self) -> dict[str, list[Any]]:
+        return {"collections": list(self.collections), "seconds": list(self.seconds)}
+
+
+
 class Throughput:
     """Counts completions and keeps latencies; ``snapshot`` marks the window's ends."""
 
@@ -139,10 +173,13 @@ class Throughput:
             ends.append(end)
             latencies.append(end - start)
 
-    def snapshot(self, counters: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    def snapshot(
+        self, counters: Callable[[], dict[str, Any]] | None = None, meter: GcMeter | None = None
+    ) -> dict[str, Any]:
         times = os.times()
         return {
             "counters": counters() if counters is not None else None,
+            "gc": meter.snapshot() if meter is not None else None,
             "t": time.monotonic(),
             "cpu": time.process_time(),
             "user": times.user,
@@ -188,6 +225,11 @@ class Throughput:
             "per_task_min": min(per_task, default=0),
             "per_task_max": max(per_task, default=0),
         }
+        if a.get("gc") is not None and b.get("gc") is not None:
+            out["gc"] = {
+                key: [y - x for x, y in zip(a["gc"][key], b["gc"][key], strict=True)]
+                for key in ("collections", "seconds")
+            }
         if a["counters"] is not None and b["counters"] is not None:
             out["counters"] = {
                 key: (
@@ -221,23 +263,30 @@ async def run_throughput(
 
     async def clock() -> None:
         await sleep(float(cmd["warmup"]))
-        snaps.append(rec.snapshot(counters))
+        if cmd.get("gc_freeze"):
+            gc.freeze()  # what was allocated so far: out of every later collection
+        snaps.append(rec.snapshot(counters, meter))
         await sleep(float(cmd["duration"]))
-        snaps.append(rec.snapshot(counters))
+        snaps.append(rec.snapshot(counters, meter))
         rec.stopping = True
+        # Counted after the window: walking the heap takes milliseconds.
+        tracked.append(len(gc.get_objects()))
 
     def make(i: int) -> Callable[[], Awaitable[None]]:
         call = make_call(i)
         return lambda: rec.worker(i, call, method, query, make_args, sleep)
 
     fns = [clock, *(make(i) for i in range(count))]
+    meter = GcMeter()
+    tracked: list[int] = []
     if cmd.get("cprofile"):
         import cProfile
 
         prof = cProfile.Profile()
         prof.enable()
         try:
-            await run_tasks(fns)
+            with meter:
+                await run_tasks(fns)
         finally:
             prof.disable()
         out = rec.result(snaps[0], snaps[1])
@@ -245,9 +294,13 @@ async def run_throughput(
         out["cprofile_requests"] = rec.done
         del out["latencies_us"]
     else:
-        await run_tasks(fns)
+        with meter:
+            await run_tasks(fns)
         out = rec.result(snaps[0], snaps[1])
     out["tasks"] = count
+    if "gc" in out:
+        out["gc"]["tracked"] = tracked[0] if tracked else None
+        out["gc"]["frozen"] = gc.get_freeze_count()
     return out
 
 

@@ -17,6 +17,13 @@ The hot path goes around asyncio's own machinery:
   handles, no full loop iteration. asyncio's own selector (connects, blocked
   writes, the self-pipe) and its timers get a full iteration when they are
   due.
+* **Answers.** What a read completes reaches its caller before the next
+  socket is read. Once a pass has handed over 1000 rows, the driver yields
+  to trio before it reads further, so that the callers it woke take their
+  rows (and drop them) in step with the parsing, not after every
+  connection's answer has been parsed: fewer rows alive at once, whose
+  records asyncpg recycles without the garbage collector (see "Big results
+  and the garbage collector" in docs/tuning.md).
 * **Queries.** A query runs as a bare coroutine stepped by a
   :class:`_Stepper`, without an asyncio Task; its awaits resume it through
   the loop's ready queue without an ``asyncio.Handle`` (the stepper is its
@@ -121,6 +128,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         self._steppers: set[_Stepper] = set()
         self._waiters: set[_Waiter] = set()
         self._driving = False
+        # Rows of the answers the driver's current pass has handed over (see
+        # _ROWS_PER_PASS); counted by the steppers.
+        self._handed_rows = 0
         # The driver's own scope: shielded, so that a cancellation from outside
         # never stops the loop while trio code still waits on it; only
         # :meth:`aclose` stops it, after every wait has ended.
@@ -290,11 +300,22 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                 full = True  # a kick, or the first pass: one full iteration
                 while True:
                     self._driving = True
+                    self._handed_rows = 0
                     try:
                         for fd, _ in hot_poll(0):
                             transport = get_reader(fd)
                             if transport is not None:
                                 transport._read_ready()
+                                # The steppers this read made ready (their
+                                # futures resolved by the data) hand their
+                                # answers over before the next socket is read.
+                                if ready:
+                                    for _ in range(len(ready)):
+                                        handle = popleft()
+                                        if not handle._cancelled:
+                                            handle._run()
+                                    if self._handed_rows >= _ROWS_PER_PASS:
+                                        break  # the other sockets: next pass
                             elif fd == asyncio_fd:
                                 full = True
                         if full:
@@ -302,10 +323,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                             # the ready callbacks, once).
                             run_once()
                             full = False
-                        # Callbacks made ready (a query's waiter resolved by
-                        # the data just read, then its stepper) run now,
-                        # without polling again or yielding to trio first:
-                        # the answer reaches its caller in the same trio step.
+                        # Callbacks made ready since (by the callbacks run
+                        # above, or by that iteration) run now, without
+                        # polling again or yielding to trio first.
                         for _ in range(_INLINE_ROUNDS):
                             if not ready:
                                 break
@@ -315,7 +335,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                                     handle._run()
                     finally:
                         self._driving = False
-                    if ready:
+                    if ready or self._handed_rows >= _ROWS_PER_PASS:
+                        # Yield to trio: the callers woken run (and drop
+                        # their rows) in the batch of the next pass.
                         await trio.lowlevel.checkpoint()
                         continue
                     # (_run_once may replace the timer list: read it afresh)
@@ -375,8 +397,17 @@ _RECV_SIZE = 64 * 1024
 
 # How many rounds of newly ready callbacks the driver runs after a loop
 # iteration before it polls again (bounded, so that a coroutine that keeps
-# yielding cannot starve trio).
+# yielding cannot starve trio). After each socket's read it runs one.
 _INLINE_ROUNDS = 4
+
+# Rows a driver pass hands over before it yields to trio, so that their callers
+# take them in step with the parsing. asyncpg reuses up to 2000 freed
+# records of each length without the garbage collector hearing of them; a
+# pass that parsed every connection's 1000-row answer before any caller ran
+# kept more rows alive than that, and cost one young collection per such
+# fetch (and the older ones that follow). Half of it leaves room for the rows
+# of answers still arriving.
+_ROWS_PER_PASS = 1000
 
 
 class _Stepper:
@@ -424,6 +455,8 @@ class _Stepper:
             yielded = self.coro.send(None)
         except StopIteration as stop:
             value = stop.value
+            if type(value) is list:  # rows (fetch, fetchrow...): see _ROWS_PER_PASS
+                self.loop._handed_rows += len(value)
             if self.shape is not None:
                 try:
                     value = self.shape(value)

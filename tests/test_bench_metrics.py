@@ -1,0 +1,72 @@
+"""The bench's pure metrics (bench/_metrics.py): the garbage collector's share."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def metrics() -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("_metrics")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def a_round(
+    requests: int, cpu: float, collections: list[int], seconds: list[float]
+) -> dict[str, Any]:
+    return {
+        "requests": requests,
+        "cpu": cpu,
+        "gc": {"collections": collections, "seconds": seconds, "tracked": 100, "frozen": 0},
+    }
+
+
+def test_the_collectors_share_is_pooled_over_the_rounds(metrics: Any) -> None:
+    rounds = [
+        a_round(1000, 0.4, [900, 80, 7], [0.030, 0.020, 0.070]),
+        a_round(3000, 1.2, [2700, 240, 21], [0.090, 0.060, 0.210]),
+    ]
+    rounds[1]["gc"]["tracked"] = 300
+    gc = metrics.gc_per_request(rounds)
+    assert gc["collections_per_request"] == pytest.approx([0.9, 0.08, 0.007])
+    assert gc["us_per_request"] == pytest.approx([30.0, 20.0, 70.0])
+    assert gc["us_per_request_total"] == pytest.approx(120.0)
+    assert gc["cpu_share"] == pytest.approx(0.48 / 1.6)
+    assert gc["tracked"] == 300
+    assert gc["frozen"] == 0
+
+
+def test_rounds_without_a_measure_or_requests_are_left_out(metrics: Any) -> None:
+    rounds = [
+        {"requests": 10, "cpu": 0.1},
+        a_round(0, 0.1, [5, 0, 0], [0.001, 0.0, 0.0]),
+        a_round(100, 0.0, [10, 1, 0], [0.001, 0.0005, 0.0]),
+    ]
+    gc = metrics.gc_per_request(rounds)
+    assert gc["collections_per_request"] == pytest.approx([0.1, 0.01, 0.0])
+    assert gc["us_per_request_total"] == pytest.approx(15.0)
+    assert gc["cpu_share"] is None  # no CPU measured
+    assert metrics.gc_per_request(rounds[:2]) is None
+
+
+def test_the_summary_of_a_case_carries_it(metrics: Any) -> None:
+    round_ = {
+        **a_round(100, 0.05, [50, 5, 0], [0.002, 0.001, 0.0]),
+        "rps": 1000.0,
+        "latencies_us": [100, 200],
+        "cpu_us_per_request": 500.0,
+    }
+    summary = metrics.summarize_rounds([round_])
+    assert summary["gc"]["collections_per_request"] == pytest.approx([0.5, 0.05, 0.0])
+    del round_["gc"]
+    assert "gc" not in metrics.summarize_rounds([round_])
