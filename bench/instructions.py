@@ -1,0 +1,207 @@
+"""Client instructions per request, counted by callgrind: an A/B that ignores the machine's load.
+
+Throughput on a shared machine moves by 10% from one round to the next; the
+number of instructions the client executes per request does not. This
+counts them for one or more working trees, with hedging off and on::
+
+    python bench/instructions.py                          # this tree, the fake backend
+    python bench/instructions.py --backend stand-in       # 3 stand-in nodes (bare PostgreSQL)
+    python bench/instructions.py --tree . --tree ../old   # A/B two trees, alternating
+    python bench/instructions.py --hedging both --repeat 3
+
+Each measure runs the client twice under ``valgrind --tool=callgrind``, with
+``N1`` and ``N2`` requests after the same warm-up, and reports ``(I2 - I1) /
+(N2 - N1)``: start-up and shutdown cancel out. The client runs ``TASKS``
+tasks of ``fetchval("SELECT 1", idempotent=True)`` over 3 nodes with 3
+connections each.
+
+Time-driven work (the hedge scheduler's looks once a millisecond, probes,
+the hedging window) must happen as often per request as it does at full
+speed, although valgrind runs some 50 times slower: the client runs on a
+trio clock that advances with the process's own CPU time times ``--rate``
+(0.02 by default), not with the wall clock, so that neither valgrind nor the
+machine's load changes how often per request it comes due. The remaining
+spread between two identical measures is a few hundred instructions per
+request; ``--repeat`` and the median take care of it.
+
+Needs valgrind (``apt-get install valgrind``); picopyn_actors is imported
+from each ``--tree``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP = 500
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def collected(output: str) -> int:
+    """The instruction count callgrind prints at exit ("Collected : N")."""
+    found = _COLLECTED.findall(output)
+    if not found:
+        raise RuntimeError(f"callgrind printed no instruction count:\n{output[-2000:]}")
+    return int(found[-1])
+
+
+def per_request(first: int, second: int, n1: int, n2: int) -> float:
+    """Instructions per request from two runs of ``n1`` and ``n2`` requests."""
+    if n2 <= n1:
+        raise ValueError(f"the second run must have more requests ({n1}, {n2})")
+    return (second - first) / (n2 - n1)
+
+
+# -- the client, run under valgrind -----------------------------------------------------
+
+_CHILD = r'''
+import json, os, sys, time
+sys.path.insert(0, os.environ["BENCH_TREE"])
+import trio
+import picopyn_actors as pa
+
+class WorkClock(trio.abc.Clock):
+    """Virtual seconds: this process's CPU seconds times ``rate``."""
+    def __init__(self, rate):
+        self.rate, self.base = rate, 0.0
+    def start_clock(self):
+        self.base = time.process_time()
+    def current_time(self):
+        return (time.process_time() - self.base) * self.rate
+    def deadline_to_sleep_time(self, deadline):
+        return max(0.0, (deadline - self.current_time()) / self.rate)
+
+cfg = json.loads(os.environ["BENCH_CONFIG"])
+
+async def main():
+    options = {"connections_per_node": 3, "hedging": pa.Hedging() if cfg["hedging"] else None}
+    if cfg["dsn"] is None:
+        from picopyn_actors.testing import FakeCluster
+        fake = FakeCluster(3, instant=True)
+        target, options["backend"] = fake.dsn(), fake
+    else:
+        target, options["dialect"] = cfg["dsn"], "postgresql"
+    async with pa.open_cluster(target, **options) as cluster:
+        async with cluster.events() as events:
+            while sum(n.state is pa.NodeState.UP for n in cluster.nodes()) < 3:
+                await events.receive()
+        left = cfg["requests"]
+        async def worker():
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await cluster.fetchval("SELECT 1", idempotent=True)
+        async with trio.open_nursery() as nursery:
+            for _ in range(cfg["tasks"]):
+                nursery.start_soon(worker)
+    os._exit(0)  # at once: the shutdown is the same for every run anyway
+
+trio.run(main, clock=WorkClock(cfg["rate"]))
+'''
+
+
+def count(
+    tree: Path, requests: int, *, hedging: bool, dsn: str | None, args: argparse.Namespace
+) -> int:
+    """Instructions of one client run of ``requests`` requests (after the warm-up)."""
+    config = {
+        "hedging": hedging,
+        "dsn": dsn,
+        "requests": WARMUP + requests,
+        "tasks": args.tasks,
+        "rate": args.rate,
+    }
+    env = {**os.environ, "BENCH_TREE": str(tree), "BENCH_CONFIG": json.dumps(config)}
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(_CHILD)
+    try:
+        done = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--callgrind-out-file=/dev/null",
+                sys.executable,
+                script.name,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+    finally:
+        os.unlink(script.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"the client failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
+    return collected(done.stderr)
+
+
+def measure(tree: Path, *, hedging: bool, dsn: str | None, args: argparse.Namespace) -> float:
+    first = count(tree, args.n1, hedging=hedging, dsn=dsn, args=args)
+    second = count(tree, args.n2, hedging=hedging, dsn=dsn, args=args)
+    return per_request(first, second, args.n1, args.n2)
+
+
+@contextlib.contextmanager
+def stand_in(backend: str) -> Iterator[str | None]:
+    """The DSN of 3 stand-in nodes for ``backend="stand-in"``; ``None`` for the fake."""
+    if backend == "fake":
+        yield None
+        return
+    sys.path.insert(0, str(REPO))
+    from picopyn_actors.testing import LocalCluster
+
+    with LocalCluster(nodes=3, strict=False) as cluster:
+        yield cluster.dsn
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--tree", action="append", type=Path, help="a working tree (default: this one); repeat: A/B"
+    )
+    parser.add_argument("--backend", choices=("fake", "stand-in"), default="fake")
+    parser.add_argument("--hedging", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--n1", type=int, default=1000)
+    parser.add_argument("--n2", type=int, default=11000)
+    parser.add_argument("--repeat", type=int, default=1, help="measures of each case (median)")
+    parser.add_argument("--rate", type=float, default=0.02, help="virtual seconds per CPU second")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (apt-get install valgrind)")
+    trees = [t.resolve() for t in (args.tree or [REPO])]
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.hedging]
+    results: dict[tuple[Path, bool], list[float]] = {}
+    with stand_in(args.backend) as dsn:
+        for round_ in range(args.repeat):
+            for tree in trees if round_ % 2 == 0 else trees[::-1]:  # alternate the order
+                for hedging in modes:
+                    value = measure(tree, hedging=hedging, dsn=dsn, args=args)
+                    results.setdefault((tree, hedging), []).append(value)
+                    state = "on" if hedging else "off"
+                    print(f"  {tree} hedging={state}: {value:,.0f}", file=sys.stderr)
+    what = f"instructions per request ({args.backend}, {args.tasks} tasks)"
+    print(f"| tree | hedging | {what} | vs hedging off |")
+    print("|---|---|---:|---:|")
+    for tree in trees:
+        off = statistics.median(results[(tree, False)]) if (tree, False) in results else None
+        for hedging in modes:
+            value = statistics.median(results[(tree, hedging)])
+            ratio = f"{value / off:.3f}x" if off and hedging else ""
+            print(f"| {tree.name} | {'on' if hedging else 'off'} | {value:,.0f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
