@@ -1,4 +1,5 @@
-"""The bench's pure metrics (bench/_metrics.py): the garbage collector's share."""
+"""The bench's pure functions: the garbage collector's share (bench/_metrics.py) and
+what the instruction-count A/B reads of callgrind's output (bench/instructions.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,23 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def metrics() -> Any:
+def bench_module(name: str) -> Any:
+    """A module of bench/ (a folder of scripts, not a package)."""
     sys.path.insert(0, str(BENCH))
     try:
-        return importlib.import_module("_metrics")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def metrics() -> Any:
+    return bench_module("_metrics")
+
+
+@pytest.fixture(scope="module")
+def instructions() -> Any:
+    return bench_module("instructions")
 
 
 def a_round(
@@ -70,3 +81,19 @@ def test_the_summary_of_a_case_carries_it(metrics: Any) -> None:
     assert summary["gc"]["collections_per_request"] == pytest.approx([0.5, 0.05, 0.0])
     del round_["gc"]
     assert "gc" not in metrics.summarize_rounds([round_])
+
+
+def test_the_count_is_callgrinds_last_collected_line(instructions: Any) -> None:
+    output = "==12== Callgrind\n==12== Events    : Ir\n==12== Collected : 1872381595\n==12==\n"
+    assert instructions.collected(output) == 1872381595
+    assert instructions.collected("Collected : 5\nCollected : 7\n") == 7
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        instructions.collected("valgrind: command not found")
+
+
+def test_start_up_cancels_out_of_the_count_per_request(instructions: Any) -> None:
+    start_up = 1_500_000_000
+    first, second = start_up + 1000 * 94_000, start_up + 11000 * 94_000
+    assert instructions.per_request(first, second, 1000, 11000) == 94_000
+    with pytest.raises(ValueError, match="more requests"):
+        instructions.per_request(first, second, 11000, 1000)
