@@ -180,18 +180,18 @@ class Hedger:
         times = self.line_times
         delay = self.delay(now)
         cut = len(times) if delay == math.inf else bisect.bisect_right(times, now - delay)
-        if self._stragglers:
-            self._sample([], now)
-        if not cut:
-            return []
-        line = self.line
-        taken = line[:cut]
-        del line[:cut], times[:cut]
-        self.count(cut, now)
-        if self.policy.delay is None:
+        taken: list[Request] = []
+        if cut:
+            line = self.line
+            taken = line[:cut]
+            del line[:cut], times[:cut]
+            self.count(cut, now)
+        if self.policy.delay is None:  # (a fixed delay needs no latencies)
             offset = self._offset
             self._offset = (offset - cut) % _SAMPLE
-            self._sample(taken[offset::_SAMPLE], now)
+            sampled = taken[offset::_SAMPLE]
+            if sampled or self._stragglers:
+                self._sample(sampled, now)
         return [] if delay == math.inf else taken
 
     def _sample(self, requests: list[Request], now: float) -> None:
