@@ -145,7 +145,7 @@ class Cluster:
         if idempotent:
             if hedging is None:
                 request.hedger = self._hedger  # the cluster's policy, if any
-            else:
+            elif hedging is not False:  # (False: never hedged, as a new request is)
                 policy = self._hedging_for(hedging)
                 request.hedger = None if policy is None else self._dispatcher.hedges.hedger(policy)
         if timeout is None:

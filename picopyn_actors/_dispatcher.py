@@ -227,11 +227,16 @@ class Dispatcher:
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
         return min(deadline, self.hedges.deadline())
 
-    def wake_by(self, deadline: float) -> None:
-        """Make the dispatcher's task wake by ``deadline`` at the latest."""
+    def rearm(self) -> None:
+        """Give the dispatcher's task, if it waits, the deadline it needs now:
+        earlier or later than before. The hedge scheduler calls it after a send
+        looked (at most once a millisecond), so that while sends look, the
+        task's backstop keeps moving ahead of them and never fires."""
         wait = self._wait
-        if wait is not None and deadline < wait.deadline:  # (moving a deadline costs)
-            wait.deadline = deadline
+        if wait is not None:
+            deadline = self._next_deadline()
+            if deadline != wait.deadline:
+                wait.deadline = deadline
 
     def send_hedge(self, hedge: Request, routes: list[Route], now: float) -> None:
         """Start ``hedge`` on one of ``routes`` now, or let it wait first in line."""
@@ -316,7 +321,7 @@ class Dispatcher:
             hedger.line_times.append(started)
             hedger.line.append(request)
             if started >= self.hedges.next_look:
-                self.hedges.sent(hedger, started)
+                self.hedges.sent(started)
 
     def _dispatch(self) -> None:
         """Serve waiting requests, oldest first, while slots are idle. A keyed

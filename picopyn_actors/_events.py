@@ -312,6 +312,9 @@ class ClusterStatistics:
         hedges_skipped: hedges not sent because every node they could go to
             had a late request of its own (the whole client or cluster was
             slow, not one node).
+        hedges_not_stalled: late requests not hedged when their delay passed,
+            because their node was still answering others (``only_stalled``);
+            they are hedged later only if that node stalls.
         hedge_delay: the hedge delay in force, in seconds (``None``: no hedging,
             or not enough latencies measured yet).
         restarts: node restarts (down after up), all nodes.
@@ -339,4 +342,5 @@ class ClusterStatistics:
     hedges_won: int = 0
     hedges_refused: int = 0
     hedges_skipped: int = 0
+    hedges_not_stalled: int = 0
     hedge_delay: float | None = None

@@ -7,8 +7,10 @@ lines at most once a millisecond (``HEDGE_TICK``): from a send, while
 requests flow, and from the dispatcher's task in a quiet moment (once no
 send has looked for ``BACKSTOP``). It takes every request whose hedge delay
 has passed off its line (counted for the budget) and hedges it if it has
-not answered: a hedge (a second request, whose answer is its own) goes to
-another node. The policy's state (latencies, budget, counters) is
+not answered and its node has stalled (answered nothing for the delay; a
+late request on a node that still answers is watched until it does): a
+hedge (a second request, whose answer is its own) goes to another node.
+The policy's state (latencies, budget, counters) is
 :class:`~._hedging.Hedger`.
 """
 
@@ -52,6 +54,8 @@ class HedgeScheduler:
     #: makes sure the dispatcher's task wakes for its request).
     next_look: float = attrs.field(init=False, default=-math.inf)
     _looked_by_send: float = attrs.field(init=False, default=-math.inf)
+    # The earliest time a watched request's node would have stalled.
+    _watch_due: float = attrs.field(init=False, default=math.inf)
 
     def hedger(self, policy: Hedging) -> Hedger:
         """The hedging state of ``policy`` (one per policy, shared by its requests)."""
@@ -69,12 +73,13 @@ class HedgeScheduler:
             "hedges_won": sum(h.won for h in hedgers),
             "hedges_refused": sum(h.refused for h in hedgers),
             "hedges_skipped": sum(h.skipped for h in hedgers),
+            "hedges_not_stalled": sum(h.not_stalled for h in hedgers),
             "hedge_delay": min(delays) if delays else None,
         }
 
     def deadline(self) -> float:
         """When the dispatcher's task must wake for hedges (``inf``: never)."""
-        due = math.inf
+        due = self._watch_due
         for hedger in self._hedgers.values():
             if hedger.line_times:
                 due = min(due, hedger.line_times[0] + hedger.last_delay)
@@ -82,13 +87,13 @@ class HedgeScheduler:
             return due
         return max(due, self.next_look, self._looked_by_send + BACKSTOP)
 
-    def sent(self, hedger: Hedger, now: float) -> None:
-        """A send at ``now`` found the next look due: look, and make sure the
-        dispatcher's task wakes for what is left on the lines."""
+    def sent(self, now: float) -> None:
+        """A send at ``now`` found the next look due: look, and give the
+        dispatcher's task the deadline it needs for what is left (pushed
+        ``BACKSTOP`` past this look: while sends look, it does not wake)."""
         self._looked_by_send = now
         self.look(now)
-        if hedger.line_times:
-            self.dispatcher.wake_by(self.deadline())
+        self.dispatcher.rearm()
 
     def look(self, now: float) -> None:
         """Take the requests whose hedge delay has passed off the lines (they
@@ -96,28 +101,69 @@ class HedgeScheduler:
         answered. A hedge with no idle slot to go to waits at the head of the
         dispatcher's queue.
 
-        A hedge goes only to a node that holds no late request itself: when
-        every other node is as late, the slowness is not one node's (the
-        client's own pause, a busy machine, a slow cluster), no hedge would
-        answer sooner, and it is skipped (counted).
+        With ``only_stalled`` (the default), a late request is hedged only
+        once its node has answered nothing, to any request, for the hedge
+        delay; until then it is watched (:meth:`_stalled`).
+
+        A hedge goes only to a node that holds no late request itself (late
+        as of this look, or due for a hedge): when every other node is as
+        late, the slowness is not one node's (the client's own pause, a busy
+        machine, a slow cluster), no hedge would answer sooner, and it is
+        skipped (counted). A request watched since an earlier look does not
+        keep hedges off its node, which still answers.
         """
-        late: list[tuple[Hedger, Request]] = []
+        # (hedger, request, late for the first time)
+        late: list[tuple[Hedger, Request, bool]] = []
         waiting = False
         for hedger in self._hedgers.values():
+            watched = hedger.watched
+            if watched:  # late before, their nodes answering then: again
+                late.extend((hedger, r, False) for r in watched if r.phase is _SENT)
+                watched.clear()
             if not hedger.line_times:
                 continue
             taken = hedger.take(now)
             waiting = waiting or bool(hedger.line_times)
             # The common case, all answered, is checked without a Python loop.
             if taken and _SENT in map(_PHASE, taken):
-                late.extend((hedger, r) for r in taken if r.phase is _SENT)
-        self.next_look = now + HEDGE_TICK if waiting else -math.inf
-        if not late:
-            return
-        routes = {r.last_route for _, r in late}
-        for hedger, request in late:
-            if self._needs_hedge(request):
+                late.extend((hedger, r, True) for r in taken if r.phase is _SENT)
+        self._watch_due = math.inf
+        if late:
+            due = [
+                (hedger, request)
+                for hedger, request, first in late
+                if self._needs_hedge(request) and self._stalled(request, hedger, now, first)
+            ]
+            # No hedge goes where a request is late: a request late as of this
+            # look, or one due now (a watched one, late before, does not count:
+            # its node answers).
+            routes = {r.last_route for _, r, first in late if first}
+            routes.update(r.last_route for _, r in due)
+            for hedger, request in due:
                 self._hedge(request, hedger, routes, now)
+            waiting = waiting or self._watch_due < math.inf
+        self.next_look = now + HEDGE_TICK if waiting else -math.inf
+
+    def _stalled(self, request: Request, hedger: Hedger, now: float, first: bool) -> bool:
+        """Has the node of ``request`` (late) answered nothing for the hedge
+        delay? Always ``True`` unless the policy is ``only_stalled``. If the
+        node answered since, ``request`` is watched: looked at again by the
+        time its node would have stalled (``first``: late for the first time,
+        counted in ``not_stalled``)."""
+        if not hedger.policy.only_stalled:
+            return True
+        route_id = request.last_route
+        route = None if route_id is None else self.dispatcher.table.routes.get(route_id)
+        if route is None:
+            return True  # its node left the table
+        stalls_at = route.candidate.answered_at + hedger.last_delay
+        if stalls_at <= now:
+            return True
+        if first:
+            hedger.not_stalled += 1
+        hedger.watched.append(request)
+        self._watch_due = min(self._watch_due, stalls_at)
+        return False
 
     def _needs_hedge(self, request: Request) -> bool:
         return (

@@ -97,8 +97,10 @@ class Slot:
         if type(result) is outcome.Value and request.phase is not Phase.ABANDONED:
             # The hot path: an answer for a caller who waits (or a hedge race's loser).
             node.counters.ok += 1
-            latency = session.clock() - self.started
+            now = session.clock()
+            latency = now - self.started
             node.observe_latency(latency)
+            self.candidate.answered_at = now  # (hedging tells a stalled node by it)
             request.latency = latency  # (hedging samples it)
             request.finish(result)
             # Session.give_back, written out for the hot path.
@@ -117,6 +119,8 @@ class Slot:
         keep = not abandoned and not self.conn.is_closed()
         if isinstance(result, outcome.Error):
             exc = result.error
+            if isinstance(exc, BackendQueryError):
+                self.candidate.answered_at = session.clock()  # an error is an answer too
             if isinstance(exc, BackendQueryError) and exc.sqlstate == INVALIDATED and keep:
                 self.conn.forget_statements()
                 node.counters.invalidated += 1

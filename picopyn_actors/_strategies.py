@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 
@@ -44,6 +45,8 @@ class Candidate:
         free: idle connections it has right now.
         latency: exponentially weighted mean request latency in seconds, or
             ``None`` before the first answer.
+        answered_at: when it last answered a request (``trio.current_time()``),
+            ``-inf`` before the first answer.
     """
 
     name: str
@@ -54,6 +57,7 @@ class Candidate:
     in_flight: int = 0
     free: int = 0
     latency: float | None = None
+    answered_at: float = -math.inf
 
 
 #: The type of a balance strategy: given the candidates (never empty), return one.

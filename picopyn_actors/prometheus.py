@@ -162,6 +162,11 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
         "Hedges not sent: every node they could go to was as late (not one slow node).",
         "hedges_skipped",
     ),
+    _counter(
+        "hedges_not_stalled_total",
+        "Late requests not hedged at once: their node still answered others.",
+        "hedges_not_stalled",
+    ),
     _gauge(
         "hedge_delay_seconds",
         "The hedge delay in force (absent without hedging or before enough latencies).",

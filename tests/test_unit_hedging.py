@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 import trio.testing
@@ -85,7 +87,7 @@ def test_the_line_is_taken_counted_and_sampled_with_its_slow_answers() -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"budget": 0}, {"budget": 1.5}, {"percentile": 1}, {"delay": -1}, {"floor": 0},
-     {"window": float("inf")}, {"min_samples": 0}],
+     {"window": float("inf")}, {"min_samples": 0}, {"only_stalled": 1}],
 )  # fmt: skip
 def test_a_bad_policy_is_refused_at_construction(bad: dict[str, float]) -> None:
     with pytest.raises(pa.ConfigError, match=next(iter(bad))):
@@ -185,6 +187,84 @@ async def test_no_hedge_when_every_node_is_as_late(autojump_clock: object) -> No
         stats = cluster.statistics()
     assert stats.hedges_sent == 0 and stats.hedges_refused == 0
     assert stats.hedges_skipped > 0
+    assert stats.requests_failed == 0
+
+
+async def _steady_load(cluster: pa.Cluster, tasks: int, until: trio.Event) -> list[float]:
+    """``tasks`` tasks of idempotent reads until ``until``; their latencies."""
+    latencies: list[float] = []
+
+    async def read() -> None:
+        while not until.is_set():
+            start = trio.current_time()
+            await cluster.fetchval("whoami", idempotent=True)
+            latencies.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(tasks):
+            nursery.start_soon(read)
+    return latencies
+
+
+@pytest.mark.parametrize("only_stalled", [True, False])
+async def test_a_slow_request_on_a_node_that_answers_is_hedged_only_if_asked(
+    autojump_clock: object, only_stalled: bool
+) -> None:
+    """A request slow by itself (a big result) while its node answers others:
+    a second node would be no faster, so by default it is not hedged."""
+    fake = FakeCluster(3, service_time=0.01)
+    policy = pa.Hedging(delay=0.05, budget=0.5, only_stalled=only_stalled)
+    async with fake.open(hedging=policy, connections_per_node=4) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_steady_load, cluster, 6, done)
+            await trio.sleep(0.1)
+            await cluster.fetchval("sleep:0.5", idempotent=True)
+            done.set()
+        stats = cluster.statistics()
+    hedged_nodes = [n for n in fake.nodes if fake[n].executed["sleep:0.5"]]
+    if only_stalled:
+        assert stats.hedges_sent == 0 and stats.hedges_not_stalled == 1
+        assert len(hedged_nodes) == 1
+    else:
+        assert stats.hedges_sent == 1 and stats.hedges_not_stalled == 0
+        assert len(hedged_nodes) == 2
+    assert stats.requests_failed == 0
+
+
+async def test_a_late_request_is_hedged_once_its_node_stalls(autojump_clock: object) -> None:
+    """A slow request is watched while its node answers others, and hedged
+    once that node has answered nothing for the delay; requests sent to the
+    stalled node are hedged after the delay, as ever."""
+    fake = FakeCluster(3, service_time=0.01)
+    policy = pa.Hedging(delay=0.05, budget=0.5)
+    async with fake.open(hedging=policy, connections_per_node=4) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        done = trio.Event()
+        latencies: list[float] = []
+
+        async def load() -> None:
+            latencies.extend(await _steady_load(cluster, 6, done))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            nursery.start_soon(functools.partial(cluster.fetchval, "sleep:1", idempotent=True))
+            await trio.sleep(0.2)  # four delays: late, but its node answers others
+            (slow,) = [n for n in fake.nodes if fake[n].executed["sleep:1"]]
+            before = cluster.statistics()
+            fake[slow].hang()  # (shorter than probe_timeout: it stays up)
+            await trio.sleep(0.2)
+            hedged = [n for n in fake.nodes if fake[n].executed["sleep:1"]]
+            fake[slow].resume()
+            done.set()
+        stats = cluster.statistics()
+    assert before.hedges_sent == 0 and before.hedges_not_stalled == 1
+    assert len(hedged) == 2  # hedged once its node stalled
+    assert stats.hedges_won >= 3  # and the reads the stalled node held
+    # No read waited out the stall: at most its service time, the delay after
+    # the node's last answer, a look (1 ms) and the hedge's own service time.
+    assert max(latencies) < 0.01 + 0.05 + 0.002 + 0.01 + 0.01
     assert stats.requests_failed == 0
 
 
