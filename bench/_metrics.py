@@ -126,6 +126,51 @@ def ratios(
 # -- a sluggish node ---------------------------------------------------------------------
 
 
+def paired_metrics(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """A paired A/B (``paired`` command): mode A's throughput and CPU per
+    request against mode B's. ``ratio``: A's requests per second over B's,
+    pooled over every slice; ``pair_ratios``: the same for each pair of
+    neighbouring slices (AB or BA), sorted, to show the spread."""
+    a = [s for s in slices if s["a"]]
+    b = [s for s in slices if not s["a"]]
+
+    def rate(group: list[dict[str, Any]]) -> float | None:
+        seconds = sum(s["seconds"] for s in group)
+        return sum(s["requests"] for s in group) / seconds if seconds else None
+
+    def cpu_us(group: list[dict[str, Any]]) -> float | None:
+        requests = sum(s["requests"] for s in group)
+        return sum(s["cpu"] for s in group) * 1e6 / requests if requests else None
+
+    pair_ratios = []
+    for first, second in zip(slices[::2], slices[1::2], strict=False):
+        pa_, pb_ = (first, second) if first["a"] else (second, first)
+        ra, rb = rate([pa_]), rate([pb_])
+        if ra is not None and rb:
+            pair_ratios.append(ra / rb)
+    pair_ratios.sort()
+    rate_a, rate_b = rate(a), rate(b)
+    cpu_a, cpu_b = cpu_us(a), cpu_us(b)
+    counters_a: Counter[str] = Counter()
+    for s in a:
+        counters_a.update(s.get("counters") or {})
+    requests_a = sum(s["requests"] for s in a)
+    return {
+        "rps_a": rate_a,
+        "rps_b": rate_b,
+        "ratio": rate_a / rate_b if rate_a is not None and rate_b else None,
+        "pair_ratios": pair_ratios,
+        "pair_ratio_median": _median(pair_ratios),
+        "cpu_us_a": cpu_a,
+        "cpu_us_b": cpu_b,
+        "cpu_ratio": cpu_a / cpu_b if cpu_a is not None and cpu_b else None,
+        "pairs": len(pair_ratios),
+        "requests_a": requests_a,
+        "hedges_sent_a": counters_a.get("hedges_sent", 0),
+        "hedges_not_stalled_a": counters_a.get("hedges_not_stalled", 0),
+    }
+
+
 def duty_cycle_metrics(
     pauses: Sequence[tuple[float, float]], period: float, skipped: int
 ) -> dict[str, Any]:
@@ -159,6 +204,7 @@ def sluggish_metrics(res: dict[str, Any], budget: float | None) -> dict[str, Any
         out["hedges_won"] = counters["hedges_won"]
         out["hedges_refused"] = counters["hedges_refused"]
         out["hedges_skipped"] = counters.get("hedges_skipped", 0)
+        out["hedges_not_stalled"] = counters.get("hedges_not_stalled", 0)
         out["hedge_delay_s"] = counters.get("hedge_delay")
         out["extra_share"] = sent / requests if requests else None
         out["budget"] = budget

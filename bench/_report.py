@@ -140,7 +140,8 @@ def counters_note(results: dict[str, Any]) -> str:
                     f"* {peer} ({label}): {sent} hedges sent "
                     f"({_share(sent / requests if requests else None)} of {requests} requests), "
                     f"{c.get('hedges_won', 0)} won, {c.get('hedges_refused', 0)} refused by the "
-                    f"budget, {c.get('hedges_skipped', 0)} skipped (every other node as late)"
+                    f"budget, {c.get('hedges_skipped', 0)} skipped (every other node as late), "
+                    f"{c.get('hedges_not_stalled', 0)} late on a node that kept answering"
                 )
             if c.get("requests_routed") or c.get("routing_fallbacks"):
                 lines.append(
@@ -159,6 +160,46 @@ def counters_note(results: dict[str, Any]) -> str:
     if not lines:
         return ""
     return "\n".join(["Counters over the measured windows (all rounds):", "", *lines])
+
+
+def hedging_cost_table(results: dict[str, Any]) -> str:
+    hc = results.get("hedging-cost")
+    if not hc:
+        return ""
+    lines = [
+        f"The same client process ({hc['peer']}: RoundRobin, `hedging=pa.Hedging()`) on the "
+        f"healthy stand-in, {hc['connections']} connections, its calls alternating between "
+        f"hedging on (the cluster's policy) and off (`hedging=False` per call) every "
+        f"{hc['slice']:g} s: {hc['pairs']} pairs of slices per case, in the order AB BA AB ..., "
+        f"after {hc['warmup']:g} s of warm-up. Both modes share the process, its connections "
+        "and the moment, so the machine's load moves both alike. *on/off*: requests per "
+        "second with hedging over without, pooled over the slices; *pairs*: the lowest, "
+        "median and highest of the same ratio for each pair of neighbouring slices; "
+        "*hedged*: hedges sent per request in the slices with hedging on; *not stalled*: "
+        "late requests left unhedged because their node kept answering.",
+        "",
+        "| query | tasks | req/s on | req/s off | on/off | pairs (min / median / max) "
+        "| CPU/req on | CPU/req off | CPU on/off | hedged | not stalled |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in hc["cases"]:
+        if "error" in case:
+            lines.append(
+                f"| {case['query']} | {case['concurrency']} | error: {case['error']} |||||||||"
+            )
+            continue
+        pr = case["pair_ratios"]
+        spread = f"{pr[0]:.2f} / {case['pair_ratio_median']:.2f} / {pr[-1]:.2f}" if pr else ""
+        requests = case["requests_a"]
+        hedged = case["hedges_sent_a"] / requests if requests else None
+        lines.append(
+            f"| {case['query']} | {case['concurrency']} | {case['rps_a']:.0f} | "
+            f"{case['rps_b']:.0f} | {_f(case['ratio'], 3, 'x')} | {spread} | "
+            f"{_us(case['cpu_us_a'])} | {_us(case['cpu_us_b'])} | "
+            f"{_f(case['cpu_ratio'], 3, 'x')} | {_share(hedged)} | "
+            f"{case['hedges_not_stalled_a']} |"
+        )
+    return "\n".join(lines)
 
 
 def sluggish_table(results: dict[str, Any]) -> str:
@@ -189,7 +230,7 @@ def sluggish_table(results: dict[str, Any]) -> str:
         f"window, against the policy's budget.{measured}",
         "",
         "| client | req/s | p50 | p99 | p99.9 | max | CPU/req | failed | hedges sent | won "
-        "| refused (budget) / skipped | extra / budget | hedge delay |",
+        "| refused (budget) / skipped / not stalled | extra / budget | hedge delay |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for peer, m in sl["peers"].items():
@@ -199,7 +240,8 @@ def sluggish_table(results: dict[str, Any]) -> str:
         if "hedges_sent" in m:
             hedges = (
                 f"{m['hedges_sent']} | {m['hedges_won']} | "
-                f"{m['hedges_refused']} / {m.get('hedges_skipped', 0)} | "
+                f"{m['hedges_refused']} / {m.get('hedges_skipped', 0)} / "
+                f"{m.get('hedges_not_stalled', 0)} | "
                 f"{_share(m['extra_share'])} / {_share(m['budget'])} | "
                 f"{_us(m['hedge_delay_s'] * 1e6 if m['hedge_delay_s'] is not None else None)}"
             )
@@ -390,6 +432,7 @@ def markdown(results: dict[str, Any]) -> str:
     sections = [
         ("Throughput and latency", throughput_table(results)),
         ("Hedging and routing counters", counters_note(results)),
+        ("Hedging's cost on a healthy cluster, side by side", hedging_cost_table(results)),
         ("Failover (node killed, then restarted)", timeline_table(results, "failover")),
         ("Hung node (paused, then resumed)", timeline_table(results, "hang")),
         ("Sluggish node (paused again and again): hedged reads", sluggish_table(results)),
@@ -459,7 +502,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     out.append((f"p99 <= 3x p50 ({label})", f"{q:.1f}x", q <= 3.0))
             hedge = peers.get("actors-rr-hedge")
             rh = hedge.get("ratio_vs_actors_rr") if hedge else None
-            if rh is not None:
+            if rh is not None and not results.get("hedging-cost"):
+                # (Two processes measured apart; the hedging-cost workload, when it
+                # ran, measures the same in one process, side by side.)
                 out.append(
                     (
                         f"throughput with hedging >= 0.97x without, healthy cluster ({label})",
@@ -491,6 +536,18 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                         ri >= 0.9,
                     )
                 )
+    for case in (results.get("hedging-cost") or {}).get("cases", []):
+        if "error" in case:
+            continue
+        r = case["ratio"]
+        out.append(
+            (
+                "throughput with hedging >= 0.97x without, healthy cluster, side by side "
+                f"({case['query']}, {case['concurrency']} tasks)",
+                _f(r, 3, "x"),
+                None if r is None else r >= 0.97,
+            )
+        )
     fo = (results.get("failover") or {}).get("peers", {}).get(rr)
     if fo and "error" not in fo:
         out.append(

@@ -24,8 +24,9 @@ machine's load changes how often per request it comes due. The remaining
 spread between two identical measures is a few hundred instructions per
 request; ``--repeat`` and the median take care of it.
 
-Needs valgrind (``apt-get install valgrind``); picopyn_actors is imported
-from each ``--tree``.
+Needs valgrind (``apt-get install valgrind``). It runs in the bench's own
+environment (bench/.venvs/bench, built as ``bench/run.py`` builds it);
+picopyn_actors is imported from each ``--tree``.
 """
 
 from __future__ import annotations
@@ -178,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="measures of each case (median)")
     parser.add_argument("--rate", type=float, default=0.02, help="virtual seconds per CPU second")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO / "bench"))
+    import _envs
+
+    if Path(sys.prefix).resolve() != (_envs.VENVS / "bench").resolve():
+        # The client needs the project's dependencies: the bench's environment has them.
+        bench = _envs.ensure("bench", log=lambda m: print(m, file=sys.stderr))
+        os.execv(str(bench), [str(bench), __file__, *(sys.argv[1:] if argv is None else argv)])
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (apt-get install valgrind)")
     trees = [t.resolve() for t in (args.tree or [REPO])]

@@ -16,8 +16,8 @@ peer as a subprocess that gets the cluster as JSON on its command line and answe
 bench/peers/_harness.py). Results go to bench/results/<timestamp>.json, a
 markdown report next to it, and the timeline plots.
 
-Workloads (``--only``): ``throughput``, ``failover``, ``hang``, ``sluggish``,
-``scale``, ``profile``. See bench/README.md.
+Workloads (``--only``): ``throughput``, ``hedging-cost``, ``failover``,
+``hang``, ``sluggish``, ``scale``, ``profile``. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ sys.path.insert(0, str(BENCH))
 
 import _envs  # noqa: E402
 
-WORKLOADS = ("throughput", "failover", "hang", "sluggish", "scale", "profile")
+WORKLOADS = ("throughput", "hedging-cost", "failover", "hang", "sluggish", "scale", "profile")
 BASELINE = "picopyn-0.2.0"
 
 
@@ -121,7 +121,19 @@ PEERS = [
         keyed=KEYED_TABLE,
     ),
 ]
-PEER_BY_NAME = {p.name: p for p in PEERS}
+#: Peers run only when ``--peers`` names them (A/B variants).
+EXTRA_PEERS = [
+    # Hedging every late request, whether or not its node still answers others
+    # (``only_stalled=False``): what the stall rule saves on a widely spread workload.
+    Peer(
+        "actors-rr-hedge-late",
+        "bench",
+        "actors.py",
+        strategy="RoundRobin",
+        hedging={"only_stalled": False},
+    ),
+]
+PEER_BY_NAME = {p.name: p for p in PEERS + EXTRA_PEERS}
 
 #: Failover and hang runs: the clients and their refresh options.
 TIMELINE_PEERS = ["actors-rr", "actors-rr-ta", "picopyn-3", BASELINE]
@@ -322,6 +334,56 @@ def run_throughput(
         "nodes": len(cluster["nodes"]),
         "cases": out_cases,
         "ready": ready,
+    }
+
+
+def run_hedging_cost(
+    args: argparse.Namespace, cluster: dict[str, Any], logdir: Path
+) -> dict[str, Any]:
+    """Hedging's own cost on a healthy cluster, side by side in one process: the
+    hedging peer alternates hedging on and off per call (``paired``), every
+    ``--paired-slice`` seconds, for each throughput case."""
+    from _metrics import paired_metrics
+
+    peer = PEER_BY_NAME["actors-rr-hedge"]
+    cases = [
+        (q, c)
+        for q in args.queries
+        for c in (args.rows1000_concurrency if q == "rows1000" else args.concurrency)
+    ]
+    out_cases = []
+    with running([peer], cluster, logdir, "-paired") as procs:
+        proc = procs[peer.name]
+        for query, concurrency in cases:
+            cmd = {
+                "cmd": "paired",
+                "query": query,
+                "concurrency": concurrency,
+                "warmup": args.warmup,
+                "slice": args.paired_slice,
+                "pairs": args.paired_pairs,
+            }
+            span = args.warmup + 2 * args.paired_pairs * args.paired_slice
+            res = proc.request(cmd, timeout=span + 60)
+            if "error" in res:
+                out_cases.append({"query": query, "concurrency": concurrency, **res})
+                continue
+            metrics = paired_metrics(res["slices"])
+            out_cases.append(
+                {"query": query, "concurrency": concurrency, "failed": res["failed"], **metrics}
+            )
+            log(
+                f"  {query} c={concurrency}: hedging on/off {metrics['ratio']:.3f}x "
+                f"({metrics['rps_a']:.0f} / {metrics['rps_b']:.0f} req/s), CPU/req "
+                f"{metrics['cpu_us_a']:.1f} / {metrics['cpu_us_b']:.1f} µs"
+            )
+    return {
+        "peer": peer.name,
+        "slice": args.paired_slice,
+        "pairs": args.paired_pairs,
+        "warmup": args.warmup,
+        "connections": cluster["connections"],
+        "cases": out_cases,
     }
 
 
@@ -803,6 +865,18 @@ def parse_args() -> argparse.Namespace:
         help="peers for the throughput workload, comma-separated",
     )
     p.add_argument("--duration", type=float, help="seconds measured per round (default 3)")
+    p.add_argument(
+        "--paired-slice",
+        type=float,
+        default=None,
+        help="hedging-cost: seconds per slice, hedging on and off in turn (default 0.5)",
+    )
+    p.add_argument(
+        "--paired-pairs",
+        type=int,
+        default=None,
+        help="hedging-cost: pairs of slices per case (default 20, quick 4)",
+    )
     p.add_argument("--rounds", type=int, help="alternating rounds per case (default 5)")
     p.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
     p.add_argument("--concurrency", default="10,100", help="task counts (default 10,100)")
@@ -896,6 +970,8 @@ def parse_args() -> argparse.Namespace:
         if "--only" not in " ".join(sys.argv):
             args.only = [w for w in args.only if w != "profile"]
     args.duration = args.duration or 3.0
+    args.paired_slice = args.paired_slice or (0.25 if args.quick else 0.5)
+    args.paired_pairs = args.paired_pairs or (4 if args.quick else 20)
     args.rounds = args.rounds or 5
     args.warmup = 0.5 if args.warmup is None else args.warmup
     return args
@@ -972,6 +1048,9 @@ def main() -> int:
                 log("throughput")
                 peers = [PEER_BY_NAME[n] for n in args.peers]
                 results["throughput"] = run_throughput(args, cluster, peers, logdir)
+            if "hedging-cost" in args.only:
+                log("hedging-cost (hedging on and off in one process)")
+                results["hedging-cost"] = run_hedging_cost(args, cluster, logdir)
             for kind, fault in (("failover", "kill/start"), ("hang", "pause/resume")):
                 if kind in args.only:
                     log(f"{kind} ({fault} {args.victim})")

@@ -97,3 +97,38 @@ def test_start_up_cancels_out_of_the_count_per_request(instructions: Any) -> Non
     assert instructions.per_request(first, second, 1000, 11000) == 94_000
     with pytest.raises(ValueError, match="more requests"):
         instructions.per_request(first, second, 11000, 1000)
+
+
+def a_slice(a: bool, requests: int, cpu: float, hedges: int = 0) -> dict[str, Any]:
+    return {
+        "a": a,
+        "requests": requests,
+        "seconds": 0.5,
+        "cpu": cpu,
+        "counters": {"hedges_sent": hedges, "hedges_not_stalled": 1},
+    }
+
+
+def test_a_paired_run_is_pooled_over_its_slices_and_spread_over_its_pairs(
+    metrics: Any,
+) -> None:
+    # AB BA: A answers 900 and 1100 where B answers 1000 and 1000.
+    slices = [
+        a_slice(True, 900, 0.045, hedges=9),
+        a_slice(False, 1000, 0.040),
+        a_slice(False, 1000, 0.040),
+        a_slice(True, 1100, 0.055, hedges=2),
+    ]
+    m = metrics.paired_metrics(slices)
+    assert m["rps_a"] == pytest.approx(2000 / 1.0) and m["rps_b"] == pytest.approx(2000 / 1.0)
+    assert m["ratio"] == pytest.approx(1.0)
+    assert m["pair_ratios"] == pytest.approx([0.9, 1.1]) and m["pairs"] == 2
+    assert m["cpu_us_a"] == pytest.approx(50.0) and m["cpu_us_b"] == pytest.approx(40.0)
+    assert m["cpu_ratio"] == pytest.approx(1.25)
+    assert m["requests_a"] == 2000 and m["hedges_sent_a"] == 11
+    assert m["hedges_not_stalled_a"] == 2  # (counted in A's slices only)
+
+
+def test_a_paired_run_with_no_requests_has_no_ratio(metrics: Any) -> None:
+    m = metrics.paired_metrics([a_slice(True, 0, 0.0), a_slice(False, 0, 0.0)])
+    assert m["ratio"] is None and m["cpu_ratio"] is None and m["pair_ratios"] == []

@@ -22,6 +22,13 @@ reads one JSON command per line on stdin and answers each with one JSON line:
   "duration": s, "bin": s}``: starts at ``time.monotonic() == T`` (the parent
   reads the same system-wide clock and injects faults at fixed offsets from
   T); answers per-bin successes per answering node, failures and latencies.
+* ``{"cmd": "paired", "query": ..., "concurrency": C, "warmup": s, "slice": s,
+  "pairs": N}``: an A/B within one process, for a peer with two modes (the
+  picopyn_actors peer: hedging on and off, per call). C tasks run the query
+  in a loop while the mode alternates every ``slice`` seconds, N pairs in
+  the order AB BA AB ... (so that a drift favours neither); the answer has,
+  per slice, its mode, the requests completed in it, its length and the
+  client's CPU over it (and ``counters``' changes, if given).
 * ``{"cmd": "quit"}`` (or end of input): close and exit.
 
 The harness is framework-neutral: the asyncio peers and the trio peer pass
@@ -123,7 +130,6 @@ class GcMeter:
 
     def snapshot(self) -> dict[str, list[Any]]:
         return {"collections": list(self.collections), "seconds": list(self.seconds)}
-
 
 
 class Throughput:
@@ -302,6 +308,80 @@ async def run_throughput(
         out["gc"]["tracked"] = tracked[0] if tracked else None
         out["gc"]["frozen"] = gc.get_freeze_count()
     return out
+
+
+async def run_paired(
+    cmd: dict[str, Any],
+    make_call: Callable[[int, Callable[[], bool]], Call],
+    sleep: Callable[[float], Awaitable[Any]],
+    run_tasks: Callable[[list[Callable[[], Awaitable[None]]]], Awaitable[None]],
+    *,
+    counters: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run the paired command. ``make_call(i, mode)`` is task ``i``'s call,
+    which sends in mode A (``mode()`` true) or B: both modes share the
+    process, the connections and the moment, so what differs is the mode."""
+    query, make_args, method = QUERIES[cmd["query"]]
+    count = int(cmd["concurrency"])
+    pairs = int(cmd["pairs"])
+    width = float(cmd["slice"])
+    state = {"on": True, "stopping": False, "done": 0, "failed": 0}
+    slices: list[dict[str, Any]] = []
+
+    def mode() -> bool:
+        return bool(state["on"])
+
+    def snap() -> tuple[float, float, int, dict[str, Any] | None]:
+        return (
+            time.monotonic(),
+            time.process_time(),
+            int(state["done"]),
+            counters() if counters is not None else None,
+        )
+
+    async def clock() -> None:
+        await sleep(float(cmd["warmup"]))
+        for k in range(2 * pairs):
+            # AB BA AB BA ...: pair p runs A first when p is even.
+            state["on"] = (k % 2 == 0) == ((k // 2) % 2 == 0)
+            t0, c0, n0, k0 = snap()
+            await sleep(width)
+            t1, c1, n1, k1 = snap()
+            piece: dict[str, Any] = {
+                "a": bool(state["on"]),
+                "requests": n1 - n0,
+                "seconds": t1 - t0,
+                "cpu": c1 - c0,
+            }
+            if k0 is not None and k1 is not None:
+                piece["counters"] = {
+                    key: value - k0[key]
+                    for key, value in k1.items()
+                    if isinstance(value, int) and not isinstance(value, bool)
+                }
+            slices.append(piece)
+        state["stopping"] = True
+
+    def make(i: int) -> Callable[[], Awaitable[None]]:
+        call = make_call(i, mode)
+        rnd = random.Random(i)
+        no_args: tuple[Any, ...] = ()
+
+        async def worker() -> None:
+            while not state["stopping"]:
+                args = make_args(rnd) if make_args is not None else no_args
+                try:
+                    await call(method, query, args)
+                except Exception:
+                    state["failed"] += 1
+                    await sleep(FAIL_PAUSE)
+                    continue
+                state["done"] += 1
+
+        return worker
+
+    await run_tasks([clock, *(make(i) for i in range(count))])
+    return {"slices": slices, "failed": state["failed"], "tasks": count}
 
 
 # -- timelines (failover, hang) -----------------------------------------------------

@@ -12,7 +12,10 @@ random id in 1..1000 for a query without arguments. The peer computes the
 buckets of ids 1..1000 once, with ``cluster.bucket(TABLE, id)``, before it
 says it is ready, and reports the CPU one such call costs (``bucket_us``).
 Every throughput answer carries the client's hedging and routing counters
-(``counters``, from ``cluster.statistics()``).
+(``counters``, from ``cluster.statistics()``). The ``paired`` command (see
+``_harness``) alternates hedging on (the cluster's policy) and off
+(``hedging=False`` per call) in one process: hedging's own cost, measured
+side by side.
 
 With ``"in_trio_asyncio": true`` the whole client runs inside a running
 ``trio_asyncio.open_loop()``, as in a service that already uses trio-asyncio
@@ -38,6 +41,7 @@ from _harness import (
     config,
     emit,
     read_command,
+    run_paired,
     run_throughput,
     run_timeline,
     serve,
@@ -59,6 +63,7 @@ COUNTERS = (
     "hedges_won",
     "hedges_refused",
     "hedges_skipped",
+    "hedges_not_stalled",
     "hedge_delay",
 )
 
@@ -171,6 +176,17 @@ async def run_peer(cfg: dict[str, Any]) -> None:
         async def throughput(cmd: dict[str, Any]) -> dict[str, Any]:
             return await run_throughput(cmd, make_call, trio.sleep, run_tasks, counters=counters)
 
+        def make_paired_call(i: int, mode: Callable[[], bool]) -> Call:
+            # A: the cluster's hedging policy (hedging=None); B: hedging=False.
+            async def paired(method: str, query: str, args: tuple[Any, ...]) -> Any:
+                hedging = None if mode() else False
+                return await methods[method](query, *args, idempotent=True, hedging=hedging)
+
+            return paired
+
+        async def paired(cmd: dict[str, Any]) -> dict[str, Any]:
+            return await run_paired(cmd, make_paired_call, trio.sleep, run_tasks, counters=counters)
+
         async def side(tl: Timeline) -> None:
             """Record node state changes and the retry counter, relative to t0."""
             events: list[list[Any]] = []
@@ -204,7 +220,7 @@ async def run_peer(cfg: dict[str, Any]) -> None:
         async def timeline(cmd: dict[str, Any]) -> dict[str, Any]:
             return await run_timeline(cmd, make_call, trio.sleep, run_tasks, move_on_after, side)
 
-        await serve({"throughput": throughput, "timeline": timeline}, read)
+        await serve({"throughput": throughput, "timeline": timeline, "paired": paired}, read)
 
 
 if __name__ == "__main__":
