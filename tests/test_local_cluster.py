@@ -21,6 +21,7 @@ import pytest
 import trio
 from raw import ORDERED_TABLES, query, run
 
+from picopyn_actors._config import MAX_CONNECTIONS_PER_NODE
 from picopyn_actors.testing import LocalCluster, LocalClusterError, UnknownNodeError
 from picopyn_actors.testing._catalog import CatalogModel
 from picopyn_actors.testing._pg import wait_gone
@@ -95,6 +96,15 @@ def test_catalog_is_identical_on_every_node(shared_cluster: LocalCluster) -> Non
     assert [r["name"] for r in expected["_pico_instance"]] == ["i1", "i2", "i3"]
     for node in shared_cluster.nodes:
         assert catalog_of(shared_cluster.dsn_for(node.name)) == expected, node.name
+
+
+def test_each_node_takes_the_most_connections_a_client_may_keep(
+    shared_cluster: LocalCluster,
+) -> None:
+    # connections_per_node up to its maximum, the probe's and discovery's own.
+    for node in shared_cluster.nodes:
+        (row,) = query(shared_cluster.dsn_for(node.name), "SHOW max_connections")
+        assert int(row["max_connections"]) >= MAX_CONNECTIONS_PER_NODE + 2, node.name
 
 
 def test_system_tables_have_picodata_wire_types(shared_cluster: LocalCluster) -> None:

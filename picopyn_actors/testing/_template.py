@@ -24,7 +24,9 @@ __all__ = ["SERVER_SETTINGS", "copy_data_dirs", "pristine_data_dir"]
 SERVER_SETTINGS: Final = """
 # picopyn_actors stand-in node: fast and throw-away, never durable.
 listen_addresses = '127.0.0.1'
-max_connections = 200
+# connections_per_node may be up to 256: those, the probe's and discovery's
+# connection, and room for a test's own sessions (psql, raw asyncpg).
+max_connections = 300
 shared_buffers = 16MB
 fsync = off
 full_page_writes = off
