@@ -182,6 +182,71 @@ async def test_a_pass_that_handed_over_many_rows_yields_before_reading_more(
                 theirs.close()
 
 
+class _Answers(asyncio.Protocol):
+    """Answers one future per read with ``_ROWS_PER_PASS`` rows, noting the order
+    of the reads in ``reads``; its first read makes its next answer arrive at once."""
+
+    def __init__(self, loop: EmbeddedLoop, name: str, reads: list[str]) -> None:
+        self.futures: list[asyncio.Future[list[None]]] = [loop.create_future() for _ in range(2)]
+        self.name = name
+        self.reads = reads
+        self.read = 0
+        self.peer: socket.socket | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.reads.append(self.name)
+        self.futures[self.read].set_result([None] * embedded_module._ROWS_PER_PASS)
+        self.read += 1
+        if self.peer is not None:
+            self.peer.send(b"next")  # as when a queued request is sent on it at once
+            self.peer = None
+
+
+async def test_sockets_a_pass_left_unread_go_before_one_read_again() -> None:
+    # Three sockets with a big answer waiting; the one read first has its next
+    # answer back before the next pass. The poll (level-triggered) lists it
+    # first again, but the two that waited are read before it.
+    loop = EmbeddedLoop()
+    reads: list[str] = []
+    pairs = [socket.socketpair() for _ in range(3)]
+    protocols = [_Answers(loop, name, reads) for name in "abc"]
+    answered: list[int] = []
+    done = trio.Event()
+
+    def on_done(result: outcome.Outcome[Any]) -> None:
+        answered.append(len(result.unwrap()))
+        if len(answered) == 4:
+            done.set()
+
+    async def wait_for(future: asyncio.Future[list[None]]) -> list[None]:
+        return await future
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.drive)
+        try:
+            for (ours, theirs), protocol in zip(pairs, protocols, strict=True):
+                ours.setblocking(False)
+                protocol.peer = theirs
+                loop._make_socket_transport(ours, protocol)  # type: ignore[attr-defined]
+                for future in protocol.futures:
+                    loop.start_step(wait_for(future), on_done)
+            loop.kick()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(loop._hot_readers) == 3
+            for _, theirs in pairs:  # in one trio step: the driver sees all three at once
+                theirs.send(b"x")
+            with trio.fail_after(5):
+                await done.wait()
+            first = reads[0]
+            assert len(set(reads[:3])) == 3, reads  # each waiting socket once ...
+            assert reads[3] == first, reads  # ... before the first one's next answer
+        finally:
+            await loop.aclose()
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
+
+
 async def test_cancelling_a_wait_cancels_its_asyncio_task_promptly() -> None:
     async with driven_loop() as loop:
         cancelled = trio.Event()

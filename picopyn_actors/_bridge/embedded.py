@@ -23,7 +23,12 @@ The hot path goes around asyncio's own machinery:
   rows (and drop them) in step with the parsing, not after every
   connection's answer has been parsed: fewer rows alive at once, whose
   records asyncpg recycles without the garbage collector (see "Big results
-  and the garbage collector" in docs/tuning.md).
+  and the garbage collector" in docs/tuning.md). The sockets such a pass
+  left unread are read first in the next one, in their order: a
+  level-triggered poll lists the socket just read first again when its next
+  answer is already back (a queued request is sent on it at once), and
+  reading in the poll's order let a few connections go ahead of the others
+  again and again.
 * **Queries.** A query runs as a bare coroutine stepped by a
   :class:`_Stepper`, without an asyncio Task; its awaits resume it through
   the loop's ready queue without an ``asyncio.Handle`` (the stepper is its
@@ -290,6 +295,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         readers = self._hot_readers
         get_reader = readers.get
         asyncio_fd = self._epoll_fd
+        # The ready sockets the last pass did not read (it stopped after
+        # _ROWS_PER_PASS rows): the next pass reads them first.
+        left: list[tuple[int, int]] = []
         while True:
             # One cancel scope serves many waits: it is cancelled only by a
             # kick() or by its deadline, the loop's next timer (in asyncio's
@@ -302,7 +310,13 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                     self._driving = True
                     self._handed_rows = 0
                     try:
-                        for fd, _ in hot_poll(0):
+                        events = hot_poll(0)
+                        if left:
+                            unread = {fd for fd, _ in left}
+                            events = left + [e for e in events if e[0] not in unread]
+                            left = []
+                        pending = iter(events)
+                        for fd, _ in pending:
                             transport = get_reader(fd)
                             if transport is not None:
                                 transport._read_ready()
@@ -315,7 +329,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                                         if not handle._cancelled:
                                             handle._run()
                                     if self._handed_rows >= _ROWS_PER_PASS:
-                                        break  # the other sockets: next pass
+                                        # The other sockets: first in the next pass.
+                                        left = list(pending)
+                                        break
                             elif fd == asyncio_fd:
                                 full = True
                         if full:
