@@ -227,16 +227,20 @@ class Dispatcher:
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
         return min(deadline, self.hedges.deadline())
 
-    def rearm(self) -> None:
-        """Give the dispatcher's task, if it waits, the deadline it needs now:
-        earlier or later than before. The hedge scheduler calls it after a send
-        looked (at most once a millisecond), so that while sends look, the
+    def rearm(self, hedges: float, now: float, slack: float) -> None:
+        """The hedge scheduler's next deadline is ``hedges`` (after a send
+        looked at ``now``, at most once a millisecond): give the dispatcher's
+        task, if it waits, the deadline it needs when it would wake too late
+        for the hedges, or needlessly within ``slack`` (moving a trio deadline
+        costs, so a deadline far enough ahead stays). While sends look, the
         task's backstop keeps moving ahead of them and never fires."""
         wait = self._wait
         if wait is not None:
-            deadline = self._next_deadline()
-            if deadline != wait.deadline:
-                wait.deadline = deadline
+            current = wait.deadline
+            if current > hedges or current - now <= slack:
+                deadline = self._next_deadline()
+                if deadline != current:
+                    wait.deadline = deadline
 
     def send_hedge(self, hedge: Request, routes: list[Route], now: float) -> None:
         """Start ``hedge`` on one of ``routes`` now, or let it wait first in line."""
