@@ -181,7 +181,7 @@ class Request:
         self.last_route: int | None = None
         self.conn: Terminable | None = None
         self.enqueued_at = now  # set by the dispatcher when the request has to wait
-        self.errors: list[str] = []
+        self.errors: list[str] | None = None  # "node: why" of each failed attempt, if any
         self.result: outcome.Outcome[Any] | None = None
 
     @property
@@ -197,6 +197,9 @@ class Request:
         if self.phase >= Phase.DONE:
             return False
         self.phase = Phase.DONE
+        # Not needed any more: the hedge scheduler may keep the request a few
+        # milliseconds longer, its arguments need not stay with it.
+        self.args = ()
         parent = self.parent
         if parent is not None:
             if (

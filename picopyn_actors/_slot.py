@@ -200,6 +200,8 @@ def reroute_or_fail(node: NodeActor, request: Request, error: str, *, sent: bool
     request = request.parent or request  # a hedge's fate is its request's
     if not request.open:
         return
+    if request.errors is None:
+        request.errors = []
     request.errors.append(f"{node.name}: {error}")
     if node.closing.is_set():
         request.close()
@@ -234,6 +236,6 @@ def reroute_or_fail(node: NodeActor, request: Request, error: str, *, sent: bool
         NoNodesAvailable(
             f"request failed on {request.attempts} node(s) "
             f"(max_attempts={node.config.max_attempts})",
-            dict(e.split(": ", 1) for e in request.errors if ": " in e),
+            dict(e.split(": ", 1) for e in request.errors or () if ": " in e),
         )
     )
