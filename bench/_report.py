@@ -170,13 +170,15 @@ def hedging_cost_table(results: dict[str, Any]) -> str:
         f"The same client process ({hc['peer']}: RoundRobin, `hedging=pa.Hedging()`) on the "
         f"healthy stand-in, {hc['connections']} connections, its calls alternating between "
         f"hedging on (the cluster's policy) and off (`hedging=False` per call) every "
-        f"{hc['slice']:g} s: {hc['pairs']} pairs of slices per case, in the order AB BA AB ..., "
+        f"{hc['slice']:g} s: {hc['pairs']} pairs of slices per case, each pair AB or BA at random, "
         f"after {hc['warmup']:g} s of warm-up. Both modes share the process, its connections "
         "and the moment, so the machine's load moves both alike. *on/off*: requests per "
         "second with hedging over without, pooled over the slices; *pairs*: the lowest, "
         "median and highest of the same ratio for each pair of neighbouring slices; "
         "*hedged*: hedges sent per request in the slices with hedging on; *not stalled*: "
-        "late requests left unhedged because their node kept answering.",
+        "late requests left unhedged because their node kept answering. *control*: the "
+        "first case again with hedging off in both halves (an A/A run): how far apart two "
+        "identical halves come out here.",
         "",
         "| query | tasks | req/s on | req/s off | on/off | pairs (min / median / max) "
         "| CPU/req on | CPU/req off | CPU on/off | hedged | not stalled |",
@@ -188,12 +190,13 @@ def hedging_cost_table(results: dict[str, Any]) -> str:
                 f"| {case['query']} | {case['concurrency']} | error: {case['error']} |||||||||"
             )
             continue
+        label = "control" if case.get("control") else case["query"]
         pr = case["pair_ratios"]
         spread = f"{pr[0]:.2f} / {case['pair_ratio_median']:.2f} / {pr[-1]:.2f}" if pr else ""
         requests = case["requests_a"]
         hedged = case["hedges_sent_a"] / requests if requests else None
         lines.append(
-            f"| {case['query']} | {case['concurrency']} | {case['rps_a']:.0f} | "
+            f"| {label} | {case['concurrency']} | {case['rps_a']:.0f} | "
             f"{case['rps_b']:.0f} | {_f(case['ratio'], 3, 'x')} | {spread} | "
             f"{_us(case['cpu_us_a'])} | {_us(case['cpu_us_b'])} | "
             f"{_f(case['cpu_ratio'], 3, 'x')} | {_share(hedged)} | "
@@ -537,7 +540,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     )
                 )
     for case in (results.get("hedging-cost") or {}).get("cases", []):
-        if "error" in case:
+        if "error" in case or case.get("control"):
             continue
         r = case["ratio"]
         out.append(

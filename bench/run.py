@@ -351,10 +351,12 @@ def run_hedging_cost(
         for q in args.queries
         for c in (args.rows1000_concurrency if q == "rows1000" else args.concurrency)
     ]
+    # The first case once more as a control: hedging off in both halves (A/A).
+    runs = [(q, c, False) for q, c in cases] + [(*cases[0], True)] if cases else []
     out_cases = []
     with running([peer], cluster, logdir, "-paired") as procs:
         proc = procs[peer.name]
-        for query, concurrency in cases:
+        for query, concurrency, control in runs:
             cmd = {
                 "cmd": "paired",
                 "query": query,
@@ -362,18 +364,19 @@ def run_hedging_cost(
                 "warmup": args.warmup,
                 "slice": args.paired_slice,
                 "pairs": args.paired_pairs,
+                "control": control,
             }
             span = args.warmup + 2 * args.paired_pairs * args.paired_slice
             res = proc.request(cmd, timeout=span + 60)
+            case = {"query": query, "concurrency": concurrency, "control": control}
             if "error" in res:
-                out_cases.append({"query": query, "concurrency": concurrency, **res})
+                out_cases.append({**case, **res})
                 continue
             metrics = paired_metrics(res["slices"])
-            out_cases.append(
-                {"query": query, "concurrency": concurrency, "failed": res["failed"], **metrics}
-            )
+            out_cases.append({**case, "failed": res["failed"], **metrics})
             log(
-                f"  {query} c={concurrency}: hedging on/off {metrics['ratio']:.3f}x "
+                f"  {query} c={concurrency}{' (control: off/off)' if control else ''}: "
+                f"hedging on/off {metrics['ratio']:.3f}x "
                 f"({metrics['rps_a']:.0f} / {metrics['rps_b']:.0f} req/s), CPU/req "
                 f"{metrics['cpu_us_a']:.1f} / {metrics['cpu_us_b']:.1f} µs"
             )
@@ -875,7 +878,7 @@ def parse_args() -> argparse.Namespace:
         "--paired-pairs",
         type=int,
         default=None,
-        help="hedging-cost: pairs of slices per case (default 20, quick 4)",
+        help="hedging-cost: pairs of slices per case (default 40, quick 4)",
     )
     p.add_argument("--rounds", type=int, help="alternating rounds per case (default 5)")
     p.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
@@ -971,7 +974,7 @@ def parse_args() -> argparse.Namespace:
             args.only = [w for w in args.only if w != "profile"]
     args.duration = args.duration or 3.0
     args.paired_slice = args.paired_slice or (0.25 if args.quick else 0.5)
-    args.paired_pairs = args.paired_pairs or (4 if args.quick else 20)
+    args.paired_pairs = args.paired_pairs or (4 if args.quick else 40)
     args.rounds = args.rounds or 5
     args.warmup = 0.5 if args.warmup is None else args.warmup
     return args

@@ -25,10 +25,14 @@ reads one JSON command per line on stdin and answers each with one JSON line:
 * ``{"cmd": "paired", "query": ..., "concurrency": C, "warmup": s, "slice": s,
   "pairs": N}``: an A/B within one process, for a peer with two modes (the
   picopyn_actors peer: hedging on and off, per call). C tasks run the query
-  in a loop while the mode alternates every ``slice`` seconds, N pairs in
-  the order AB BA AB ... (so that a drift favours neither); the answer has,
+  in a loop while the mode alternates every ``slice`` seconds, N pairs of
+  slices, each pair AB or BA at random (seeded: so that neither a drift nor
+  the client's periodic work, such as discovery every 2 s, favours a mode,
+  as a fixed AB BA order would: its period of four slices always put the
+  same mode at a multiple of 2 s); the answer has,
   per slice, its mode, the requests completed in it, its length and the
-  client's CPU over it (and ``counters``' changes, if given).
+  client's CPU over it (and ``counters``' changes, if given). ``"control":
+  true`` asks the peer for mode B in both halves (an A/A run).
 * ``{"cmd": "quit"}`` (or end of input): close and exit.
 
 The harness is framework-neutral: the asyncio peers and the trio peer pass
@@ -339,11 +343,13 @@ async def run_paired(
             counters() if counters is not None else None,
         )
 
+    order = random.Random(int(cmd.get("seed", 1)))
+    modes = [m for _ in range(pairs) for m in order.choice([(True, False), (False, True)])]
+
     async def clock() -> None:
         await sleep(float(cmd["warmup"]))
         for k in range(2 * pairs):
-            # AB BA AB BA ...: pair p runs A first when p is even.
-            state["on"] = (k % 2 == 0) == ((k // 2) % 2 == 0)
+            state["on"] = modes[k]
             t0, c0, n0, k0 = snap()
             await sleep(width)
             t1, c1, n1, k1 = snap()

@@ -15,7 +15,8 @@ Every throughput answer carries the client's hedging and routing counters
 (``counters``, from ``cluster.statistics()``). The ``paired`` command (see
 ``_harness``) alternates hedging on (the cluster's policy) and off
 (``hedging=False`` per call) in one process: hedging's own cost, measured
-side by side.
+side by side; with ``"control": true`` both modes are hedging off (an A/A
+run, the method's own spread).
 
 With ``"in_trio_asyncio": true`` the whole client runs inside a running
 ``trio_asyncio.open_loop()``, as in a service that already uses trio-asyncio
@@ -176,15 +177,19 @@ async def run_peer(cfg: dict[str, Any]) -> None:
         async def throughput(cmd: dict[str, Any]) -> dict[str, Any]:
             return await run_throughput(cmd, make_call, trio.sleep, run_tasks, counters=counters)
 
-        def make_paired_call(i: int, mode: Callable[[], bool]) -> Call:
-            # A: the cluster's hedging policy (hedging=None); B: hedging=False.
-            async def paired(method: str, query: str, args: tuple[Any, ...]) -> Any:
-                hedging = None if mode() else False
-                return await methods[method](query, *args, idempotent=True, hedging=hedging)
-
-            return paired
-
         async def paired(cmd: dict[str, Any]) -> dict[str, Any]:
+            # A: the cluster's hedging policy (hedging=None); B: hedging=False.
+            # With "control": both modes hedging=False (an A/A run: the method's
+            # own spread).
+            on: bool | None = False if cmd.get("control") else None
+
+            def make_paired_call(i: int, mode: Callable[[], bool]) -> Call:
+                async def call(method: str, query: str, args: tuple[Any, ...]) -> Any:
+                    hedging = on if mode() else False
+                    return await methods[method](query, *args, idempotent=True, hedging=hedging)
+
+                return call
+
             return await run_paired(cmd, make_paired_call, trio.sleep, run_tasks, counters=counters)
 
         async def side(tl: Timeline) -> None:
