@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark picopyn_actors against its peers on one stand-in cluster, in one run.
 
-    python bench/run.py                 # everything (about 20 minutes)
+    python bench/run.py                 # everything (about 30 minutes)
     python bench/run.py --quick         # a smoke run (about 6 minutes)
     python bench/run.py --only throughput --peers picopyn-0.2.0,actors-rr
     python bench/run.py --docs          # also refresh docs/benchmarks.md and docs/img/
