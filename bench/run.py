@@ -1006,7 +1006,13 @@ def main() -> int:
     for env in sorted(needed):
         if env != "bench":
             _envs.ensure(env, rebuild=args.rebuild_envs, log=log)
-    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    # The command as the report prints it: where the results went is not part of it.
+    argv = list(sys.argv[1:])
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--out":
+            argv[i + 1] = "<dir>"
+    argv = ["--out <dir>" if a.startswith("--out=") else a for a in argv]
+    command = "python bench/run.py " + " ".join(argv)
     results: dict[str, Any] = {
         "meta": {
             **machine(),
