@@ -222,10 +222,12 @@ class Dispatcher:
             self._wait = None
             self._close()
 
-    def _next_deadline(self) -> float:
+    def _next_deadline(self, hedges: float | None = None) -> float:
+        """The run task's next deadline: the oldest waiter's ``acquire_timeout``,
+        or the hedges' (``hedges``, if the caller has it already)."""
         heads = [q[0].enqueued_at for q in (self._pending, self._retries, *self.table.lines()) if q]
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
-        return min(deadline, self.hedges.deadline())
+        return min(deadline, self.hedges.deadline() if hedges is None else hedges)
 
     def rearm(self, hedges: float, now: float, slack: float) -> None:
         """The hedge scheduler's next deadline is ``hedges`` (after a send
@@ -238,7 +240,7 @@ class Dispatcher:
         if wait is not None:
             current = wait.deadline
             if current > hedges or current - now <= slack:
-                deadline = self._next_deadline()
+                deadline = self._next_deadline(hedges)
                 if deadline != current:
                     wait.deadline = deadline
 
