@@ -39,7 +39,7 @@ HEDGE_TICK = 0.001
 BACKSTOP = 0.005
 
 _SENT = Phase.SENT
-_PHASE = operator.attrgetter("phase")
+_CONN = operator.attrgetter("conn")
 
 
 @attrs.define(eq=False)
@@ -124,8 +124,9 @@ class HedgeScheduler:
                 continue
             taken = hedger.take(now)
             waiting = waiting or bool(hedger.line_times)
-            # The common case, all answered, is checked without a Python loop.
-            if taken and _SENT in map(_PHASE, taken):
+            # The common case, all answered (an answer clears the request's
+            # connection), is checked without a Python loop.
+            if taken and any(map(_CONN, taken)):
                 late.extend((hedger, r, True) for r in taken if r.phase is _SENT)
         self._watch_due = math.inf
         if late:

@@ -223,12 +223,18 @@ class Hedger:
         if stragglers:
             requests = [*stragglers, *requests]
             stragglers.clear()
+        # record(), written out: a look samples a few requests each time.
+        current = self._cur if now < self._slice_end else self._current(now)
+        latencies = current.latencies
+        recorded = 0
         for request in requests:
             latency = request.latency
             if latency is not None:
-                self.record(latency, now)
+                latencies[bisect.bisect_left(_EDGES, latency)] += 1
+                recorded += 1
             elif request.in_flight and request.phase is not Phase.ABANDONED:
                 stragglers.append(request)
+        current.samples += recorded
 
     def delay(self, now: float) -> float:
         """The hedge delay now: fixed, or the percentile of the window's latencies
