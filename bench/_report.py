@@ -140,7 +140,7 @@ def counters_note(results: dict[str, Any]) -> str:
                     f"* {peer} ({label}): {sent} hedges sent "
                     f"({_share(sent / requests if requests else None)} of {requests} requests), "
                     f"{c.get('hedges_won', 0)} won, {c.get('hedges_refused', 0)} refused by the "
-                    f"budget, {c.get('hedges_skipped', 0)} skipped (every other node as late), "
+                    f"budget, {c.get('hedges_skipped', 0)} held (every other node as late), "
                     f"{c.get('hedges_not_stalled', 0)} late on a node that kept answering"
                 )
             if c.get("requests_routed") or c.get("routing_fallbacks"):

@@ -309,9 +309,10 @@ class ClusterStatistics:
             had not answered after the hedge delay.
         hedges_won: hedges that answered first.
         hedges_refused: hedges the budget refused.
-        hedges_skipped: hedges not sent because every node they could go to
-            had a late request of its own (the whole client or cluster was
-            slow, not one node).
+        hedges_skipped: late requests not hedged when due, because every node
+            they could go to had a late request of its own (the whole client
+            or cluster was slow, not one node); each is held and hedged later
+            if a node it may go to is no longer late.
         hedges_not_stalled: late requests not hedged when their delay passed,
             because their node was still answering others (``only_stalled``);
             they are hedged later only if that node stalls.

@@ -9,7 +9,9 @@ send has looked for ``BACKSTOP``). It takes every request whose hedge delay
 has passed off its line (counted for the budget) and hedges it if it has
 not answered and its node has stalled (answered nothing for the delay; a
 late request on a node that still answers is watched until it does): a
-hedge (a second request, whose answer is its own) goes to another node.
+hedge (a second request, whose answer is its own) goes to another node, one
+that holds no late request itself (while every other node is as late, the
+request is held, and looked at again soon).
 The policy's state (latencies, budget, counters) is
 :class:`~._hedging.Hedger`.
 """
@@ -39,6 +41,10 @@ HEDGE_TICK = 0.001
 BACKSTOP = 0.005
 
 _SENT = Phase.SENT
+# Where a late request comes from, in a look: the line (late for the first
+# time), the watched (its node answered others), or the held (every node it
+# might go to was as late).
+_NEW, _WATCHED, _HELD = 0, 1, 2
 _CONN = operator.attrgetter("conn")
 
 
@@ -109,17 +115,24 @@ class HedgeScheduler:
         as of this look, or due for a hedge): when every other node is as
         late, the slowness is not one node's (the client's own pause, a busy
         machine, a slow cluster), no hedge would answer sooner, and it is
-        skipped (counted). A request watched since an earlier look does not
+        skipped (counted once) and held: looked at again at the next look
+        (a send's, or the dispatcher's own within an eighth of the delay),
+        and hedged once a node it may go to holds no late request (a pause of
+        the client passes in a look or two; a cluster slow everywhere keeps
+        every node late). A request watched since an earlier look does not
         keep hedges off its node, which still answers.
         """
-        # (hedger, request, late for the first time)
-        late: list[tuple[Hedger, Request, bool]] = []
+        # (hedger, request, where it comes from: _NEW, _WATCHED or _HELD)
+        late: list[tuple[Hedger, Request, int]] = []
         waiting = False
         for hedger in self._hedgers.values():
-            watched = hedger.watched
+            watched, held = hedger.watched, hedger.held
             if watched:  # late before, their nodes answering then: again
-                late.extend((hedger, r, False) for r in watched if r.phase is _SENT)
+                late.extend((hedger, r, _WATCHED) for r in watched if r.phase is _SENT)
                 watched.clear()
+            if held:  # late before, every other node as late then: again
+                late.extend((hedger, r, _HELD) for r in held if r.phase is _SENT)
+                held.clear()
             if not hedger.line_times:
                 continue
             taken = hedger.take(now)
@@ -127,21 +140,30 @@ class HedgeScheduler:
             # The common case, all answered (an answer clears the request's
             # connection), is checked without a Python loop.
             if taken and any(map(_CONN, taken)):
-                late.extend((hedger, r, True) for r in taken if r.phase is _SENT)
+                late.extend((hedger, r, _NEW) for r in taken if r.phase is _SENT)
         self._watch_due = math.inf
         if late:
             due = [
-                (hedger, request)
-                for hedger, request, first in late
-                if self._needs_hedge(request) and self._stalled(request, hedger, now, first)
+                (hedger, request, kind)
+                for hedger, request, kind in late
+                if self._needs_hedge(request)
+                and self._stalled(request, hedger, now, kind == _NEW)
             ]
             # No hedge goes where a request is late: a request late as of this
             # look, or one due now (a watched one, late before, does not count:
             # its node answers).
-            routes = {r.last_route for _, r, first in late if first}
-            routes.update(r.last_route for _, r in due)
-            for hedger, request in due:
-                self._hedge(request, hedger, routes, now)
+            routes = {r.last_route for _, r, kind in late if kind == _NEW}
+            routes.update(r.last_route for _, r, _ in due)
+            if due:
+                # Where hedges may go this look (once, not once per request: a
+                # slow cluster may hold many).
+                free = [
+                    r
+                    for r in self.dispatcher.table.routes.values()
+                    if r.state is NodeState.UP and r.id not in routes
+                ]
+                for hedger, request, kind in due:
+                    self._hedge(request, hedger, free, now, kind == _HELD)
             waiting = waiting or self._watch_due < math.inf
         self.next_look = now + HEDGE_TICK if waiting else -math.inf
 
@@ -173,9 +195,20 @@ class HedgeScheduler:
             and request.attempts + request.in_flight < self.dispatcher.config.max_attempts
         )  # else: retried elsewhere, hedged already, or out of attempts
 
-    def _hedge(self, request: Request, hedger: Hedger, late: set[int | None], now: float) -> None:
-        if not any(r.id not in late for r in self.routes(request, idle=False)):
-            hedger.skipped += 1
+    def _hedge(
+        self, request: Request, hedger: Hedger, free: list[Route], now: float, held: bool
+    ) -> None:
+        """Hedge ``request`` on one of the ``free`` routes (up, holding no late
+        request), within the budget; with none it may go to, hold it for the
+        next look (counted the first time: ``held`` says it was held before)."""
+        targets = self._others(request, free)
+        if not targets:
+            if not held:
+                hedger.skipped += 1
+            hedger.held.append(request)
+            # Looked at again soon (a pause of the client passes in a look or
+            # two), but not every millisecond while the cluster is slow.
+            self._watch_due = min(self._watch_due, now + hedger.last_delay / 8)
             return
         if not hedger.allow(now):
             return
@@ -184,21 +217,22 @@ class HedgeScheduler:
         hedge.last_route = request.last_route
         request.hedged = True
         request.hedges = [hedge]
-        routes = [r for r in self.routes(request) if r.id not in late]
-        self.dispatcher.send_hedge(hedge, routes, now)
+        self.dispatcher.send_hedge(hedge, [r for r in targets if r.idle], now)
 
-    def routes(self, request: Request, *, idle: bool = True) -> list[Route]:
-        """Where a hedge of ``request`` may go: another node that is up (with an
-        idle slot, if ``idle``); for a keyed request, another member of the
+    def routes(self, request: Request) -> list[Route]:
+        """Where a hedge of ``request`` may go now: another node that is up,
+        with an idle slot; for a keyed request, another member of the
         bucket's replicaset, or nowhere."""
-        dispatcher = self.dispatcher
-        routes = [
-            r
-            for r in dispatcher.table.routes.values()
-            if r.id != request.last_route and r.state is NodeState.UP and (r.idle or not idle)
-        ]
+        routes = self.dispatcher.table.routes.values()
+        return self._others(request, [r for r in routes if r.state is NodeState.UP and r.idle])
+
+    def _others(self, request: Request, routes: list[Route]) -> list[Route]:
+        """Those of ``routes`` a hedge of ``request`` may go to: not its own
+        node's; for a keyed request, those of the bucket's replicaset."""
+        own = request.last_route
+        others = [r for r in routes if r.id != own]
         bucket = request.bucket
-        if bucket is None:
-            return routes
-        owner = dispatcher.routing.owner(bucket.tier, bucket.bucket_id)
-        return [r for r in routes if owner is not None and r.candidate.replicaset == owner]
+        if bucket is None or not others:
+            return others
+        owner = self.dispatcher.routing.owner(bucket.tier, bucket.bucket_id)
+        return [r for r in others if owner is not None and r.candidate.replicaset == owner]

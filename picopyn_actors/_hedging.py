@@ -152,11 +152,14 @@ class Hedger:
     sent: int = 0
     won: int = 0
     refused: int = 0  # hedges the budget refused
-    skipped: int = 0  # hedges not sent: every other node was as late
+    skipped: int = 0  # late requests held, not hedged: every other node was as late
     not_stalled: int = 0  # late requests not hedged at once: their node answered others
     # Late requests whose node still answered others (``only_stalled``): looked
     # at again until they answer, or their node stalls and they are hedged.
     watched: list[Request] = attrs.field(init=False, factory=list)
+    # Late requests due for a hedge that every node they might go to was as
+    # late for: looked at again soon (an eighth of the delay).
+    held: list[Request] = attrs.field(init=False, factory=list)
     _slices: deque[_Slice] = attrs.field(init=False, factory=deque)
     _cur: _Slice = attrs.field(init=False, factory=lambda: _Slice(-math.inf))
     _slice_end: float = attrs.field(init=False, default=-math.inf)

@@ -159,7 +159,7 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
     _counter("hedges_refused_total", "Hedges the budget refused.", "hedges_refused"),
     _counter(
         "hedges_skipped_total",
-        "Hedges not sent: every node they could go to was as late (not one slow node).",
+        "Late requests held, not hedged when due: every node they could go to was as late.",
         "hedges_skipped",
     ),
     _counter(

@@ -268,6 +268,40 @@ async def test_a_late_request_is_hedged_once_its_node_stalls(autojump_clock: obj
     assert stats.requests_failed == 0
 
 
+async def test_a_request_held_while_every_node_was_late_is_hedged_once_one_is_not(
+    autojump_clock: object,
+) -> None:
+    """Every node late at once (here: slow alike for a moment, as when the
+    client itself pauses): the late requests are held, not dropped. Once the
+    other nodes have answered, the one still running on the slow node is
+    hedged instead of waiting out its node."""
+    fake = FakeCluster(3, service_time=0.2)
+    policy = pa.Hedging(delay=0.05, budget=0.5)
+    async with fake.open(hedging=policy, connections_per_node=2) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i2"].service_time = 1.0  # slower still: the others answer at 0.2 s
+        answers: list[tuple[str, float]] = []
+
+        async def read() -> None:
+            start = trio.current_time()
+            node = await cluster.fetchval("whoami", idempotent=True)
+            answers.append((node, trio.current_time() - start))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):  # one on each node (RoundRobin, all idle)
+                nursery.start_soon(read)
+        await trio.sleep(1)  # the loser finishes
+        stats = cluster.statistics()
+    # At 0.05 s every node held a late request: none could be hedged, all held.
+    assert stats.hedges_skipped == 3
+    # At 0.2 s i1 and i3 had answered: i2's request was hedged to one of them
+    # (the look within an eighth of the delay), and the hedge answered first.
+    assert stats.hedges_sent == stats.hedges_won == 1
+    assert "i2" not in [node for node, _ in answers]
+    assert max(took for _, took in answers) < 0.2 + 0.05 / 8 + 0.002 + 0.2
+    assert stats.requests_failed == 0
+
+
 async def test_a_hedge_counts_as_an_attempt(autojump_clock: object) -> None:
     fake = FakeCluster(3, service_time=1.0)
     async with fake.open(hedging=FIXED, max_attempts=2, connections_per_node=1) as cluster:
