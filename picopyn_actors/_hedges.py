@@ -152,15 +152,15 @@ class HedgeScheduler:
             # No hedge goes where a request is late: a request late as of this
             # look, or one due now (a watched one, late before, does not count:
             # its node answers).
-            routes = {r.last_route for _, r, kind in late if kind == _NEW}
-            routes.update(r.last_route for _, r, _ in due)
+            late_at = {r.last_route for _, r, kind in late if kind == _NEW}
+            late_at.update(r.last_route for _, r, _ in due)
             if due:
                 # Where hedges may go this look (once, not once per request: a
                 # slow cluster may hold many).
                 free = [
                     r
                     for r in self.dispatcher.table.routes.values()
-                    if r.state is NodeState.UP and r.id not in routes
+                    if r.state is NodeState.UP and r.id not in late_at
                 ]
                 for hedger, request, kind in due:
                     self._hedge(request, hedger, free, now, kind == _HELD)
