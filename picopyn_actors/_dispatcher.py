@@ -333,6 +333,8 @@ class Dispatcher:
         """Serve waiting requests, oldest first, while slots are idle. A keyed
         request whose owner is up but busy moves to its owner's line."""
         for queue in (self._retries, self._pending):
+            if not queue:
+                continue
             waiting: list[Request] = []
             while queue:
                 available = self.table.available()
@@ -360,7 +362,8 @@ class Dispatcher:
                         owner.wait_in_line(request)
                         continue
                 self._start(request, available)
-            queue.extendleft(reversed(waiting))
+            if waiting:
+                queue.extendleft(reversed(waiting))
 
     def choose(self, request: Request, available: list[Route]) -> Route | None:
         """The route the strategy picks for ``request``, or ``None`` (it failed the
