@@ -332,12 +332,18 @@ class Dispatcher:
     def _dispatch(self) -> None:
         """Serve waiting requests, oldest first, while slots are idle. A keyed
         request whose owner is up but busy moves to its owner's line."""
+        available: list[Route] | None = None
         for queue in (self._retries, self._pending):
             if not queue:
                 continue
             waiting: list[Request] = []
             while queue:
-                available = self.table.available()
+                # Once known, the routes that can take a request only shrink
+                # here (a slot freed meanwhile serves the queue by itself).
+                if available is None:
+                    available = self.table.available()
+                else:
+                    available = [r for r in available if r.idle and r.state is NodeState.UP]
                 if not available:
                     break
                 request = queue.popleft()
