@@ -11,7 +11,7 @@ not answered and its node has stalled (answered nothing for the delay; a
 late request on a node that still answers is watched until it does): a
 hedge (a second request, whose answer is its own) goes to another node, one
 that holds no late request itself (while every other node is as late, the
-request is held, and looked at again soon).
+request is held, and looked at again later).
 The policy's state (latencies, budget, counters) is
 :class:`~._hedging.Hedger`.
 """
@@ -115,12 +115,13 @@ class HedgeScheduler:
         as of this look, or due for a hedge): when every other node is as
         late, the slowness is not one node's (the client's own pause, a busy
         machine, a slow cluster), no hedge would answer sooner, and it is
-        skipped (counted once) and held: looked at again at the next look
-        (a send's, or the dispatcher's own within an eighth of the delay),
-        and hedged once a node it may go to holds no late request (a pause of
-        the client passes in a look or two; a cluster slow everywhere keeps
-        every node late). A request watched since an earlier look does not
-        keep hedges off its node, which still answers.
+        skipped (counted once) and held: looked at again an eighth of the
+        delay later, and hedged once a node it may go to holds no late
+        request (a pause of the client passes in a look or two). While
+        requests stay held, the wait doubles, up to 8 delays: a cluster slow
+        everywhere keeps every node late, and its held requests cost little.
+        A held request keeps hedges off its node meanwhile. A request watched
+        since an earlier look does not: its node still answers.
         """
         # (hedger, request, where it comes from: _NEW, _WATCHED or _HELD)
         late: list[tuple[Hedger, Request, int]] = []
@@ -130,7 +131,7 @@ class HedgeScheduler:
             if watched:  # late before, their nodes answering then: again
                 late.extend((hedger, r, _WATCHED) for r in watched if r.phase is _SENT)
                 watched.clear()
-            if held:  # late before, every other node as late then: again
+            if held and now >= hedger.held_due:  # every other node as late then: again
                 late.extend((hedger, r, _HELD) for r in held if r.phase is _SENT)
                 held.clear()
             if not hedger.line_times:
@@ -154,6 +155,8 @@ class HedgeScheduler:
             # its node answers).
             late_at = {r.last_route for _, r, kind in late if kind == _NEW}
             late_at.update(r.last_route for _, r, _ in due)
+            for hedger in self._hedgers.values():
+                late_at.update(hedger.held_at if hedger.held else ())  # (those not looked at now)
             if due:
                 # Where hedges may go this look (once, not once per request: a
                 # slow cluster may hold many).
@@ -164,7 +167,17 @@ class HedgeScheduler:
                 ]
                 for hedger, request, kind in due:
                     self._hedge(request, hedger, free, now, kind == _HELD)
-            waiting = waiting or self._watch_due < math.inf
+        for hedger in self._hedgers.values():
+            if hedger.held:
+                if hedger.held_due <= now:  # looked at now, or held for the first time
+                    delay = hedger.last_delay
+                    hedger.held_wait = min(max(2 * hedger.held_wait, delay / 8), 8 * delay)
+                    hedger.held_due = now + hedger.held_wait
+                    hedger.held_at = {r.last_route for r in hedger.held}
+                self._watch_due = min(self._watch_due, hedger.held_due)
+            else:
+                hedger.held_wait = 0.0
+        waiting = waiting or self._watch_due < math.inf
         self.next_look = now + HEDGE_TICK if waiting else -math.inf
 
     def _stalled(self, request: Request, hedger: Hedger, now: float, first: bool) -> bool:
@@ -199,16 +212,14 @@ class HedgeScheduler:
         self, request: Request, hedger: Hedger, free: list[Route], now: float, held: bool
     ) -> None:
         """Hedge ``request`` on one of the ``free`` routes (up, holding no late
-        request), within the budget; with none it may go to, hold it for the
-        next look (counted the first time: ``held`` says it was held before)."""
+        request), within the budget; with none it may go to, hold it (counted
+        the first time: ``held`` says it was held before)."""
         targets = self._others(request, free)
         if not targets:
             if not held:
                 hedger.skipped += 1
             hedger.held.append(request)
-            # Looked at again soon (a pause of the client passes in a look or
-            # two), but not every millisecond while the cluster is slow.
-            self._watch_due = min(self._watch_due, now + hedger.last_delay / 8)
+            hedger.held_at.add(request.last_route)
             return
         if not hedger.allow(now):
             return

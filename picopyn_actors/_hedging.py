@@ -158,8 +158,13 @@ class Hedger:
     # at again until they answer, or their node stalls and they are hedged.
     watched: list[Request] = attrs.field(init=False, factory=list)
     # Late requests due for a hedge that every node they might go to was as
-    # late for: looked at again soon (an eighth of the delay).
+    # late for: looked at again at ``held_due``, after ``held_wait`` (an eighth
+    # of the delay, doubled while they stay held, up to 8 delays); their nodes
+    # (``held_at``) get no hedge meanwhile.
     held: list[Request] = attrs.field(init=False, factory=list)
+    held_due: float = attrs.field(init=False, default=-math.inf)
+    held_wait: float = attrs.field(init=False, default=0.0)
+    held_at: set[int | None] = attrs.field(init=False, factory=set)
     _slices: deque[_Slice] = attrs.field(init=False, factory=deque)
     _cur: _Slice = attrs.field(init=False, factory=lambda: _Slice(-math.inf))
     _slice_end: float = attrs.field(init=False, default=-math.inf)

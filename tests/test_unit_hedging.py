@@ -295,11 +295,39 @@ async def test_a_request_held_while_every_node_was_late_is_hedged_once_one_is_no
     # At 0.05 s every node held a late request: none could be hedged, all held.
     assert stats.hedges_skipped == 3
     # At 0.2 s i1 and i3 had answered: i2's request was hedged to one of them
-    # (the look within an eighth of the delay), and the hedge answered first.
+    # (at the next look of the held: its wait doubles from an eighth of the
+    # delay, so at most twice the 0.15 s it had been held), and the hedge
+    # answered first.
     assert stats.hedges_sent == stats.hedges_won == 1
     assert "i2" not in [node for node, _ in answers]
-    assert max(took for _, took in answers) < 0.2 + 0.05 / 8 + 0.002 + 0.2
+    assert max(took for _, took in answers) < 0.05 + 2 * 0.15 + 0.002 + 0.2
     assert stats.requests_failed == 0
+
+
+async def test_requests_held_in_a_cluster_slow_everywhere_are_looked_at_less_and_less(
+    autojump_clock: object,
+) -> None:
+    """Every node hangs: the late requests stay held, never hedged, and the
+    scheduler looks at them ever less often (up to 8 delays apart), not at
+    every look."""
+    fake = FakeCluster(3)
+    policy = pa.Hedging(delay=0.01, budget=0.5)
+    async with fake.open(hedging=policy, connections_per_node=2) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        for node in fake.nodes:
+            fake[node].service_time = 10.0
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(functools.partial(cluster.fetchval, "whoami", idempotent=True))
+            await trio.sleep(2)
+            (hedger,) = cluster._dispatcher.hedges._hedgers.values()
+            held, wait, due = len(hedger.held), hedger.held_wait, hedger.held_due
+            now = trio.current_time()
+            nursery.cancel_scope.cancel()
+        stats = cluster.statistics()
+    assert stats.hedges_sent == 0 and stats.hedges_skipped == 6
+    assert held == 6
+    assert wait == 8 * 0.01 and now < due <= now + wait
 
 
 async def test_a_hedge_counts_as_an_attempt(autojump_clock: object) -> None:
