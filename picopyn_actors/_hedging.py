@@ -189,11 +189,14 @@ class Hedger:
             slices.popleft()
         self._slice_end = now + width
 
-    def record(self, seconds: float, now: float) -> None:
-        """Keep one latency: a request answered in ``seconds``."""
+    def record(self, *seconds: float, now: float) -> None:
+        """Keep latencies: requests answered in ``seconds`` (a look records
+        its samples in one call)."""
         current = self._cur if now < self._slice_end else self._current(now)
-        current.samples += 1
-        current.latencies[bisect.bisect_left(_EDGES, seconds)] += 1
+        current.samples += len(seconds)
+        latencies = current.latencies
+        for latency in seconds:
+            latencies[bisect.bisect_left(_EDGES, latency)] += 1
 
     def count(self, requests: int, now: float) -> None:
         """``requests`` hedgeable requests were sent (for the budget)."""
@@ -231,18 +234,14 @@ class Hedger:
         if stragglers:
             requests = [*stragglers, *requests]
             stragglers.clear()
-        # record(), written out: a look samples a few requests each time.
-        current = self._cur if now < self._slice_end else self._current(now)
-        latencies = current.latencies
-        recorded = 0
+        answered: list[float] = []
         for request in requests:
             latency = request.latency
             if latency is not None:
-                latencies[bisect.bisect_left(_EDGES, latency)] += 1
-                recorded += 1
+                answered.append(latency)
             elif request.in_flight and request.phase is not Phase.ABANDONED:
                 stragglers.append(request)
-        current.samples += recorded
+        self.record(*answered, now=now)
 
     def delay(self, now: float) -> float:
         """The hedge delay now: fixed, or the percentile of the window's latencies
