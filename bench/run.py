@@ -878,7 +878,7 @@ def parse_args() -> argparse.Namespace:
         "--paired-pairs",
         type=int,
         default=None,
-        help="hedging-cost: pairs of slices per case (default 40, quick 4)",
+        help="hedging-cost: pairs of slices per case (default 100, quick 4)",
     )
     p.add_argument("--rounds", type=int, help="alternating rounds per case (default 5)")
     p.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
@@ -974,7 +974,7 @@ def parse_args() -> argparse.Namespace:
             args.only = [w for w in args.only if w != "profile"]
     args.duration = args.duration or 3.0
     args.paired_slice = args.paired_slice or (0.25 if args.quick else 0.5)
-    args.paired_pairs = args.paired_pairs or (4 if args.quick else 40)
+    args.paired_pairs = args.paired_pairs or (4 if args.quick else 100)
     args.rounds = args.rounds or 5
     args.warmup = 0.5 if args.warmup is None else args.warmup
     return args

@@ -229,18 +229,25 @@ class Dispatcher:
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
         return min(deadline, self.hedges.deadline() if hedges is None else hedges)
 
-    def rearm(self, hedges: float, now: float, slack: float) -> None:
-        """The hedge scheduler's next deadline is ``hedges`` (after a send
-        looked at ``now``, at most once a millisecond): give the dispatcher's
+    def rearm(self, hedges: Callable[[], float], now: float, backstop: float) -> None:
+        """A send looked at the hedges at ``now`` (at most once a
+        millisecond); ``hedges()`` is their next deadline, never earlier
+        than ``now + backstop`` while any is to come. Give the dispatcher's
         task, if it waits, the deadline it needs when it would wake too late
-        for the hedges, or needlessly within ``slack`` (moving a trio deadline
-        costs, so a deadline far enough ahead stays). While sends look, the
-        task's backstop keeps moving ahead of them and never fires."""
+        for the hedges, or needlessly within half the ``backstop`` (moving a
+        trio deadline costs, so a deadline far enough ahead stays; one at
+        most ``backstop`` ahead is in time, and is kept without asking
+        ``hedges()``). While sends look, the task's backstop keeps moving
+        ahead of them and never fires."""
         wait = self._wait
         if wait is not None:
             current = wait.deadline
-            if current > hedges or current - now <= slack:
-                deadline = self._next_deadline(hedges)
+            slack = backstop / 2
+            if now + slack < current <= now + backstop:
+                return
+            due = hedges()
+            if current > due or current - now <= slack:
+                deadline = self._next_deadline(due)
                 if deadline != current:
                     wait.deadline = deadline
 

@@ -99,7 +99,7 @@ class HedgeScheduler:
         ``BACKSTOP`` past this look: while sends look, it does not wake)."""
         self._looked_by_send = now
         self.look(now)
-        self.dispatcher.rearm(self.deadline(), now, BACKSTOP / 2)
+        self.dispatcher.rearm(self.deadline, now, BACKSTOP)
 
     def look(self, now: float) -> None:
         """Take the requests whose hedge delay has passed off the lines (they

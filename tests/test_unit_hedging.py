@@ -84,6 +84,26 @@ def test_the_line_is_taken_counted_and_sampled_with_its_slow_answers() -> None:
     assert hedger.take(3.6) == [late] and hedger.line == [early]
 
 
+def test_at_high_rates_fewer_latencies_are_sampled_and_each_stands_for_more() -> None:
+    hedger = Hedger(pa.Hedging(percentile=0.85, floor=0.0005, min_samples=5))
+    hedger.record(*[0.001] * 100, now=0.0)  # a quiet slice: one in four, 400 requests
+    hedger.count(100_000, 0.5)  # ... then busy
+    # The next slice samples one answer in 390 (about 256 a slice at that rate).
+    line = [Request("fetchval", "q", (), True) for _ in range(39_000)]
+    for i, request in enumerate(line):
+        request.phase, request.latency = Phase.DONE, 0.5 if i % 7 < 2 else 0.001
+    hedger.line += line
+    hedger.line_times += [1.0] * len(line)
+    hedger.take(1.1)
+    current = hedger._slices[-1]
+    assert current.every == 390 and current.samples == 100
+    # Weighted by what they stand for, 28% of the requests are slow: the p85
+    # is slow. (Counted one each, the quiet slice's samples would bring the
+    # slow ones down to 14%, and the p85 to 1 ms.) The delay is recomputed
+    # once a slice: next at 2.1.
+    assert 0.5 <= hedger.delay(2.2) <= 0.5 * 1.05
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"budget": 0}, {"budget": 1.5}, {"percentile": 1}, {"delay": -1}, {"floor": 0},
