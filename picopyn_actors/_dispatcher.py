@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import attrs
@@ -65,6 +65,7 @@ class SlotLike(Protocol):
 
     route_id: int
     candidate: Candidate
+    request: Request | None  # the request it runs, if any
     started: float  # when its request was sent (trio's clock)
 
     def start(self, request: Request) -> None:
@@ -172,6 +173,14 @@ class Dispatcher:
         if wait is not None and wait.deadline == math.inf:
             wait.deadline = now + self.config.acquire_timeout
 
+    def opened(self, slot: SlotLike, slots: Collection[SlotLike]) -> None:
+        """A new slot of a session whose slots are ``slots`` (the set the
+        session keeps, so that the route sees it grow and shrink): free."""
+        self.release(slot)
+        route = self.table.routes.get(slot.route_id)
+        if route is not None:
+            route.slots = slots
+
     def release(self, slot: SlotLike) -> None:
         """Take a slot that is free (new, or done with its request); it serves the queue first."""
         route = self.table.routes.get(slot.route_id)
@@ -229,20 +238,22 @@ class Dispatcher:
         deadline = min(heads) + self.config.acquire_timeout if heads else math.inf
         return min(deadline, self.hedges.deadline() if hedges is None else hedges)
 
-    def rearm(self, hedges: Callable[[], float], now: float, backstop: float) -> None:
-        """A send looked at the hedges at ``now`` (at most once a
-        millisecond); ``hedges()`` is their next deadline, never earlier
-        than ``now + backstop`` while any is to come. Give the dispatcher's
-        task, if it waits, the deadline it needs when it would wake too late
-        for the hedges, or needlessly within half the ``backstop`` (moving a
-        trio deadline costs, so a deadline far enough ahead stays; one at
-        most ``backstop`` ahead is in time, and is kept without asking
+    def rearm(
+        self, hedges: Callable[[], float], now: float, backstop: float, slack: float
+    ) -> None:
+        """A send looked at the hedges at ``now`` (at most once every
+        ``slack`` seconds); ``hedges()`` is their next deadline, never
+        earlier than ``now + backstop`` while any is to come. Give the
+        dispatcher's task, if it waits, the deadline it needs when it would
+        wake too late for the hedges, or needlessly within ``slack``, before
+        the next send looks (moving a trio deadline costs some 10 µs in a
+        busy run, so a deadline far enough ahead stays; one at most
+        ``backstop`` ahead is in time, and is kept without asking
         ``hedges()``). While sends look, the task's backstop keeps moving
         ahead of them and never fires."""
         wait = self._wait
         if wait is not None:
             current = wait.deadline
-            slack = backstop / 2
             if now + slack < current <= now + backstop:
                 return
             due = hedges()
@@ -329,10 +340,9 @@ class Dispatcher:
         slot.start(request)
         hedger = request.hedger  # (a hedge has none: it is never hedged again)
         if hedger is not None:
-            # Noted for the hedge scheduler: in its line, and a look if one is due.
+            # Counted for the budget, and a look if one is due.
+            hedger.fresh += 1
             started = slot.started
-            hedger.line_times.append(started)
-            hedger.line.append(request)
             if started >= self.hedges.next_look:
                 self.hedges.sent(started)
 

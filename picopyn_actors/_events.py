@@ -313,9 +313,10 @@ class ClusterStatistics:
             they could go to had a late request of its own (the whole client
             or cluster was slow, not one node); each is held and hedged later
             if a node it may go to is no longer late.
-        hedges_not_stalled: late requests not hedged when their delay passed,
-            because their node was still answering others (``only_stalled``);
-            they are hedged later only if that node stalls.
+        hedges_not_stalled: late requests that answered without a hedge,
+            because their node kept answering others while they were late
+            (``only_stalled``; counted when they answer). One whose node
+            stalls first is hedged instead.
         hedge_delay: the hedge delay in force, in seconds (``None``: no hedging,
             or not enough latencies measured yet).
         restarts: node restarts (down after up), all nodes.

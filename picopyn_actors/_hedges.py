@@ -1,17 +1,20 @@
 """The dispatcher's hedge scheduler: which sent requests get a second attempt, when.
 
-A request with a hedging policy is noted when it is sent: it and its send
-time are appended to its policy's line (:class:`~._hedging.Hedger`), and
-that is all the request path does for hedging. The scheduler looks at the
-lines at most once a millisecond (``HEDGE_TICK``): from a send, while
-requests flow, and from the dispatcher's task in a quiet moment (once no
-send has looked for ``BACKSTOP``). It takes every request whose hedge delay
-has passed off its line (counted for the budget) and hedges it if it has
-not answered and its node has stalled (answered nothing for the delay; a
-late request on a node that still answers is watched until it does): a
-hedge (a second request, whose answer is its own) goes to another node, one
-that holds no late request itself (while every other node is as late, the
-request is held, and looked at again later).
+The request path does little for hedging: a send counts its request for the
+budget (``Hedger.fresh``), and an answer counts down to the next latency
+sample and stamps its node (``Candidate.answered_at``); no request is kept
+anywhere for hedging. The scheduler looks at most once a millisecond
+(``HEDGE_TICK``): from a send, while requests flow, and from the
+dispatcher's task in a quiet moment (once no send has looked for
+``BACKSTOP``). While the nodes keep answering, a look is one comparison per
+node. A node with requests in flight that has answered nothing for the hedge
+delay has *stalled*: its connection slots are looked at, and each request
+there sent at least the delay ago and not answered is hedged: a hedge (a
+second request, whose answer is its own) goes to another node, one that
+holds no late request itself (while every other node is as late, the
+request is held, and looked at again later). A late request on a node that
+still answers others is slow by itself, and is left alone (a policy with
+``only_stalled=False`` looks at every busy node's slots, and hedges it too).
 The policy's state (latencies, budget, counters) is
 :class:`~._hedging.Hedger`.
 """
@@ -19,7 +22,6 @@ The policy's state (latencies, budget, counters) is
 from __future__ import annotations
 
 import math
-import operator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -32,36 +34,34 @@ if TYPE_CHECKING:
     from ._dispatcher import Dispatcher
     from ._routes import Route
 
-# Seconds between two looks at the lines, at least.
+# Seconds between two looks at the nodes, at least.
 HEDGE_TICK = 0.001
-# While requests flow, their sends look at the lines; the dispatcher's task
-# steps in only once no send has looked for this long (so a steady flow
-# does not wake it every HEDGE_TICK). A hedge is late by at most this much
-# when the flow stops.
+# While requests flow, their sends look; the dispatcher's task steps in only
+# once no send has looked for this long (so a steady flow does not wake it
+# every HEDGE_TICK). A hedge is late by at most this much when the flow stops.
 BACKSTOP = 0.005
 
 _SENT = Phase.SENT
-# Where a late request comes from, in a look: the line (late for the first
-# time), the watched (its node answered others), or the held (every node it
-# might go to was as late).
-_NEW, _WATCHED, _HELD = 0, 1, 2
-_CONN = operator.attrgetter("conn")
+# Where a late request comes from, in a look: a stalled node's slots (late
+# for the first time), or the held (every node it might go to was as late).
+_NEW, _HELD = 0, 1
 
 
 @attrs.define(eq=False)
 class HedgeScheduler:
-    """One :class:`Hedger` per policy, and when to look at their lines next."""
+    """One :class:`Hedger` per policy, and when to look next."""
 
     dispatcher: Dispatcher
     _hedgers: dict[Hedging, Hedger] = attrs.field(init=False, factory=dict)
     #: The next look is due at this time or later (sends compare their time
-    #: with it: the request path's only hedging work besides the appends);
-    #: ``-inf`` while the lines are empty, so that the next send looks (and
+    #: with it: the request path's only hedging work besides a count);
+    #: ``-inf`` while nothing is in flight, so that the next send looks (and
     #: makes sure the dispatcher's task wakes for its request).
     next_look: float = attrs.field(init=False, default=-math.inf)
     _looked_by_send: float = attrs.field(init=False, default=-math.inf)
-    # The earliest time a watched request's node would have stalled.
-    _watch_due: float = attrs.field(init=False, default=math.inf)
+    # As of the last look: the earliest time a busy node could stall, a
+    # request on a stalled one be late, or held requests be due (inf: none).
+    _due: float = attrs.field(init=False, default=math.inf)
 
     def hedger(self, policy: Hedging) -> Hedger:
         """The hedging state of ``policy`` (one per policy, shared by its requests)."""
@@ -85,10 +85,7 @@ class HedgeScheduler:
 
     def deadline(self) -> float:
         """When the dispatcher's task must wake for hedges (``inf``: never)."""
-        due = self._watch_due
-        for hedger in self._hedgers.values():
-            if hedger.line_times:
-                due = min(due, hedger.line_times[0] + hedger.last_delay)
+        due = self._due
         if due == math.inf:
             return due
         return max(due, self.next_look, self._looked_by_send + BACKSTOP)
@@ -99,106 +96,142 @@ class HedgeScheduler:
         ``BACKSTOP`` past this look: while sends look, it does not wake)."""
         self._looked_by_send = now
         self.look(now)
-        self.dispatcher.rearm(self.deadline, now, BACKSTOP)
+        self.dispatcher.rearm(self.deadline, now, BACKSTOP, HEDGE_TICK)
 
     def look(self, now: float) -> None:
-        """Take the requests whose hedge delay has passed off the lines (they
-        are counted for the budget), and send a hedge for each that has not
-        answered. A hedge with no idle slot to go to waits at the head of the
+        """Count the requests sent since the last look for the budget, find
+        the late requests on the nodes that stalled, and send a hedge for
+        each. A hedge with no idle slot to go to waits at the head of the
         dispatcher's queue.
 
         With ``only_stalled`` (the default), a late request is hedged only
         once its node has answered nothing, to any request, for the hedge
-        delay; until then it is watched (:meth:`_stalled`).
+        delay; until then it is not looked at (its node answers: it is slow
+        by itself). Each attempt of a request is decided once (hedged,
+        refused by the budget, or held).
 
         A hedge goes only to a node that holds no late request itself (late
-        as of this look, or due for a hedge): when every other node is as
-        late, the slowness is not one node's (the client's own pause, a busy
-        machine, a slow cluster), no hedge would answer sooner, and it is
-        skipped (counted once) and held: looked at again an eighth of the
-        delay later, and hedged once a node it may go to holds no late
-        request (a pause of the client passes in a look or two). While
-        requests stay held, the wait doubles, up to 8 delays: a cluster slow
-        everywhere keeps every node late, and its held requests cost little.
-        A held request keeps hedges off its node meanwhile. A request watched
-        since an earlier look does not: its node still answers.
+        as of this look, or held): when every other node is as late, the
+        slowness is not one node's (the client's own pause, a busy machine,
+        a slow cluster), no hedge would answer sooner, and it is skipped
+        (counted once) and held: looked at again an eighth of the delay
+        later, and hedged once a node it may go to holds no late request (a
+        pause of the client passes in a look or two). While requests stay
+        held, the wait doubles, up to 8 delays: a cluster slow everywhere
+        keeps every node late, and its held requests cost little. A held
+        request keeps hedges off its node meanwhile.
         """
-        # (hedger, request, where it comes from: _NEW, _WATCHED or _HELD)
+        hedgers = self._hedgers.values()
+        least = math.inf  # the least delay known
+        every = False  # a policy hedges late requests on nodes that answer, too
+        for hedger in hedgers:
+            if hedger.fresh:
+                hedger.count(hedger.fresh, now)
+                hedger.fresh = 0
+            delay = hedger.delay(now)
+            if delay < least:
+                least = delay
+            if not hedger.policy.only_stalled:
+                every = True
+        due = math.inf
+        # (hedger, request, where it comes from: _NEW or _HELD)
         late: list[tuple[Hedger, Request, int]] = []
-        waiting = False
-        for hedger in self._hedgers.values():
-            watched, held = hedger.watched, hedger.held
-            if watched:  # late before, their nodes answering then: again
-                late.extend((hedger, r, _WATCHED) for r in watched if r.phase is _SENT)
-                watched.clear()
+        for route in self.dispatcher.table.routes.values():
+            candidate = route.candidate
+            if candidate.in_flight:
+                stalls = candidate.answered_at + least
+                if stalls <= now or (every and least < math.inf):
+                    due = min(due, self._scan(route, now, late))
+                elif stalls < due:
+                    due = stalls
+        for hedger in hedgers:
+            held = hedger.held
             if held and now >= hedger.held_due:  # every other node as late then: again
                 late.extend((hedger, r, _HELD) for r in held if r.phase is _SENT)
                 held.clear()
-            if not hedger.line_times:
-                continue
-            taken = hedger.take(now)
-            waiting = waiting or bool(hedger.line_times)
-            # The common case, all answered (an answer clears the request's
-            # connection), is checked without a Python loop.
-            if taken and any(map(_CONN, taken)):
-                late.extend((hedger, r, _NEW) for r in taken if r.phase is _SENT)
-        self._watch_due = math.inf
         if late:
-            due = [
-                (hedger, request, kind)
-                for hedger, request, kind in late
-                if self._needs_hedge(request)
-                and self._stalled(request, hedger, now, kind == _NEW)
-            ]
-            # No hedge goes where a request is late: a request late as of this
-            # look, or one due now (a watched one, late before, does not count:
-            # its node answers).
-            late_at = {r.last_route for _, r, kind in late if kind == _NEW}
-            late_at.update(r.last_route for _, r, _ in due)
-            for hedger in self._hedgers.values():
-                late_at.update(hedger.held_at if hedger.held else ())  # (those not looked at now)
-            if due:
-                # Where hedges may go this look (once, not once per request: a
-                # slow cluster may hold many).
-                free = [
-                    r
-                    for r in self.dispatcher.table.routes.values()
-                    if r.state is NodeState.UP and r.id not in late_at
-                ]
-                for hedger, request, kind in due:
-                    self._hedge(request, hedger, free, now, kind == _HELD)
-        for hedger in self._hedgers.values():
+            self._decide(late, now)
+        for hedger in hedgers:
             if hedger.held:
                 if hedger.held_due <= now:  # looked at now, or held for the first time
                     delay = hedger.last_delay
                     hedger.held_wait = min(max(2 * hedger.held_wait, delay / 8), 8 * delay)
                     hedger.held_due = now + hedger.held_wait
                     hedger.held_at = {r.last_route for r in hedger.held}
-                self._watch_due = min(self._watch_due, hedger.held_due)
+                due = min(due, hedger.held_due)
             else:
                 hedger.held_wait = 0.0
-        waiting = waiting or self._watch_due < math.inf
-        self.next_look = now + HEDGE_TICK if waiting else -math.inf
+        self._due = due
+        # A request sent from now on is late no sooner than ``now + least``:
+        # while the next look is due by then, sends may wait for it;
+        # otherwise (nothing in flight, or only requests decided already)
+        # the next send looks, so that its request has a deadline.
+        self.next_look = now + HEDGE_TICK if due <= now + least else -math.inf
 
-    def _stalled(self, request: Request, hedger: Hedger, now: float, first: bool) -> bool:
-        """Has the node of ``request`` (late) answered nothing for the hedge
-        delay? Always ``True`` unless the policy is ``only_stalled``. If the
-        node answered since, ``request`` is watched: looked at again by the
-        time its node would have stalled (``first``: late for the first time,
-        counted in ``not_stalled``)."""
+    def _scan(self, route: Route, now: float, late: list[tuple[Hedger, Request, int]]) -> float:
+        """Add the late requests on the slots of ``route`` (a node that
+        stalled, or any busy one for a policy that is not ``only_stalled``)
+        to ``late``; return when the next one there will be late."""
+        due = math.inf
+        answered = route.candidate.answered_at
+        for slot in route.slots:
+            request = slot.request
+            if request is None:
+                continue
+            hedger = request.hedger
+            started = slot.started
+            if hedger is None or request.phase is not _SENT or request.looked == started:
+                continue  # a hedge, or pinned; answered (a hedge won); decided already
+            delay = hedger.last_delay
+            late_at = started + delay
+            if hedger.policy.only_stalled and answered + delay > late_at:
+                late_at = answered + delay
+            if late_at > now:
+                if late_at < due:
+                    due = late_at
+                continue
+            request.looked = started  # decided now, whatever the decision
+            late.append((hedger, request, _NEW))
+        return due
+
+    def _decide(self, late: list[tuple[Hedger, Request, int]], now: float) -> None:
+        """Hedge, refuse or hold each of the ``late`` requests."""
+        due = [
+            (hedger, request, kind)
+            for hedger, request, kind in late
+            if self._needs_hedge(request) and (kind == _NEW or self._stalled(request, hedger, now))
+        ]
+        # No hedge goes where a request is late: one found late now, or a held
+        # one still due (or not looked at now).
+        late_at = {r.last_route for _, r, kind in late if kind == _NEW}
+        late_at.update(r.last_route for _, r, _ in due)
+        for hedger in self._hedgers.values():
+            late_at.update(hedger.held_at if hedger.held else ())
+        if due:
+            # Where hedges may go this look (once, not once per request: a
+            # slow cluster may hold many).
+            free = [
+                r
+                for r in self.dispatcher.table.routes.values()
+                if r.state is NodeState.UP and r.id not in late_at
+            ]
+            for hedger, request, kind in due:
+                self._hedge(request, hedger, free, now, kind == _HELD)
+
+    def _stalled(self, request: Request, hedger: Hedger, now: float) -> bool:
+        """Has the node of ``request`` (held) still answered nothing for the
+        hedge delay? Always ``True`` unless the policy is ``only_stalled``.
+        If it answered since, ``request`` is left to be found again, should
+        its node stall once more."""
         if not hedger.policy.only_stalled:
             return True
         route_id = request.last_route
         route = None if route_id is None else self.dispatcher.table.routes.get(route_id)
         if route is None:
             return True  # its node left the table
-        stalls_at = route.candidate.answered_at + hedger.last_delay
-        if stalls_at <= now:
+        if route.candidate.answered_at + hedger.last_delay <= now:
             return True
-        if first:
-            hedger.not_stalled += 1
-        hedger.watched.append(request)
-        self._watch_due = min(self._watch_due, stalls_at)
+        request.looked = -1.0
         return False
 
     def _needs_hedge(self, request: Request) -> bool:
@@ -214,6 +247,8 @@ class HedgeScheduler:
         """Hedge ``request`` on one of the ``free`` routes (up, holding no late
         request), within the budget; with none it may go to, hold it (counted
         the first time: ``held`` says it was held before)."""
+        if request.hedged:
+            return  # (found twice in one look: held before, and late on a new attempt)
         targets = self._others(request, free)
         if not targets:
             if not held:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._errors import ConfigError
-from ._request import Phase
 
 if TYPE_CHECKING:
     from ._request import Request
@@ -79,10 +78,10 @@ class Hedging:
     (``only_stalled``) the late request's node must also have stalled: it has
     answered nothing, to any request, for the hedge delay; while it keeps
     answering others, the request is slow by itself (a big result, a heavy
-    query), a second node would be no faster, and it is watched instead, and
-    hedged once its node stalls. The loser is not
-    cancelled (Picodata cannot cancel): its connection finishes the query, the
-    answer is dropped, and the connection serves on.
+    query), a second node would be no faster, and it is left alone, to be
+    hedged should its node stall. The loser is not cancelled (Picodata
+    cannot cancel): its connection finishes the query, the answer is
+    dropped, and the connection serves on.
 
     Attributes:
         delay: a fixed hedge delay in seconds, or ``None`` (the default) for
@@ -147,25 +146,26 @@ class _Slice:
 class Hedger:
     """The dispatcher's hedging state for one :class:`Hedging` policy.
 
-    The *line* is the hedge scheduler's (see :mod:`._hedges`): the requests
-    of this policy in the order they were sent (``line``) and their send
-    times (``line_times``, in step). The request path only appends to it
-    (and a completed request keeps its ``latency``); :meth:`take` takes off
-    the requests whose delay has passed, counts them for the budget and
-    samples their latencies.
+    The request path keeps no list of requests for it: a send counts its
+    request (``fresh``, for the budget), an answer counts down to the next
+    latency sample (``countdown``) and, when it came after the delay, calls
+    :meth:`answered`. The hedge scheduler (see :mod:`._hedges`) finds the late
+    requests on the connection slots of the nodes that stalled.
     """
 
     policy: Hedging
-    line: list[Request] = attrs.field(init=False, factory=list)
-    line_times: list[float] = attrs.field(init=False, factory=list)
     sent: int = 0
     won: int = 0
     refused: int = 0  # hedges the budget refused
     skipped: int = 0  # late requests held, not hedged: every other node was as late
-    not_stalled: int = 0  # late requests not hedged at once: their node answered others
-    # Late requests whose node still answered others (``only_stalled``): looked
-    # at again until they answer, or their node stalls and they are hedged.
-    watched: list[Request] = attrs.field(init=False, factory=list)
+    not_stalled: int = 0  # late requests answered unhedged: their node answered others
+    # Requests sent since the last look (the scheduler counts them for the
+    # budget), and answers left until the next latency sample.
+    fresh: int = 0
+    countdown: int = _SAMPLE
+    #: The delay :meth:`delay` computed last (``inf`` while unknown): an
+    #: answer at least this late calls :meth:`answered`.
+    last_delay: float = attrs.field(init=False, default=math.inf)
     # Late requests due for a hedge that every node they might go to was as
     # late for: looked at again at ``held_due``, after ``held_wait`` (an eighth
     # of the delay, doubled while they stay held, up to 8 delays); their nodes
@@ -177,12 +177,7 @@ class Hedger:
     _slices: deque[_Slice] = attrs.field(init=False, factory=deque)
     _cur: _Slice = attrs.field(init=False, factory=lambda: _Slice(-math.inf))
     _slice_end: float = attrs.field(init=False, default=-math.inf)
-    _delay: float = attrs.field(init=False, default=math.inf)
     _delay_until: float = attrs.field(init=False, default=-math.inf)
-    # Sampling: the position of the next sample in the next requests taken,
-    # and the sampled requests taken before they answered.
-    _offset: int = attrs.field(init=False, default=0)
-    _stragglers: list[Request] = attrs.field(init=False, factory=list)
 
     def _current(self, now: float) -> _Slice:
         if now >= self._slice_end:
@@ -200,63 +195,31 @@ class Hedger:
             slices.popleft()
         self._slice_end = now + width
 
-    def record(self, *seconds: float, now: float) -> None:
-        """Keep latencies: requests answered in ``seconds`` (a look records
-        its samples in one call), each counted for as many requests as it
-        stands for (the slice's ``every``)."""
+    def record(self, seconds: float, now: float) -> None:
+        """Keep a latency: a request answered in ``seconds``, counted for as
+        many requests as it stands for (the slice's ``every``)."""
         current = self._cur if now < self._slice_end else self._current(now)
         every = current.every
-        current.samples += len(seconds)
-        current.weight += every * len(seconds)
-        latencies = current.latencies
-        for latency in seconds:
-            latencies[bisect.bisect_left(_EDGES, latency)] += every
+        current.samples += 1
+        current.weight += every
+        current.latencies[bisect.bisect_left(_EDGES, seconds)] += every
+
+    def answered(self, latency: float, now: float, node_answered: float, hedged: bool) -> None:
+        """An answer after ``latency`` seconds, called when :attr:`countdown`
+        ran out (a sample: one answer in ``every``, see :meth:`record`) or
+        when it came after the delay. A late answer that got no hedge while
+        its node answered others since it was late (``node_answered``, the
+        node's previous answer) counts in ``not_stalled``."""
+        if self.countdown <= 0:
+            self.record(latency, now)
+            self.countdown = self._cur.every
+        delay = self.last_delay
+        if latency >= delay and not hedged and node_answered >= now - latency + delay:
+            self.not_stalled += 1
 
     def count(self, requests: int, now: float) -> None:
         """``requests`` hedgeable requests were sent (for the budget)."""
         self._current(now).requests += requests
-
-    def take(self, now: float) -> list[Request]:
-        """The requests of the line sent at least the delay ago, taken off it,
-        counted (:meth:`count`) and sampled (:meth:`_sample`). While the delay
-        is unknown, every request is taken, and none is returned: none is
-        hedged."""
-        times = self.line_times
-        delay = self.delay(now)
-        cut = len(times) if delay == math.inf else bisect.bisect_right(times, now - delay)
-        taken: list[Request] = []
-        if cut:
-            line = self.line
-            taken = line[:cut]
-            del line[:cut], times[:cut]
-            (self._cur if now < self._slice_end else self._current(now)).requests += cut
-        if self.policy.delay is None:  # (a fixed delay needs no latencies)
-            offset, every = self._offset, self._cur.every
-            self._offset = (offset - cut) % every
-            sampled = taken[offset::every]
-            if sampled or self._stragglers:
-                self._sample(sampled, now)
-        return [] if delay == math.inf else taken
-
-    def _sample(self, requests: list[Request], now: float) -> None:
-        """Record the latencies of ``requests`` (one in ``_SAMPLE`` of those
-        taken, or fewer at high rates: about ``_PER_SLICE`` per slice of the
-        window), and of the earlier ones that had not answered then. A request
-        whose attempt still runs (a hedged one: until its first attempt ends)
-        waits among the stragglers, so that the slow ones count too; one that
-        failed or was abandoned counts not at all."""
-        stragglers = self._stragglers
-        if stragglers:
-            requests = [*stragglers, *requests]
-            stragglers.clear()
-        answered: list[float] = []
-        for request in requests:
-            latency = request.latency
-            if latency is not None:
-                answered.append(latency)
-            elif request.in_flight and request.phase is not Phase.ABANDONED:
-                stragglers.append(request)
-        self.record(*answered, now=now)
 
     def delay(self, now: float) -> float:
         """The hedge delay now: fixed, or the percentile of the window's latencies
@@ -264,28 +227,28 @@ class Hedger:
         once per slice of the window."""
         policy = self.policy
         if policy.delay is not None:
-            self._delay, self._delay_until = policy.delay, math.inf
+            self.last_delay, self._delay_until = policy.delay, math.inf
             return policy.delay
         if now < self._delay_until:
-            return self._delay
+            return self.last_delay
         # Until the next slice; each call while there are too few samples.
         self._delay_until = now + policy.window / _SLICES
         self._current(now)
         samples = sum(s.samples for s in self._slices)
         if samples < policy.min_samples:
-            self._delay = math.inf
+            self.last_delay = math.inf
             self._delay_until = -math.inf
-            return self._delay
+            return self.last_delay
         rank = math.ceil(policy.percentile * sum(s.weight for s in self._slices))
         seen = 0
         for index in range(_BUCKETS):
             seen += sum(s.latencies[index] for s in self._slices)
             if seen >= rank:
                 upper = _FIRST * _GROWTH**index
-                self._delay = max(policy.floor, upper)
-                return self._delay
-        self._delay = max(policy.floor, _FIRST * _GROWTH**_BUCKETS)  # pragma: no cover
-        return self._delay
+                self.last_delay = max(policy.floor, upper)
+                return self.last_delay
+        self.last_delay = max(policy.floor, _FIRST * _GROWTH**_BUCKETS)  # pragma: no cover
+        return self.last_delay
 
     def allow(self, now: float) -> bool:
         """May one more hedge be sent now, within the budget? Counts it if so."""
@@ -300,13 +263,8 @@ class Hedger:
         return True
 
     @property
-    def last_delay(self) -> float:
-        """The delay :meth:`delay` computed last (``inf`` while unknown)."""
-        return self._delay
-
-    @property
     def current_delay(self) -> float | None:
         """The delay in force: fixed, or the last one computed (``None`` while unknown)."""
         if self.policy.delay is not None:
             return self.policy.delay
-        return None if math.isinf(self._delay) else self._delay
+        return None if math.isinf(self.last_delay) else self.last_delay

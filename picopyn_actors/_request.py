@@ -143,7 +143,7 @@ class Request:
         "in_flight",
         "invalidations",
         "last_route",
-        "latency",
+        "looked",
         "method",
         "parent",
         "phase",
@@ -170,7 +170,9 @@ class Request:
         self.hedges: list[Request] | None = None
         self.parent: Request | None = None
         self.in_flight = 0  # slots running this request (its hedges included)
-        self.latency: float | None = None  # seconds, once answered (hedging samples it)
+        # When the attempt that the hedge scheduler last decided about
+        # started (it looks at each attempt once, but a held one again).
+        self.looked = -1.0
         self.query = query
         self.args = args
         self.idempotent = idempotent
@@ -197,8 +199,8 @@ class Request:
         if self.phase >= Phase.DONE:
             return False
         self.phase = Phase.DONE
-        # Not needed any more: the hedge scheduler may keep the request a few
-        # milliseconds longer, its arguments need not stay with it.
+        # Not needed any more: a request the hedge scheduler holds stays with
+        # it a while longer, its arguments need not.
         self.args = ()
         parent = self.parent
         if parent is not None:

@@ -13,7 +13,7 @@ waiting request. The table also remembers the nodes whose routes went, for the m
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -40,6 +40,9 @@ class Route:
     state: NodeState = NodeState.CONNECTING
     seq: int = 0
     idle: list[SlotLike] = attrs.field(factory=list)
+    # Every slot of the node's current session, busy or idle (the hedge
+    # scheduler finds a stalled node's late requests on them).
+    slots: Collection[SlotLike] = ()
     last_error: str | None = None
     # Keyed requests waiting for this node's next free slot, oldest first.
     line: deque[Request] = attrs.field(factory=deque)

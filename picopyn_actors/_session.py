@@ -178,7 +178,7 @@ class Session:
                     node.counters.reconnects += 1
                     self.repaired = True
                 node.wake()
-                node.router.release(slot)
+                node.router.opened(slot, self.slots)
 
     async def connect(self) -> Connection:
         """Open one connection to the node, within ``connect_timeout``."""

@@ -100,8 +100,12 @@ class Slot:
             now = session.clock()
             latency = now - self.started
             node.observe_latency(latency)
+            hedger = request.hedger
+            if hedger is not None:  # hedging samples one answer in so many, and the late ones
+                hedger.countdown -= 1
+                if hedger.countdown <= 0 or latency >= hedger.last_delay:
+                    hedger.answered(latency, now, self.candidate.answered_at, request.hedged)
             self.candidate.answered_at = now  # (hedging tells a stalled node by it)
-            request.latency = latency  # (hedging samples it)
             request.finish(result)
             # Session.give_back, written out for the hot path.
             if node.serving and session.failure is None:

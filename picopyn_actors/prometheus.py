@@ -164,7 +164,7 @@ CLUSTER_METRICS: Sequence[MetricDef] = (
     ),
     _counter(
         "hedges_not_stalled_total",
-        "Late requests not hedged at once: their node still answered others.",
+        "Late requests answered unhedged: their node kept answering others.",
         "hedges_not_stalled",
     ),
     _gauge(

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import trio
 import trio.testing
-from fakes import FakeCluster, bound_every_test, wait_all_states
+from fakes import FakeCluster, bound_every_test, wait_all_states, wait_state
 
 import picopyn_actors as pa
 from picopyn_actors._hedging import Hedger
-from picopyn_actors._request import Phase, Request
 
 UP = pa.NodeState.UP
 
@@ -54,47 +54,39 @@ def test_the_budget_holds_over_the_window() -> None:
     assert [quiet.allow(0.0), quiet.allow(0.0)] == [True, False]
 
 
-def test_the_line_is_taken_counted_and_sampled_with_its_slow_answers() -> None:
+def _answers(hedger: Hedger, latencies: list[float], now: float) -> None:
+    """Answers that were not late, as a slot reports them: each counts down
+    to the next sample, and the one that runs it out is recorded."""
+    for latency in latencies:
+        hedger.countdown -= 1
+        if hedger.countdown <= 0:
+            hedger.answered(latency, now, -math.inf, False)
+
+
+def test_one_answer_in_four_is_sampled_and_a_late_one_left_unhedged_is_counted() -> None:
     hedger = Hedger(pa.Hedging(percentile=0.9, floor=0.001, min_samples=5))
-    requests = [Request("fetchval", "q", (), True) for _ in range(400)]
-    for i, request in enumerate(requests):  # sent over 0.4 s; one in ten still runs
-        hedger.line.append(request)
-        hedger.line_times.append(i / 1000)
-        request.in_flight = 1
-        if i % 10:
-            request.phase, request.latency, request.in_flight = Phase.DONE, 0.002, 0
-        else:
-            request.phase = Phase.SENT
-    # The delay is unknown: everything is taken and counted, nothing is hedged.
-    assert hedger.take(1.0) == [] and not hedger.line and not hedger.line_times
-    assert sum(s.requests for s in hedger._slices) == 400
-    # One in four was sampled; the slow ones count once they answer.
-    assert 0.002 <= hedger.delay(1.0) <= 0.0022
-    for request in requests[::10]:
-        request.phase, request.latency, request.in_flight = Phase.DONE, 0.5, 0
-    assert hedger.take(2.0) == []  # (the delay is recomputed once a slice: next at 3.0)
-    # The slow fifth of the samples (their index a multiple of 20) set the p90.
-    assert 0.5 <= hedger.delay(3.0) <= 0.5 * 1.05  # (buckets are 5% wide)
-    # Now known, the delay decides: only requests sent at least that long ago.
-    late = Request("fetchval", "q", (), True)
-    late.phase, late.in_flight = Phase.SENT, 1
-    early = Request("fetchval", "q", (), True)
-    hedger.line += [late, early]
-    hedger.line_times += [3.0, 3.4]
-    assert hedger.take(3.6) == [late] and hedger.line == [early]
+    assert hedger.delay(0.0) == math.inf  # no latencies yet: nothing is hedged
+    # One in five is slow; one answer in four is sampled, slow ones alike.
+    _answers(hedger, [0.5 if i % 5 == 0 else 0.002 for i in range(400)], now=1.0)
+    assert sum(s.samples for s in hedger._slices) == 100
+    assert 0.5 <= hedger.delay(1.0) <= 0.5 * 1.05  # (buckets are 5% wide)
+    # An answer after 1 s (sent at 1.0, late from about 1.5), unhedged, its
+    # node having answered others since it was late: counted. Not if the node
+    # was silent since, nor if it was hedged.
+    hedger.answered(1.0, 2.0, 1.9, False)
+    hedger.answered(1.0, 2.0, 1.4, False)
+    hedger.answered(1.0, 2.0, 1.9, True)
+    assert hedger.not_stalled == 1
 
 
 def test_at_high_rates_fewer_latencies_are_sampled_and_each_stands_for_more() -> None:
     hedger = Hedger(pa.Hedging(percentile=0.85, floor=0.0005, min_samples=5))
-    hedger.record(*[0.001] * 100, now=0.0)  # a quiet slice: one in four, 400 requests
+    for _ in range(100):  # a quiet slice: one in four, 400 requests
+        hedger.record(0.001, now=0.0)
     hedger.count(100_000, 0.5)  # ... then busy
-    # The next slice samples one answer in 390 (about 256 a slice at that rate).
-    line = [Request("fetchval", "q", (), True) for _ in range(39_000)]
-    for i, request in enumerate(line):
-        request.phase, request.latency = Phase.DONE, 0.5 if i % 7 < 2 else 0.001
-    hedger.line += line
-    hedger.line_times += [1.0] * len(line)
-    hedger.take(1.1)
+    # The next slice samples one answer in 390 (about 256 a slice at that
+    # rate), from the fourth on (the count the quiet slice left).
+    _answers(hedger, [0.5 if i % 7 < 2 else 0.001 for i in range(39_000)], now=1.1)
     current = hedger._slices[-1]
     assert current.every == 390 and current.samples == 100
     # Weighted by what they stand for, 28% of the requests are slow: the p85
@@ -139,6 +131,25 @@ async def test_a_slow_node_is_hedged_and_the_hedge_wins(autojump_clock: object) 
     assert stats.requests_failed == 0
     # The losers were not cancelled: i2's connections finished their queries and serve on.
     assert sum(s.reconnects for s in stats.nodes.values()) == 0
+
+
+async def test_a_node_is_hedged_around_after_its_session_restarts(autojump_clock: object) -> None:
+    """The scheduler finds a stalled node's late requests on the slots of its
+    current session: after a restart, the new ones."""
+    fake = FakeCluster(3)
+    async with fake.open(hedging=FIXED, backoff_max=0.1) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        fake["i2"].down()
+        await wait_state(cluster, "i2", pa.NodeState.DOWN)
+        fake["i2"].up()
+        await wait_state(cluster, "i2", UP)
+        for _ in range(20):
+            await cluster.fetchval("whoami", idempotent=True)
+        fake["i2"].service_time = 1.0
+        answers = [await cluster.fetchval("whoami", idempotent=True) for _ in range(6)]
+        stats = cluster.statistics()
+    assert "i2" not in answers and stats.hedges_won >= 1
+    assert stats.nodes["i2"].restarts >= 1
 
 
 async def test_a_request_that_is_not_idempotent_is_never_hedged(autojump_clock: object) -> None:
@@ -254,9 +265,9 @@ async def test_a_slow_request_on_a_node_that_answers_is_hedged_only_if_asked(
 
 
 async def test_a_late_request_is_hedged_once_its_node_stalls(autojump_clock: object) -> None:
-    """A slow request is watched while its node answers others, and hedged
-    once that node has answered nothing for the delay; requests sent to the
-    stalled node are hedged after the delay, as ever."""
+    """A slow request is left alone while its node answers others, and
+    hedged once that node has answered nothing for the delay; requests sent
+    to the stalled node are hedged after the delay, as ever."""
     fake = FakeCluster(3, service_time=0.01)
     policy = pa.Hedging(delay=0.05, budget=0.5)
     async with fake.open(hedging=policy, connections_per_node=4) as cluster:
@@ -279,7 +290,7 @@ async def test_a_late_request_is_hedged_once_its_node_stalls(autojump_clock: obj
             fake[slow].resume()
             done.set()
         stats = cluster.statistics()
-    assert before.hedges_sent == 0 and before.hedges_not_stalled == 1
+    assert before.hedges_sent == 0  # late, but its node answered others
     assert len(hedged) == 2  # hedged once its node stalled
     assert stats.hedges_won >= 3  # and the reads the stalled node held
     # No read waited out the stall: at most its service time, the delay after
