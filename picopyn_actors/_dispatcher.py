@@ -246,7 +246,7 @@ class Dispatcher:
         earlier than ``now + backstop`` while any is to come. Give the
         dispatcher's task, if it waits, the deadline it needs when it would
         wake too late for the hedges, or needlessly within ``slack``, before
-        the next send looks (moving a trio deadline costs some 10 µs in a
+        the next send looks (moving a trio deadline costs over 10 µs in a
         busy run, so a deadline far enough ahead stays; one at most
         ``backstop`` ahead is in time, and is kept without asking
         ``hedges()``). While sends look, the task's backstop keeps moving
