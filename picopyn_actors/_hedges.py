@@ -55,8 +55,9 @@ class HedgeScheduler:
     _hedgers: dict[Hedging, Hedger] = attrs.field(init=False, factory=dict)
     #: The next look is due at this time or later (sends compare their time
     #: with it: the request path's only hedging work besides a count);
-    #: ``-inf`` while nothing is in flight, so that the next send looks (and
-    #: makes sure the dispatcher's task wakes for its request).
+    #: ``-inf`` when no look is due before a new request could be late
+    #: (nothing in flight, or only requests decided already), so that the
+    #: next send looks (and makes sure the dispatcher's task wakes for it).
     next_look: float = attrs.field(init=False, default=-math.inf)
     _looked_by_send: float = attrs.field(init=False, default=-math.inf)
     # As of the last look: the earliest time a busy node could stall, a
