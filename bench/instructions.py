@@ -8,12 +8,22 @@ counts them for one or more working trees, with hedging off and on::
     python bench/instructions.py --backend stand-in       # 3 stand-in nodes (bare PostgreSQL)
     python bench/instructions.py --tree . --tree ../old   # A/B two trees, alternating
     python bench/instructions.py --hedging both --repeat 3
+    python bench/instructions.py --backend stand-in --query row --query keyed --hedging off
 
 Each measure runs the client twice under ``valgrind --tool=callgrind``, with
 ``N1`` and ``N2`` requests after the same warm-up, and reports ``(I2 - I1) /
 (N2 - N1)``: start-up and shutdown cancel out. The client runs ``TASKS``
-tasks of ``fetchval("SELECT 1", idempotent=True)`` over 3 nodes with 3
-connections each.
+tasks over 3 nodes with 3 connections each, each task making one kind of
+request (``--query``):
+
+* ``select1``: ``fetchval("SELECT 1", idempotent=True)``;
+* ``row``: one row of the bench's sharded table by a random id,
+  ``fetchrow("SELECT ... WHERE id = $1", key, idempotent=True)``;
+* ``keyed``: the same row with ``bucket=`` (the bucket of its id, computed
+  before the count starts), which routes it to the node that owns the bucket.
+
+``row`` and ``keyed`` need ``--backend stand-in``; they compare keyed routing's
+own cost with the same query unrouted.
 
 Time-driven work (the hedge scheduler's looks once a millisecond, probes,
 the hedging window) must happen as often per request as it does at full
@@ -46,6 +56,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 500
+#: The sharded table of ``--query row`` and ``keyed``, and its ids 1..KEYS.
+TABLE, KEYS = "bench_items", 1000
+QUERIES = ("select1", "row", "keyed")
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
@@ -67,7 +80,7 @@ def per_request(first: int, second: int, n1: int, n2: int) -> float:
 # -- the client, run under valgrind -----------------------------------------------------
 
 _CHILD = r'''
-import json, os, sys, time
+import json, os, random, sys, time
 sys.path.insert(0, os.environ["BENCH_TREE"])
 import trio
 import picopyn_actors as pa
@@ -84,6 +97,8 @@ class WorkClock(trio.abc.Clock):
         return max(0.0, (deadline - self.current_time()) / self.rate)
 
 cfg = json.loads(os.environ["BENCH_CONFIG"])
+TABLE, KEYS = cfg["table"], cfg["keys"]
+ROW = f"SELECT id, name, value FROM {TABLE} WHERE id = $1"
 
 async def main():
     options = {"connections_per_node": 3, "hedging": pa.Hedging() if cfg["hedging"] else None}
@@ -98,14 +113,26 @@ async def main():
             while sum(n.state is pa.NodeState.UP for n in cluster.nodes()) < 3:
                 await events.receive()
         left = cfg["requests"]
-        async def worker():
+        query = cfg["query"]
+        buckets = {}
+        if query == "keyed":
+            for key in range(1, KEYS + 1):
+                buckets[key] = await cluster.bucket(TABLE, key)
+        async def worker(i):
             nonlocal left
+            rnd = random.Random(1000 + i)
             while left > 0:
                 left -= 1
-                await cluster.fetchval("SELECT 1", idempotent=True)
+                if query == "select1":
+                    await cluster.fetchval("SELECT 1", idempotent=True)
+                elif query == "row":
+                    await cluster.fetchrow(ROW, rnd.randint(1, KEYS), idempotent=True)
+                else:
+                    key = rnd.randint(1, KEYS)
+                    await cluster.fetchrow(ROW, key, bucket=buckets[key], idempotent=True)
         async with trio.open_nursery() as nursery:
-            for _ in range(cfg["tasks"]):
-                nursery.start_soon(worker)
+            for i in range(cfg["tasks"]):
+                nursery.start_soon(worker, i)
     os._exit(0)  # at once: the shutdown is the same for every run anyway
 
 trio.run(main, clock=WorkClock(cfg["rate"]))
@@ -113,10 +140,19 @@ trio.run(main, clock=WorkClock(cfg["rate"]))
 
 
 def count(
-    tree: Path, requests: int, *, hedging: bool, dsn: str | None, args: argparse.Namespace
+    tree: Path,
+    requests: int,
+    *,
+    query: str,
+    hedging: bool,
+    dsn: str | None,
+    args: argparse.Namespace,
 ) -> int:
     """Instructions of one client run of ``requests`` requests (after the warm-up)."""
     config = {
+        "query": query,
+        "table": TABLE,
+        "keys": KEYS,
         "hedging": hedging,
         "dsn": dsn,
         "requests": WARMUP + requests,
@@ -147,9 +183,11 @@ def count(
     return collected(done.stderr)
 
 
-def measure(tree: Path, *, hedging: bool, dsn: str | None, args: argparse.Namespace) -> float:
-    first = count(tree, args.n1, hedging=hedging, dsn=dsn, args=args)
-    second = count(tree, args.n2, hedging=hedging, dsn=dsn, args=args)
+def measure(
+    tree: Path, *, query: str, hedging: bool, dsn: str | None, args: argparse.Namespace
+) -> float:
+    first = count(tree, args.n1, query=query, hedging=hedging, dsn=dsn, args=args)
+    second = count(tree, args.n2, query=query, hedging=hedging, dsn=dsn, args=args)
     return per_request(first, second, args.n1, args.n2)
 
 
@@ -163,6 +201,14 @@ def stand_in(backend: str) -> Iterator[str | None]:
     from picopyn_actors.testing import LocalCluster
 
     with LocalCluster(nodes=3, strict=False) as cluster:
+        # The bench's sharded table, as bench/run.py makes it, for --query row and keyed.
+        cluster.create_sharded_table(
+            TABLE, {"id": "integer", "name": "string", "value": "double"}, key=["id"]
+        )
+        cluster.execute_everywhere(
+            f"INSERT INTO {TABLE} (id, name, value) SELECT g, 'item-' || g, g * 0.5 "
+            f"FROM generate_series(1, {KEYS}) g;\nANALYZE {TABLE};"
+        )
         yield cluster.dsn
 
 
@@ -173,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backend", choices=("fake", "stand-in"), default="fake")
     parser.add_argument("--hedging", choices=("off", "on", "both"), default="both")
+    parser.add_argument(
+        "--query",
+        action="append",
+        choices=QUERIES,
+        help="select1 (default), row, keyed; repeat: each in turn",
+    )
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--n1", type=int, default=1000)
     parser.add_argument("--n2", type=int, default=11000)
@@ -189,25 +241,33 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (apt-get install valgrind)")
     trees = [t.resolve() for t in (args.tree or [REPO])]
+    queries = args.query or ["select1"]
+    if args.backend == "fake" and set(queries) - {"select1"}:
+        parser.error("--query row and keyed need --backend stand-in (the fake has no table)")
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.hedging]
-    results: dict[tuple[Path, bool], list[float]] = {}
+    results: dict[tuple[Path, str, bool], list[float]] = {}
     with stand_in(args.backend) as dsn:
         for round_ in range(args.repeat):
             for tree in trees if round_ % 2 == 0 else trees[::-1]:  # alternate the order
-                for hedging in modes:
-                    value = measure(tree, hedging=hedging, dsn=dsn, args=args)
-                    results.setdefault((tree, hedging), []).append(value)
-                    state = "on" if hedging else "off"
-                    print(f"  {tree} hedging={state}: {value:,.0f}", file=sys.stderr)
+                for query in queries:
+                    for hedging in modes:
+                        value = measure(tree, query=query, hedging=hedging, dsn=dsn, args=args)
+                        results.setdefault((tree, query, hedging), []).append(value)
+                        state = "on" if hedging else "off"
+                        print(f"  {tree} {query} hedging={state}: {value:,.0f}", file=sys.stderr)
     what = f"instructions per request ({args.backend}, {args.tasks} tasks)"
-    print(f"| tree | hedging | {what} | vs hedging off |")
-    print("|---|---|---:|---:|")
+    print(f"| tree | query | hedging | {what} | vs hedging off | vs {queries[0]} |")
+    print("|---|---|---|---:|---:|---:|")
     for tree in trees:
-        off = statistics.median(results[(tree, False)]) if (tree, False) in results else None
-        for hedging in modes:
-            value = statistics.median(results[(tree, hedging)])
-            ratio = f"{value / off:.3f}x" if off and hedging else ""
-            print(f"| {tree.name} | {'on' if hedging else 'off'} | {value:,.0f} | {ratio} |")
+        for query in queries:
+            off = statistics.median(results.get((tree, query, False), [0.0])) or None
+            for hedging in modes:
+                value = statistics.median(results[(tree, query, hedging)])
+                ratio = f"{value / off:.3f}x" if off and hedging else ""
+                base = statistics.median(results[(tree, queries[0], hedging)])
+                versus = f"{value / base:.3f}x" if query != queries[0] else ""
+                state = "on" if hedging else "off"
+                print(f"| {tree.name} | {query} | {state} | {value:,.0f} | {ratio} | {versus} |")
     return 0
 
 
