@@ -131,11 +131,20 @@ class Cluster:
         bucket: Bucket | None = None,
         hedging: Hedging | bool | None = None,
     ) -> Any:
-        self._check_caller()
+        # The checks of the hot path, written out: the calls that say what is
+        # wrong run only when something is.
+        try:
+            token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            token = None
+        if token is not self._token:
+            self._check_caller()
         if type(idempotent) is not bool:
             raise ArgumentError(f"idempotent must be True or False, got {idempotent!r}")
-        _check_bucket(bucket)
-        check_query(query)
+        if bucket is not None and type(bucket) is not Bucket:
+            _check_bucket(bucket)
+        if type(query) is not str or not query.isascii() or "\x00" in query:
+            check_query(query)
         # Never submit work for a caller that is already cancelled: it would
         # start on a connection, and the abort would then cost the connection.
         await trio.lowlevel.checkpoint_if_cancelled()

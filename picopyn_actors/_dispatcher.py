@@ -153,7 +153,12 @@ class Dispatcher:
         if not (retries or pending):
             available = self.table.available()
             if available:
-                self._start(request, available)
+                if request.bucket is not None:
+                    self._start(request, available)
+                    return
+                route = self.choose(request, available)  # _start's, for the hot path
+                if route is not None:
+                    self.hand(route, request)
                 return
         request.enqueued_at = now = self.clock()
         (retries if request.last_route is not None else pending).append(request)
@@ -395,7 +400,7 @@ class Dispatcher:
             others = [r for r in available if r.id != request.last_route]
             available = others or available
         try:
-            return self._strategy.choose(request.bucket, available, self.table)
+            return self._strategy.choose(request.bucket, available)
         except StrategyError as exc:
             request.fail(exc)
             self.failed_unrouted += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import outcome
@@ -246,14 +246,22 @@ class Request:
                     hedge.conn.terminate()
         return trio.lowlevel.Abort.SUCCEEDED
 
-    async def wait(self) -> Any:
-        """Park the current task until :meth:`finish`; return or raise its outcome.
+    def wait(self) -> Awaitable[Any]:
+        """Park the current task until :meth:`finish`; return or raise its outcome
+        (``await request.wait()``).
 
         If cancelled, the request is abandoned: it will not run if it has not
-        started, and its connection is dropped if it has.
+        started, and its connection is dropped if it has. (A plain function
+        that returns trio's own wait: no coroutine of its own to resume.)
         """
         if self.result is not None:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return self.result.unwrap()
+            return self._answered(self.result)
         self.task = trio.lowlevel.current_task()
-        return await trio.lowlevel.wait_task_rescheduled(self._abort)
+        return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105 - the caller awaits it
+
+    @staticmethod
+    async def _answered(result: outcome.Outcome[Any]) -> Any:
+        # Answered before its caller parked (it failed at once, say): a
+        # checkpoint all the same, as every trio call that waits makes one.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return result.unwrap()

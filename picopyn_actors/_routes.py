@@ -61,10 +61,9 @@ class Route:
 
 @attrs.define(eq=False)
 class RouteTable:
-    """Every route, by id, by candidate and by node name; and the nodes that went."""
+    """Every route, by id and by node name; and the nodes that went."""
 
     routes: dict[int, Route] = attrs.field(factory=dict)
-    _by_candidate: dict[int, Route] = attrs.field(factory=dict)
     _by_name: dict[str, Route] = attrs.field(factory=dict)
     # Routes that went, newest last: their last state or error, by node name.
     gone: dict[str, str] = attrs.field(factory=dict)
@@ -72,14 +71,12 @@ class RouteTable:
     def add(self, route_id: int, candidate: Candidate) -> Route:
         route = Route(route_id, candidate)
         self.routes[route_id] = route
-        self._by_candidate[id(candidate)] = route
         self._by_name[candidate.name] = route
         return route
 
     def remove(self, route: Route, why: str) -> None:
         """Forget ``route`` (remembering ``why`` for messages)."""
         self.routes.pop(route.id, None)
-        self._by_candidate.pop(id(route.candidate), None)
         if self._by_name.get(route.candidate.name) is route:
             del self._by_name[route.candidate.name]
         gone = self.gone
@@ -102,9 +99,6 @@ class RouteTable:
         if message.state is NodeState.DRAINING:
             # No new work; what runs there finishes.
             self.remove(route, f"draining ({route.last_error or 'leaving'})")
-
-    def of_candidate(self, candidate: Candidate) -> Route | None:
-        return self._by_candidate.get(id(candidate))
 
     def named(self, name: str) -> Route | None:
         return self._by_name.get(name)
@@ -162,7 +156,7 @@ class StrategyCall:
     def __attrs_post_init__(self) -> None:
         self._takes_bucket = takes_bucket(self.strategy)
 
-    def choose(self, bucket: Bucket | None, routes: list[Route], table: RouteTable) -> Route:
+    def choose(self, bucket: Bucket | None, routes: list[Route]) -> Route:
         """The route among ``routes`` the strategy picks.
 
         Raises:
@@ -179,10 +173,12 @@ class StrategyCall:
             raise StrategyError(
                 f"balance strategy {strategy_name(strategy)} raised {exc!r}"
             ) from None
-        route = table.of_candidate(chosen)
-        if route is None or route not in routes:
+        # Found by identity (a Candidate compares by identity): the route at
+        # the chosen candidate's place, or none for one it was not given.
+        try:
+            return routes[candidates.index(chosen)]
+        except ValueError:
             raise StrategyError(
                 f"balance strategy {strategy_name(strategy)} returned {chosen!r}, "
                 "which is not one of the candidates it was given"
-            )
-        return route
+            ) from None

@@ -68,7 +68,6 @@ class AsyncpgBackend:
             dsn, connect_timeout, connect_kwargs, startup_options
         )
         self._runner = runner
-        self._wrap = EmbeddedConnection if isinstance(runner, EmbeddedLoop) else BridgedConnection
 
     def __repr__(self) -> str:
         return f"<AsyncpgBackend {self.kind}>"
@@ -88,7 +87,10 @@ class AsyncpgBackend:
             ),
             sent=False,
         )
-        return self._wrap(conn, self._runner)
+        runner = self._runner
+        if isinstance(runner, EmbeddedLoop):
+            return EmbeddedConnection(conn, runner)
+        return BridgedConnection(conn, runner)
 
 
 @asynccontextmanager

@@ -106,11 +106,17 @@ class BridgedConnection:
 
 
 class EmbeddedConnection(BridgedConnection):
-    """A connection of the embedded runner: :meth:`submit` goes straight to the loop."""
+    """A connection of the embedded runner: ``submit`` goes straight to the loop.
 
-    __slots__ = ()
+    ``submit(method, query, args, on_done)`` is the loop's
+    :meth:`~.embedded.EmbeddedLoop.start_query` with this connection bound:
+    a partial, so that the hot path has no frame of its own here.
+    """
+
+    __slots__ = ("submit",)
 
     _runner: EmbeddedLoop
 
-    def submit(self, method: str, query: str, args: Sequence[Any], on_done: OnDone) -> None:
-        self._runner.start_query(self._conn, method, query, args, on_done)
+    def __init__(self, conn: Any, runner: EmbeddedLoop) -> None:
+        super().__init__(conn, runner)
+        setattr(self, "submit", functools.partial(runner.start_query, conn))  # noqa: B010

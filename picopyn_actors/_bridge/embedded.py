@@ -34,7 +34,9 @@ The hot path goes around asyncio's own machinery:
   the loop's ready queue without an ``asyncio.Handle`` (the stepper is its
   own handle). On a statement asyncpg has cached, the coroutine is the
   protocol's own (:mod:`.fastpath`), without asyncpg's Python layers.
-* **Callbacks.** ``call_soon`` makes a lean handle (no debug bookkeeping).
+* **Callbacks.** ``call_soon`` makes a lean handle (no debug bookkeeping),
+  and ``create_future`` is a partial of ``asyncio.Future`` (what asyncio's
+  method returns, without its frame).
 
 It relies on asyncio internals (``_run_once``, ``_ready``, ``_scheduled``,
 ``_process_events``, ``_selector``, ``_add_reader``, ``_remove_reader``,
@@ -142,6 +144,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         self._stop = trio.CancelScope(shield=True)
         self._stopped = trio.Event()
         self.set_exception_handler(log_loop_error)
+        # asyncio's create_future() is Future(loop=self): as a partial, the
+        # same future without a Python frame (each query's protocol makes one).
+        setattr(self, "create_future", functools.partial(asyncio.Future, loop=self))  # noqa: B010
 
     # -- asyncio's hooks ---------------------------------------------------------
 
@@ -459,9 +464,6 @@ class _Stepper:
     def __call__(self, _future: object) -> None:  # a future's done callback
         self.step()
 
-    def _run(self) -> None:  # as a handle in the loop's ready queue
-        self.step()
-
     def cancel(self) -> None:
         self._cancelled = True
 
@@ -503,6 +505,9 @@ class _Stepper:
             return
         yielded._asyncio_future_blocking = False
         yielded.add_done_callback(self, context=_NO_CONTEXT)
+
+    # As a handle in the loop's ready queue, the stepper is run by its step.
+    _run = step
 
     def _finish(self, result: outcome.Outcome[Any]) -> None:
         self.loop._steppers.discard(self)
