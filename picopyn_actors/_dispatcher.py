@@ -49,10 +49,10 @@ import trio
 
 from ._config import ClusterConfig
 from ._errors import AcquireTimeout, NoNodesAvailable, StrategyError
-from ._events import NodeState
+from ._events import UP, NodeState
 from ._hedges import HedgeScheduler
 from ._owners import Owners
-from ._request import Phase, Request
+from ._request import ABANDONED, DONE, QUEUED, Request
 from ._routes import Route, RouteTable, StrategyCall
 from ._routing import Routing
 from ._strategies import Candidate
@@ -142,7 +142,7 @@ class Dispatcher:
         new ones. If the request cannot be served at all (the dispatcher is
         closed, no node is hopeful, the strategy failed) it is answered at once.
         """
-        if request.phase is Phase.ABANDONED:
+        if request.phase is ABANDONED:
             return
         if self._closed:
             request.close()
@@ -288,7 +288,7 @@ class Dispatcher:
         if type(message) is RouteUpdate:
             route = self.table.routes.get(message.route_id)
             self.table.update(message)
-            if route is not None and route.state is not NodeState.UP:
+            if route is not None and route.state is not UP:
                 self.owners.requeue(route)  # it may be leaving the table: its line goes first
             self._fail_if_hopeless()
         elif type(message) is RoutingUpdate:
@@ -365,16 +365,16 @@ class Dispatcher:
                 if available is None:
                     available = self.table.available()
                 else:
-                    available = [r for r in available if r.idle and r.state is NodeState.UP]
+                    available = [r for r in available if r.idle and r.state is UP]
                 if not available:
                     break
                 request = queue.popleft()
-                if request.phase is not Phase.QUEUED:
+                if request.phase is not QUEUED:
                     continue
                 parent = request.parent
                 if parent is not None:  # a hedge: never where its request runs
                     if not parent.open:
-                        request.phase = Phase.DONE  # answered meanwhile: not needed
+                        request.phase = DONE  # answered meanwhile: not needed
                         continue
                     others = self.hedges.routes(parent)
                     if not others:

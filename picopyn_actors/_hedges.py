@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._events import NodeState
+from ._events import UP
 from ._hedging import Hedger, Hedging
-from ._request import Phase, Request
+from ._request import SENT, Request
 
 if TYPE_CHECKING:
     from ._dispatcher import Dispatcher
@@ -41,7 +41,6 @@ HEDGE_TICK = 0.001
 # every HEDGE_TICK). A hedge is late by at most this much when the flow stops.
 BACKSTOP = 0.005
 
-_SENT = Phase.SENT
 # Where a late request comes from, in a look: a stalled node's slots (late
 # for the first time), or the held (every node it might go to was as late).
 _NEW, _HELD = 0, 1
@@ -148,7 +147,7 @@ class HedgeScheduler:
         for hedger in hedgers:
             held = hedger.held
             if held and now >= hedger.held_due:  # every other node as late then: again
-                late.extend((hedger, r, _HELD) for r in held if r.phase is _SENT)
+                late.extend((hedger, r, _HELD) for r in held if r.phase is SENT)
                 held.clear()
         if late:
             self._decide(late, now)
@@ -181,7 +180,7 @@ class HedgeScheduler:
                 continue
             hedger = request.hedger
             started = slot.started
-            if hedger is None or request.phase is not _SENT or request.looked == started:
+            if hedger is None or request.phase is not SENT or request.looked == started:
                 continue  # a hedge, or pinned; answered (a hedge won); decided already
             delay = hedger.last_delay
             late_at = started + delay
@@ -214,7 +213,7 @@ class HedgeScheduler:
             free = [
                 r
                 for r in self.dispatcher.table.routes.values()
-                if r.state is NodeState.UP and r.id not in late_at
+                if r.state is UP and r.id not in late_at
             ]
             for hedger, request, kind in due:
                 self._hedge(request, hedger, free, now, kind == _HELD)
@@ -271,7 +270,7 @@ class HedgeScheduler:
         with an idle slot; for a keyed request, another member of the
         bucket's replicaset, or nowhere."""
         routes = self.dispatcher.table.routes.values()
-        return self._others(request, [r for r in routes if r.state is NodeState.UP and r.idle])
+        return self._others(request, [r for r in routes if r.state is UP and r.idle])
 
     def _others(self, request: Request, routes: list[Route]) -> list[Route]:
         """Those of ``routes`` a hedge of ``request`` may go to: not its own

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._events import NodeState
-from ._request import Phase, Request
+from ._events import UP
+from ._request import QUEUED, Request
 from ._topology import Role
 
 if TYPE_CHECKING:
@@ -56,14 +56,14 @@ class Owners:
                 r
                 for r in table.routes.values()
                 if r.candidate.replicaset == owner
-                and r.state is NodeState.UP
+                and r.state is UP
                 and r.id != request.last_route
             ]
             if not replicas:
                 return None
             return dispatcher.choose(request, [r for r in replicas if r.idle] or replicas)
         route = table.named(routing.master_of(bucket.tier, bucket.bucket_id) or "")
-        if route is None or route.state is not NodeState.UP or route.id == request.last_route:
+        if route is None or route.state is not UP or route.id == request.last_route:
             return None
         return route
 
@@ -90,7 +90,7 @@ class Owners:
         dispatcher = self.dispatcher
         while line and route.idle:
             request = line.popleft()
-            if request.phase is not Phase.QUEUED:
+            if request.phase is not QUEUED:
                 continue
             head = dispatcher.queue_head()
             if by_age and head is not None and head.enqueued_at < request.enqueued_at:

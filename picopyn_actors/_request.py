@@ -126,6 +126,12 @@ class Phase(enum.IntEnum):
     ABANDONED = 3  # the caller gave up (cancelled); nobody will answer
 
 
+# Members as module names, for the request path: on Python 3.11 an enum class
+# has a __getattr__ (removed in 3.12), which makes each ``Phase.X`` a slow
+# attribute lookup (some 800 instructions); a module name is one load.
+QUEUED, SENT, DONE, ABANDONED = Phase.QUEUED, Phase.SENT, Phase.DONE, Phase.ABANDONED
+
+
 class Request:
     """One query (or one pin of a connection) and its caller."""
 
@@ -176,7 +182,7 @@ class Request:
         self.query = query
         self.args = args
         self.idempotent = idempotent
-        self.phase = Phase.QUEUED
+        self.phase = QUEUED
         self.task: trio.lowlevel.Task | None = None
         self.attempts = 0
         self.invalidations = 0
@@ -189,16 +195,16 @@ class Request:
     @property
     def open(self) -> bool:
         """The request still waits for an answer."""
-        return self.phase < Phase.DONE
+        return self.phase < DONE
 
     def finish(self, result: outcome.Outcome[Any]) -> bool:
         """Answer the caller; ``False`` (and nothing happens) if already ended.
 
         A hedge answers the request it hedges: the first answer wins.
         """
-        if self.phase >= Phase.DONE:
+        if self.phase >= DONE:
             return False
-        self.phase = Phase.DONE
+        self.phase = DONE
         # Not needed any more: a request the hedge scheduler holds stays with
         # it a while longer, its arguments need not.
         self.args = ()

@@ -20,7 +20,7 @@ import attrs
 
 from ._bucket import Bucket
 from ._errors import StrategyError
-from ._events import NodeState
+from ._events import UP, NodeState
 from ._strategies import Candidate, Strategy, strategy_name, takes_bucket
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class RouteTable:
 
     def available(self) -> list[Route]:
         """The routes that can take a request now: UP, with an idle slot."""
-        return [r for r in self.routes.values() if r.idle and r.state is NodeState.UP]
+        return [r for r in self.routes.values() if r.idle and r.state is UP]
 
     def hopeful(self) -> bool:
         """Some node may take requests soon: waiting for it is worth it."""

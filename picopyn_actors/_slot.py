@@ -24,7 +24,7 @@ import outcome
 
 from ._bridge import INVALIDATED, BackendBroken, BackendQueryError, Connection
 from ._errors import NoNodesAvailable, OutcomeUnknown, QueryError
-from ._request import PIN, Phase, Request
+from ._request import ABANDONED, PIN, QUEUED, SENT, Request
 from ._retry import Action, Failure, decide
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class Slot:
         """Run ``request`` on this slot's connection. Never blocks, never raises."""
         self.candidate.in_flight += 1
         self.request = request
-        request.phase = Phase.SENT
+        request.phase = SENT
         request.last_route = self.route_id
         (request.parent or request).in_flight += 1
         if request.method == PIN:
@@ -94,7 +94,7 @@ class Slot:
         request.conn = None
         node.candidate.in_flight -= 1
         (request.parent or request).in_flight -= 1
-        if type(result) is outcome.Value and request.phase is not Phase.ABANDONED:
+        if type(result) is outcome.Value and request.phase is not ABANDONED:
             # The hot path: an answer for a caller who waits (or a hedge race's loser).
             node.counters.ok += 1
             now = session.clock()
@@ -119,7 +119,7 @@ class Slot:
         """The rest of :meth:`completed`: an error, or a caller who gave up."""
         session = self.session
         node = session.node
-        abandoned = request.phase is Phase.ABANDONED
+        abandoned = request.phase is ABANDONED
         keep = not abandoned and not self.conn.is_closed()
         if isinstance(result, outcome.Error):
             exc = result.error
@@ -221,7 +221,7 @@ def reroute_or_fail(node: NodeActor, request: Request, error: str, *, sent: bool
     request.attempts = decision.attempts
     if decision.action is Action.RETRY_ELSEWHERE:
         node.counters.retried += 1
-        request.phase = Phase.QUEUED
+        request.phase = QUEUED
         request.last_route = node.route_id
         node.router.submit(request)
         return
