@@ -53,9 +53,9 @@ from ._events import UP, NodeState
 from ._hedges import HedgeScheduler
 from ._owners import Owners
 from ._request import ABANDONED, DONE, QUEUED, Request
-from ._routes import Route, RouteTable, StrategyCall
+from ._routes import Route, RouteTable
 from ._routing import Routing
-from ._strategies import Candidate
+from ._strategies import Candidate, Strategy, strategy_name, takes_bucket
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class Dispatcher:
     routing: Routing = attrs.field(init=False, factory=Routing)
     hedges: HedgeScheduler = attrs.field(init=False)
     owners: Owners = attrs.field(init=False)
-    _strategy: StrategyCall = attrs.field(init=False)
+    _strategy: Strategy = attrs.field(init=False)
+    _takes_bucket: bool = attrs.field(init=False)  # the strategy is called with bucket=
     _pending: deque[Request] = attrs.field(init=False, factory=deque)
     # Requests coming back for another try go first, in a queue of their own,
     # so that both queues stay ordered by enqueue time for acquire_timeout.
@@ -124,7 +125,8 @@ class Dispatcher:
     )
 
     def __attrs_post_init__(self) -> None:
-        self._strategy = StrategyCall(self.config.strategy)
+        self._strategy = self.config.strategy
+        self._takes_bucket = takes_bucket(self._strategy)
         self.hedges = HedgeScheduler(self)
         self.owners = Owners(self)
 
@@ -399,12 +401,30 @@ class Dispatcher:
         if len(available) > 1 and request.last_route is not None:
             others = [r for r in available if r.id != request.last_route]
             available = others or available
+        strategy = self._strategy
+        candidates = [r.candidate for r in available]
         try:
-            return self._strategy.choose(request.bucket, available)
-        except StrategyError as exc:
-            request.fail(exc)
-            self.failed_unrouted += 1
+            if self._takes_bucket:
+                chosen = strategy(candidates, bucket=request.bucket)  # type: ignore[call-arg]
+            else:
+                chosen = strategy(candidates)
+        except Exception as exc:
+            self._unrouted(request, f"raised {exc!r}")
             return None
+        # Found by identity (a Candidate compares by identity): the route at
+        # the chosen candidate's place, or none for one it was not given.
+        try:
+            return available[candidates.index(chosen)]
+        except ValueError:
+            self._unrouted(
+                request, f"returned {chosen!r}, which is not one of the candidates it was given"
+            )
+            return None
+
+    def _unrouted(self, request: Request, what: str) -> None:
+        """Fail ``request`` with the :class:`StrategyError` of a strategy that ``what``."""
+        request.fail(StrategyError(f"balance strategy {strategy_name(self._strategy)} {what}"))
+        self.failed_unrouted += 1
 
     def _expire(self, now: float) -> None:
         limit = self.config.acquire_timeout

@@ -68,7 +68,7 @@ class NodeState(enum.Enum):
 # has a __getattr__ (removed in 3.12), which makes each ``NodeState.X`` a slow
 # attribute lookup (some 800 instructions); a module name is one load.
 UP = NodeState.UP
-_HOPEFUL = frozenset({NodeState.UP, NodeState.SUSPECT, NodeState.CONNECTING})
+_HOPEFUL = (NodeState.UP, NodeState.SUSPECT, NodeState.CONNECTING)  # (a tuple: no hashing)
 
 
 _S = NodeState

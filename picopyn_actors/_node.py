@@ -48,14 +48,13 @@ from ._dispatcher import Dispatcher, Message, RouteRemoved, RouteUpdate
 from ._events import EventHub, NodeEvent, NodeState, NodeStatistics, NodeStatus
 from ._session import Session
 from ._slot import Lease
-from ._strategies import Candidate
+from ._strategies import LATENCY_EWMA, Candidate
 from ._topology import NodeInfo
 
 __all__ = ["Lease", "NodeActor", "Stop", "UpdateInfo", "Wake", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
-_EWMA = 0.2
 # While a node stays down, a WARNING again at most this often (seconds).
 REMIND_EVERY = 300.0
 _LOUD = frozenset({NodeState.DOWN, NodeState.QUARANTINED})
@@ -242,7 +241,7 @@ class NodeActor:
         """Fold one latency sample into the EWMA on the node's candidate (strategies read it)."""
         candidate = self.candidate
         old = candidate.latency
-        candidate.latency = seconds if old is None else old + _EWMA * (seconds - old)
+        candidate.latency = seconds if old is None else old + LATENCY_EWMA * (seconds - old)
 
     # -- the actor loop ----------------------------------------------------------
 

@@ -18,10 +18,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._bucket import Bucket
-from ._errors import StrategyError
 from ._events import UP, NodeState
-from ._strategies import Candidate, Strategy, strategy_name, takes_bucket
+from ._strategies import Candidate
 
 if TYPE_CHECKING:
     from ._dispatcher import RouteUpdate, SlotLike
@@ -144,41 +142,3 @@ class RouteTable:
             )
             or "no nodes"
         )
-
-
-@attrs.define(eq=False)
-class StrategyCall:
-    """The balance strategy, called the way it takes (with ``bucket=`` if it can)."""
-
-    strategy: Strategy
-    _takes_bucket: bool = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._takes_bucket = takes_bucket(self.strategy)
-
-    def choose(self, bucket: Bucket | None, routes: list[Route]) -> Route:
-        """The route among ``routes`` the strategy picks.
-
-        Raises:
-            StrategyError: the strategy raised, or returned something it was not given.
-        """
-        strategy = self.strategy
-        candidates = [r.candidate for r in routes]
-        try:
-            if self._takes_bucket:
-                chosen = strategy(candidates, bucket=bucket)  # type: ignore[call-arg]
-            else:
-                chosen = strategy(candidates)
-        except Exception as exc:
-            raise StrategyError(
-                f"balance strategy {strategy_name(strategy)} raised {exc!r}"
-            ) from None
-        # Found by identity (a Candidate compares by identity): the route at
-        # the chosen candidate's place, or none for one it was not given.
-        try:
-            return routes[candidates.index(chosen)]
-        except ValueError:
-            raise StrategyError(
-                f"balance strategy {strategy_name(strategy)} returned {chosen!r}, "
-                "which is not one of the candidates it was given"
-            ) from None

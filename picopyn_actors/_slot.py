@@ -26,6 +26,7 @@ from ._bridge import INVALIDATED, BackendBroken, BackendQueryError, Connection
 from ._errors import NoNodesAvailable, OutcomeUnknown, QueryError
 from ._request import ABANDONED, PIN, QUEUED, SENT, Request
 from ._retry import Action, Failure, decide
+from ._strategies import LATENCY_EWMA
 
 if TYPE_CHECKING:
     from ._node import NodeActor
@@ -99,13 +100,15 @@ class Slot:
             node.counters.ok += 1
             now = session.clock()
             latency = now - self.started
-            node.observe_latency(latency)
+            candidate = self.candidate  # NodeActor.observe_latency, written out
+            old = candidate.latency
+            candidate.latency = latency if old is None else old + LATENCY_EWMA * (latency - old)
             hedger = request.hedger
             if hedger is not None:  # hedging samples one answer in so many, and the late ones
                 hedger.countdown -= 1
                 if hedger.countdown <= 0 or latency >= hedger.last_delay:
-                    hedger.answered(latency, now, self.candidate.answered_at, request.hedged)
-            self.candidate.answered_at = now  # (hedging tells a stalled node by it)
+                    hedger.answered(latency, now, candidate.answered_at, request.hedged)
+            candidate.answered_at = now  # (hedging tells a stalled node by it)
             request.finish(result)
             # Session.give_back, written out for the hot path.
             if node.serving and session.failure is None:

@@ -60,6 +60,9 @@ class Candidate:
     answered_at: float = -math.inf
 
 
+#: The weight of a new latency sample in :attr:`Candidate.latency`, the EWMA.
+LATENCY_EWMA = 0.2
+
 #: The type of a balance strategy: given the candidates (never empty), return one.
 Strategy = Callable[[Sequence[Candidate]], Candidate]
 
