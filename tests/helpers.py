@@ -64,6 +64,33 @@ async def spread(
     return seen
 
 
+async def all_connections_open(cluster: pa.Cluster) -> None:
+    """Return once every node has all its query connections open.
+
+    A node is UP with its first connection; the others open after it. This
+    pins as many connections as the nodes have in all, at once (each pin
+    holds one of its own), and gives them back once every pin holds one.
+    """
+    total = cluster.config.connections_per_node * len(cluster.nodes())
+    held = 0
+    every_one_held, give_back = trio.Event(), trio.Event()
+
+    async def pin() -> None:
+        nonlocal held
+        async with cluster.connection(timeout=10):
+            held += 1
+            if held == total:
+                every_one_held.set()
+            await give_back.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(total):
+            nursery.start_soon(pin)
+        await every_one_held.wait()
+        give_back.set()
+    assert sum(n.connections for n in cluster.nodes()) == total
+
+
 def state_of(cluster: pa.Cluster, name: str) -> pa.NodeState | None:
     """The client state of node ``name`` (the newest actor), or ``None``."""
     states = [n.state for n in cluster.nodes() if n.name == name]

@@ -7,7 +7,7 @@ import uuid as uuidlib
 
 import pytest
 import trio
-from helpers import FAST, blocking, spread, state_of, uuid_names, wait_for
+from helpers import FAST, all_connections_open, blocking, spread, state_of, uuid_names, wait_for
 
 import picopyn_actors as pa
 from picopyn_actors.testing import LocalCluster
@@ -90,6 +90,8 @@ async def test_each_strategy_spreads_over_all_nodes(
     async with pa.open_cluster(shared_cluster.dsn, strategy=strategy, **FAST) as cluster:
         async with cluster.events() as events:
             await wait_for(events, lambda: all(n.state is pa.NodeState.UP for n in cluster.nodes()))
+        # Up with one connection, a node opens the others after: spread over all of them.
+        await all_connections_open(cluster)
         seen = await spread(cluster, shared_cluster, 600, concurrency=12)
     assert set(seen) == {n.name for n in shared_cluster.nodes}, seen
     assert sum(seen.values()) == 600
