@@ -9,6 +9,7 @@ counts them for one or more working trees, with hedging off and on::
     python bench/instructions.py --tree . --tree ../old   # A/B two trees, alternating
     python bench/instructions.py --hedging both --repeat 3
     python bench/instructions.py --backend stand-in --query row --query keyed --hedging off
+    python bench/instructions.py --backend stand-in --hedging off --layers
 
 Each measure runs the client twice under ``valgrind --tool=callgrind``, with
 ``N1`` and ``N2`` requests after the same warm-up, and reports ``(I2 - I1) /
@@ -16,7 +17,7 @@ Each measure runs the client twice under ``valgrind --tool=callgrind``, with
 tasks over 3 nodes with 3 connections each, each task making one kind of
 request (``--query``):
 
-* ``select1``: ``fetchval("SELECT 1", idempotent=True)``;
+* ``select1``: ``fetchrow("SELECT 1", idempotent=True)``;
 * ``row``: one row of the bench's sharded table by a random id,
   ``fetchrow("SELECT ... WHERE id = $1", key, idempotent=True)``;
 * ``keyed``: the same row with ``bucket=`` (the bucket of its id, computed
@@ -24,6 +25,14 @@ request (``--query``):
 
 ``row`` and ``keyed`` need ``--backend stand-in``; they compare keyed routing's
 own cost with the same query unrouted.
+
+``--layers`` (stand-in, ``select1``) also counts, once per round, what lies
+under the client, each with one task per connection of the 9: asyncpg on
+asyncio with no pool (``asyncio``), picopyn 0.2.0 with its pool (``seed``,
+in its own bench environment; 9 tasks: it serves no more), and, for each
+tree, trio with the bare embedded runner and no actors (``floor``). The
+client's count less the floor's is what the actors cost; the seed's less
+asyncio's is what its pool costs; the floor's less asyncio's is trio's.
 
 Time-driven work (the hedge scheduler's looks once a millisecond, probes,
 the hedging window) must happen as often per request as it does at full
@@ -53,12 +62,15 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 500
 #: The sharded table of ``--query row`` and ``keyed``, and its ids 1..KEYS.
 TABLE, KEYS = "bench_items", 1000
 QUERIES = ("select1", "row", "keyed")
+#: A layer under the client: its name, the python that runs it, how to reach the nodes.
+Layer = tuple[str, str, dict[str, Any]]
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
@@ -124,7 +136,7 @@ async def main():
             while left > 0:
                 left -= 1
                 if query == "select1":
-                    await cluster.fetchval("SELECT 1", idempotent=True)
+                    await cluster.fetchrow("SELECT 1", idempotent=True)
                 elif query == "row":
                     await cluster.fetchrow(ROW, rnd.randint(1, KEYS), idempotent=True)
                 else:
@@ -138,6 +150,60 @@ async def main():
 trio.run(main, clock=WorkClock(cfg["rate"]))
 '''
 
+# The layers under the client (--layers): one task per connection, SELECT 1.
+_LAYERS_CHILD = r'''
+import json, os, sys
+cfg = json.loads(os.environ["BENCH_CONFIG"])
+client, left = cfg["client"], cfg["requests"]
+
+async def worker(call):
+    global left
+    while left > 0:
+        left -= 1
+        await call("SELECT 1")
+
+if client in ("asyncio", "seed"):
+    import asyncio
+    async def main():
+        if client == "asyncio":
+            import asyncpg
+            calls = [
+                (await asyncpg.connect(host=h, port=p, user=cfg["user"],
+                                       password=cfg["password"], database="postgres")).fetchrow
+                for h, p in cfg["nodes"] * 3
+            ]
+        else:
+            from picopyn import Client
+            seed = Client(cfg["dsn"], pool_size=9)
+            await seed.connect()
+            calls = [seed.fetchrow] * 9
+        await asyncio.gather(*(worker(call) for call in calls))
+        os._exit(0)
+    asyncio.run(main())
+else:  # the floor: trio, the embedded runner, asyncpg; no actors
+    sys.path.insert(0, os.environ["BENCH_TREE"])
+    import trio
+    from picopyn_actors._bridge import open_backend
+    from picopyn_actors._dsn import Address, parse_dsn
+    async def main():
+        async with open_backend(parse_dsn(cfg["dsn"]), 10.0, {}, "embedded") as backend:
+            conns = [await backend.connect(Address(h, p)) for h, p in cfg["nodes"] * 3]
+            def call_on(conn):
+                def call(query):
+                    task = trio.lowlevel.current_task()
+                    conn.submit("fetchrow", query, (), lambda r: trio.lowlevel.reschedule(task, r))
+                    return trio.lowlevel.wait_task_rescheduled(
+                        lambda _: trio.lowlevel.Abort.FAILED
+                    )
+                return call
+            calls = [call_on(conn) for conn in conns]
+            async with trio.open_nursery() as nursery:
+                for call in calls:
+                    nursery.start_soon(worker, call)
+            os._exit(0)
+    trio.run(main)
+'''
+
 
 def count(
     tree: Path,
@@ -147,9 +213,11 @@ def count(
     hedging: bool,
     dsn: str | None,
     args: argparse.Namespace,
+    layer: Layer | None = None,
 ) -> int:
-    """Instructions of one client run of ``requests`` requests (after the warm-up)."""
-    config = {
+    """Instructions of one client run of ``requests`` requests (after the warm-up),
+    or of one of the layers under it (``layer``: its name, python and stand-in)."""
+    config: dict[str, object] = {
         "query": query,
         "table": TABLE,
         "keys": KEYS,
@@ -159,16 +227,21 @@ def count(
         "tasks": args.tasks,
         "rate": args.rate,
     }
+    python, child = sys.executable, _CHILD
+    if layer is not None:
+        name, python, node = layer
+        config.update(client=name, **node)
+        child = _LAYERS_CHILD
     env = {**os.environ, "BENCH_TREE": str(tree), "BENCH_CONFIG": json.dumps(config)}
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(_CHILD)
+        script.write(child)
     try:
         done = subprocess.run(
             [
                 "valgrind",
                 "--tool=callgrind",
                 "--callgrind-out-file=/dev/null",
-                sys.executable,
+                python,
                 script.name,
             ],
             env=env,
@@ -184,18 +257,27 @@ def count(
 
 
 def measure(
-    tree: Path, *, query: str, hedging: bool, dsn: str | None, args: argparse.Namespace
+    tree: Path,
+    *,
+    query: str,
+    hedging: bool,
+    dsn: str | None,
+    args: argparse.Namespace,
+    layer: Layer | None = None,
 ) -> float:
-    first = count(tree, args.n1, query=query, hedging=hedging, dsn=dsn, args=args)
-    second = count(tree, args.n2, query=query, hedging=hedging, dsn=dsn, args=args)
-    return per_request(first, second, args.n1, args.n2)
+    counts = [
+        count(tree, n, query=query, hedging=hedging, dsn=dsn, args=args, layer=layer)
+        for n in (args.n1, args.n2)
+    ]
+    return per_request(counts[0], counts[1], args.n1, args.n2)
 
 
 @contextlib.contextmanager
-def stand_in(backend: str) -> Iterator[str | None]:
-    """The DSN of 3 stand-in nodes for ``backend="stand-in"``; ``None`` for the fake."""
+def stand_in(backend: str) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """The DSN of 3 stand-in nodes for ``backend="stand-in"``, and what the
+    layers need to reach them; ``None`` for the fake."""
     if backend == "fake":
-        yield None
+        yield None, {}
         return
     sys.path.insert(0, str(REPO))
     from picopyn_actors.testing import LocalCluster
@@ -209,7 +291,12 @@ def stand_in(backend: str) -> Iterator[str | None]:
             f"INSERT INTO {TABLE} (id, name, value) SELECT g, 'item-' || g, g * 0.5 "
             f"FROM generate_series(1, {KEYS}) g;\nANALYZE {TABLE};"
         )
-        yield cluster.dsn
+        nodes = [(n.host, n.port) for n in cluster.nodes]
+        yield cluster.dsn, {
+            "nodes": nodes,
+            "user": cluster.user,
+            "password": cluster.password,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         choices=QUERIES,
         help="select1 (default), row, keyed; repeat: each in turn",
+    )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="also count asyncpg on asyncio, picopyn 0.2.0, and trio's bare embedded runner",
     )
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--n1", type=int, default=1000)
@@ -244,9 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     queries = args.query or ["select1"]
     if args.backend == "fake" and set(queries) - {"select1"}:
         parser.error("--query row and keyed need --backend stand-in (the fake has no table)")
+    if args.layers and (args.backend == "fake" or queries != ["select1"]):
+        parser.error("--layers needs --backend stand-in and --query select1")
+    # picopyn 0.2.0 runs in its own environment, as bench/run.py builds it.
+    seed_python = (
+        str(_envs.ensure("picopyn-0.2.0", log=lambda m: print(m, file=sys.stderr)))
+        if args.layers
+        else ""
+    )
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.hedging]
     results: dict[tuple[Path, str, bool], list[float]] = {}
-    with stand_in(args.backend) as dsn:
+    layers: dict[str, list[float]] = {}
+    with stand_in(args.backend) as (dsn, node):
         for round_ in range(args.repeat):
             for tree in trees if round_ % 2 == 0 else trees[::-1]:  # alternate the order
                 for query in queries:
@@ -255,6 +356,21 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((tree, query, hedging), []).append(value)
                         state = "on" if hedging else "off"
                         print(f"  {tree} {query} hedging={state}: {value:,.0f}", file=sys.stderr)
+                if args.layers:
+                    floor: Layer = ("floor", sys.executable, node)
+                    value = measure(
+                        tree, query="select1", hedging=False, dsn=dsn, args=args, layer=floor
+                    )
+                    layers.setdefault(f"floor ({tree.name})", []).append(value)
+                    print(f"  {tree} floor: {value:,.0f}", file=sys.stderr)
+            if args.layers:
+                for name, python in (("asyncio", sys.executable), ("seed", seed_python)):
+                    value = measure(
+                        REPO, query="select1", hedging=False, dsn=dsn, args=args,
+                        layer=(name, python, node),
+                    )
+                    layers.setdefault(name, []).append(value)
+                    print(f"  {name}: {value:,.0f}", file=sys.stderr)
     what = f"instructions per request ({args.backend}, {args.tasks} tasks)"
     print(f"| tree | query | hedging | {what} | vs hedging off | vs {queries[0]} |")
     print("|---|---|---|---:|---:|---:|")
@@ -268,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                 versus = f"{value / base:.3f}x" if query != queries[0] else ""
                 state = "on" if hedging else "off"
                 print(f"| {tree.name} | {query} | {state} | {value:,.0f} | {ratio} | {versus} |")
+    if layers:
+        print()
+        print("| layer (select1, a task per connection) | instructions per request |")
+        print("|---|---:|")
+        for name, values in layers.items():
+            print(f"| {name} | {statistics.median(values):,.0f} |")
     return 0
 
 
