@@ -17,7 +17,7 @@ import trio_asyncio
 from helpers import FAST, blocking, spread, state_of, wait_for
 
 import picopyn_actors as pa
-from picopyn_actors._bridge import AsyncpgBackend, Connection, fastpath, open_backend
+from picopyn_actors._bridge import AsyncpgBackend, Connection, driver, open_backend
 from picopyn_actors._dsn import Address, parse_dsn
 from picopyn_actors.testing import LocalCluster
 
@@ -178,7 +178,7 @@ async def _submitted(conn: Connection, method: str, query: str, *args: Any) -> A
 def fast_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The methods that took the fast path, in order."""
     taken: list[str] = []
-    real = fastpath.fast_call
+    real = driver.fast_call
 
     def spy(conn: Any, method: str, query: str, args: Any) -> Any:
         call = real(conn, method, query, args)
@@ -186,7 +186,7 @@ def fast_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             taken.append(method)
         return call
 
-    monkeypatch.setattr(fastpath, "fast_call", spy)
+    monkeypatch.setattr(driver, "fast_call", spy)
     return taken
 
 

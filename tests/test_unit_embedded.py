@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from picopyn_actors._bridge import BackendBroken, BackendQueryError, fastpath, open_backend
+from picopyn_actors._bridge import BackendBroken, BackendQueryError, driver, open_backend
 from picopyn_actors._bridge import backend as backend_module
 from picopyn_actors._bridge import embedded as embedded_module
 from picopyn_actors._bridge.embedded import EmbeddedLoop, self_check
@@ -333,7 +333,7 @@ class _FakeProtocol:
 
 
 class _FakeConnection:
-    """What :func:`fastpath.recover` touches of an asyncpg connection."""
+    """What :func:`driver.recover` touches of an asyncpg connection."""
 
     def __init__(self, *, in_transaction: bool = False) -> None:
         self._protocol = _FakeProtocol(in_transaction)
@@ -406,16 +406,16 @@ async def test_a_changed_result_type_in_a_transaction_is_raised() -> None:
 
 def test_the_fast_path_check_names_a_missing_internal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(asyncpg.Connection, "fetchval")
-    problem = fastpath.self_check.__wrapped__()
+    problem = driver.self_check.__wrapped__()
     assert problem == "asyncpg.Connection.fetchval is missing"
     monkeypatch.undo()
-    assert fastpath.self_check.__wrapped__() is None
+    assert driver.self_check.__wrapped__() is None
 
 
 async def test_a_failed_fast_path_check_uses_asyncpgs_methods_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(fastpath, "self_check", lambda: "asyncpg.Connection has no _stmt_cache")
+    monkeypatch.setattr(driver, "self_check", lambda: "asyncpg.Connection has no _stmt_cache")
     backend_module.fast_queries.cache_clear()
     caplog.set_level(logging.WARNING, logger="picopyn_actors")
     try:

@@ -1,10 +1,13 @@
-"""The bridge to asyncpg: the only package that imports asyncpg and trio_asyncio.
+"""The bridge to asyncpg: the only package that uses asyncpg and trio_asyncio.
 
 asyncpg is asyncio-only. The actors see it through two small protocols
 (:mod:`.base`): a :class:`Backend` opens a :class:`Connection`, whose
-``submit`` starts a request on the hot path and calls back in trio. Errors
-are classified once (:mod:`.errors`). Three runners carry the asyncio work,
-one module each:
+``submit`` starts a request on the hot path and calls back in trio. One
+module imports asyncpg and trio_asyncio, :mod:`.driver` (connecting, error
+classification, the embedded runner's fast path, trio-asyncio's loop
+variable); the others reach them through it. Errors are classified once
+(:func:`~.driver.classify`, applied by :mod:`.errors`). Three runners carry
+the asyncio work, one module each:
 
 * :mod:`.embedded`: a plain asyncio loop driven by a trio task in trio's own
   thread (the default and the fastest);
@@ -16,7 +19,8 @@ one module each:
 
 from .backend import AsyncpgBackend, connect_options, open_backend
 from .base import Backend, BackendBroken, BackendQueryError, Connection, OnDone, Runner
-from .errors import INVALIDATED, MAX_RERUNS, classify
+from .driver import classify
+from .errors import INVALIDATED, MAX_RERUNS
 
 __all__ = [
     "INVALIDATED",

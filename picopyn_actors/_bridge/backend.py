@@ -8,12 +8,10 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
 import trio
-import trio_asyncio
 
 from .._dsn import Address, Dsn
-from . import fastpath
+from . import driver
 from .base import Backend, Connection, Runner
 from .connection import BridgedConnection, EmbeddedConnection
 from .embedded import EmbeddedLoop, self_check
@@ -81,9 +79,7 @@ class AsyncpgBackend:
         kwargs, timeout = self._kwargs, self._timeout
         conn = await classified(
             self._runner.await_coro(
-                lambda: asyncpg.connect(
-                    host=address.host, port=address.port, timeout=timeout, **kwargs
-                )
+                lambda: driver.connect(address.host, address.port, timeout, **kwargs)
             ),
             sent=False,
         )
@@ -107,7 +103,7 @@ async def open_backend(
     thread (falls back to ``"thread"``, with one WARNING, when this Python's
     asyncio internals fail :func:`~.embedded.self_check`; its queries use
     asyncpg's public methods, with one WARNING, when asyncpg's internals fail
-    :func:`~.fastpath.self_check`). ``"thread"``: a
+    :func:`~.driver.self_check`). ``"thread"``: a
     plain asyncio loop in a thread of its own. ``"trio-asyncio"``: the running
     trio-asyncio loop, or a new one. ``"auto"``: ``"embedded"``, also beside a
     running trio-asyncio loop (the embedded loop keeps to its own trio task and
@@ -117,7 +113,7 @@ async def open_backend(
     when given. Leaving the block closes the runner, shielded and in bounded
     time.
     """
-    running = trio_asyncio.current_loop.get()
+    running = driver.CURRENT_LOOP.get()
     args = (dsn, connect_timeout, connect_kwargs)
     if kind == "auto":
         kind = "embedded"
@@ -145,16 +141,16 @@ async def open_backend(
         install_handler(running)
         yield AsyncpgBackend(*args, TrioAsyncioRunner(running), startup_options)
         return
-    async with trio_asyncio.open_loop() as new_loop:
+    async with driver.open_loop() as new_loop:
         install_handler(new_loop)
         yield AsyncpgBackend(*args, TrioAsyncioRunner(new_loop), startup_options)
 
 
 @functools.cache
 def fast_queries() -> bool:
-    """Whether the embedded runner may call asyncpg's protocol itself (:mod:`.fastpath`);
+    """Whether the embedded runner may call asyncpg's protocol itself (:mod:`.driver`);
     logs one WARNING when this asyncpg fails the check."""
-    problem = fastpath.self_check()
+    problem = driver.self_check()
     if problem is not None:
         log.warning(
             "asyncpg's internals are not what the fast query path expects (%s); "

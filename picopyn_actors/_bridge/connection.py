@@ -2,7 +2,7 @@
 
 :class:`BridgedConnection` works with any runner; :class:`EmbeddedConnection`
 starts each query straight on the embedded loop, without an asyncio Task (and,
-on a cached statement, without asyncpg's Python layers: see :mod:`.fastpath`).
+on a cached statement, without asyncpg's Python layers: see :mod:`.driver`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ The hot path goes around asyncio's own machinery:
   :class:`_Stepper`, without an asyncio Task; its awaits resume it through
   the loop's ready queue without an ``asyncio.Handle`` (the stepper is its
   own handle). On a statement asyncpg has cached, the coroutine is the
-  protocol's own (:mod:`.fastpath`), without asyncpg's Python layers.
+  protocol's own (:mod:`.driver`), without asyncpg's Python layers.
 * **Callbacks.** ``call_soon`` makes a lean handle (no debug bookkeeping),
   and ``create_future`` is a partial of ``asyncio.Future`` (what asyncio's
   method returns, without its frame).
@@ -63,9 +63,8 @@ from typing import Any
 
 import outcome
 import trio
-import trio_asyncio
 
-from . import fastpath
+from . import driver
 from .base import BackendBroken, OnDone
 from .errors import call_back, log_loop_error, task_outcome
 
@@ -227,9 +226,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         """Run ``conn.<method>(query, *args)`` (an asyncpg connection of this loop).
 
         On a statement asyncpg has cached, the protocol's coroutine itself
-        (:mod:`.fastpath`); otherwise the public method, which caches it.
+        (:mod:`.driver`); otherwise the public method, which caches it.
         """
-        fast = fastpath.fast_call(conn, method, query, args) if self.fast_queries else None
+        fast = driver.fast_call(conn, method, query, args) if self.fast_queries else None
         if fast is None:
             self.start_step(getattr(conn, method)(query, *args), on_done)
             return
@@ -260,11 +259,11 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         # code (trio-asyncio patches it). The thread's own running-loop slot
         # is left alone: asyncpg passes its loop explicitly, and setting
         # the slot costs a getpid() system call each time.
-        running = trio_asyncio.current_loop.set(self)
+        running = driver.CURRENT_LOOP.set(self)
         try:
             step.step()
         finally:
-            trio_asyncio.current_loop.reset(running)
+            driver.CURRENT_LOOP.reset(running)
         if self._ready:  # type: ignore[attr-defined]
             self.kick()  # the step scheduled asyncio callbacks: let the driver run them
 
@@ -285,8 +284,8 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
 
     async def _drive(self, task_status: trio.TaskStatus[None]) -> None:
         # Code running on this loop asks asyncio for the running loop; trio-asyncio
-        # (imported by this module) answers that from the trio task's context.
-        trio_asyncio.current_loop.set(self)
+        # (imported by the driver module) answers that from the trio task's context.
+        driver.CURRENT_LOOP.set(self)
         task_status.started()
         run_once = self._run_once  # type: ignore[attr-defined]
         ready = self._ready  # type: ignore[attr-defined]
@@ -435,7 +434,7 @@ class _Stepper:
     """Runs one coroutine on the embedded loop without an asyncio Task.
 
     A query is one short coroutine (asyncpg's ``fetchrow`` and friends, or
-    the protocol's ``bind_execute`` itself, see :mod:`.fastpath`) that awaits
+    the protocol's ``bind_execute`` itself, see :mod:`.driver`) that awaits
     one or two futures of the protocol. A Task would cost a handle to start
     it, a context copy, registration in the loop's task set and a handle for
     its done callback; this steps the coroutine directly and reports its
@@ -488,10 +487,10 @@ class _Stepper:
             raise
         except BaseException as exc:
             retry = self.retry
-            if retry is not None and isinstance(exc, fastpath.RECOVERABLE):
+            if retry is not None and isinstance(exc, driver.RECOVERABLE):
                 # What asyncpg's _do_execute does after these errors.
                 self.retry = self.shape = None
-                self.coro = fastpath.recover(retry[0], exc, *retry[1:])
+                self.coro = driver.recover(retry[0], exc, *retry[1:])
                 self.step()
                 return
             self._finish(outcome.Error(exc))
