@@ -86,6 +86,41 @@ async def test_it_runs_coroutines_timers_and_callbacks() -> None:
         assert await loop.await_coro(work) == "done"
 
 
+async def test_a_callback_that_raises_is_logged_and_the_loop_runs_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A ready callback is a partial whose run does not catch: the driver
+    # does, logs it through the loop's handler, and runs the rest.
+    caplog.set_level(logging.DEBUG, logger="picopyn_actors._bridge")
+    async with driven_loop() as loop:
+        ran: list[str] = []
+        done = trio.Event()
+
+        def boom() -> None:
+            raise ValueError("a bug in a callback")
+
+        def later() -> None:
+            ran.append("later")
+            done.set()
+
+        loop.call_soon(boom)
+        handle = loop.call_soon(ran.append, "cancelled")
+        handle.cancel()
+        assert handle.cancelled()
+        loop.call_soon(later)
+        loop.kick()
+        with trio.fail_after(5):
+            await done.wait()
+        assert ran == ["later"]
+        assert any("a bug in a callback" in r.getMessage() for r in caplog.records)
+
+        async def work() -> str:
+            await asyncio.sleep(0)
+            return "still driven"
+
+        assert await loop.await_coro(work) == "still driven"
+
+
 async def test_a_step_reports_its_outcome_once() -> None:
     async with driven_loop() as loop:
         outcomes: list[outcome.Outcome[Any]] = []

@@ -34,9 +34,11 @@ The hot path goes around asyncio's own machinery:
   the loop's ready queue without an ``asyncio.Handle`` (the stepper is its
   own handle). On a statement asyncpg has cached, the coroutine is the
   protocol's own (:mod:`.driver`), without asyncpg's Python layers.
-* **Callbacks.** ``call_soon`` makes a lean handle (no debug bookkeeping),
-  and ``create_future`` is a partial of ``asyncio.Future`` (what asyncio's
-  method returns, without its frame).
+* **Callbacks.** ``call_soon`` makes a handle that is a ``functools.partial``
+  of its context's ``run`` (:class:`_Soon`: made and run in C, where an
+  ``asyncio.Handle`` costs two Python frames; the driver catches what it
+  raises), and ``create_future`` is a partial of ``asyncio.Future`` (what
+  asyncio's method returns, without its frame).
 
 It relies on asyncio internals (``_run_once``, ``_ready``, ``_scheduled``,
 ``_process_events``, ``_selector``, ``_add_reader``, ``_remove_reader``,
@@ -92,25 +94,28 @@ class _NoWaitSelector:
         return getattr(self.inner, name)
 
 
-class _Soon(asyncio.Handle):
-    """A ready callback made without asyncio's debug bookkeeping (see ``call_soon``)."""
+class _Soon(functools.partial):  # type: ignore[type-arg]
+    """A ready callback, made and run in C: a partial of its context's ``run``.
+
+    ``call_soon`` makes one, outside asyncio's debug mode, for every callback
+    but a stepper: asyncpg's ``_on_waiter_completed``, for one, once per
+    query. Made by ``functools.partial`` and run by its call (``_run``), it
+    costs no Python frame, where an ``asyncio.Handle`` costs two (its
+    ``__init__`` and its ``_run``). What asyncio reads of a handle it has:
+    ``_cancelled``, ``_run``, ``cancel``, ``cancelled``. Unlike a Handle's,
+    its ``_run`` does not catch what the callback raises: the driver does
+    (:meth:`EmbeddedLoop._callback_failed`).
+    """
 
     __slots__ = ()
+    _cancelled = False  # (cancel() sets it on the instance)
+    _run = functools.partial.__call__
 
-    def __init__(
-        self,
-        callback: Callable[..., object],
-        args: Sequence[Any],
-        loop: asyncio.AbstractEventLoop,
-        context: contextvars.Context | None,
-    ) -> None:
-        self._callback = callback
-        self._args = args
-        self._cancelled = False
-        self._loop = loop
-        self._source_traceback = None
-        self._repr = None
-        self._context = contextvars.copy_context() if context is None else context
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
 
 
 class EmbeddedLoop(asyncio.SelectorEventLoop):
@@ -193,9 +198,11 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
             return callback  # type: ignore[return-value]
         if self._debug or self._closed:  # type: ignore[attr-defined]
             return super().call_soon(callback, *args, context=context)
-        handle = _Soon(callback, args, self, context)
+        if context is None:
+            context = contextvars.copy_context()
+        handle = _Soon(context.run, callback, *args)
         self._ready.append(handle)  # type: ignore[attr-defined]
-        return handle
+        return handle  # type: ignore[return-value]
 
     # -- handing work over from trio ---------------------------------------------
 
@@ -353,9 +360,16 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                                 handle = popleft()
                                 if not handle._cancelled:
                                     handle._run()
+                    except Exception as exc:
+                        # A callback raised (a _Soon's run does not catch,
+                        # unlike asyncio's Handle): logged, as asyncio would.
+                        # What this pass left (ready callbacks, unread
+                        # sockets, the full iteration: ``full`` is still
+                        # set) the next one does, after a yield.
+                        self._callback_failed(exc)
                     finally:
                         self._driving = False
-                    if ready or self._handed_rows >= _ROWS_PER_PASS:
+                    if ready or full or self._handed_rows >= _ROWS_PER_PASS:
                         # Yield to trio: the callers woken run (and drop
                         # their rows) in the batch of the next pass.
                         await trio.lowlevel.checkpoint()
@@ -372,6 +386,10 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                         )
                     await trio.lowlevel.wait_readable(hot_fd)
             self._parked = None
+
+    def _callback_failed(self, exc: Exception) -> None:
+        """A ready callback raised: to the exception handler, as asyncio's Handle does."""
+        self.call_exception_handler({"message": "Exception in a callback", "exception": exc})
 
     async def aclose(self) -> None:
         """Cancel every asyncio task, give them a moment to finish, close the loop.
