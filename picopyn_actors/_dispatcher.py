@@ -55,7 +55,7 @@ from ._owners import Owners
 from ._request import ABANDONED, DONE, QUEUED, Request
 from ._routes import Route, RouteTable
 from ._routing import Routing
-from ._strategies import Candidate, Strategy, strategy_name, takes_bucket
+from ._strategies import BUILT_IN, Candidate, Strategy, strategy_name, takes_bucket
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ class Dispatcher:
     owners: Owners = attrs.field(init=False)
     _strategy: Strategy = attrs.field(init=False)
     _takes_bucket: bool = attrs.field(init=False)  # the strategy is called with bucket=
+    # The strategy is one of ours, which only read their list: they are given
+    # the table's own list of ready candidates, any other strategy a copy.
+    _reads_only: bool = attrs.field(init=False)
     _pending: deque[Request] = attrs.field(init=False, factory=deque)
     # Requests coming back for another try go first, in a queue of their own,
     # so that both queues stay ordered by enqueue time for acquire_timeout.
@@ -127,6 +130,7 @@ class Dispatcher:
     def __attrs_post_init__(self) -> None:
         self._strategy = self.config.strategy
         self._takes_bucket = takes_bucket(self._strategy)
+        self._reads_only = type(self._strategy) in BUILT_IN
         self.hedges = HedgeScheduler(self)
         self.owners = Owners(self)
 
@@ -153,7 +157,7 @@ class Dispatcher:
             return  # to its owner, now or in its line
         retries, pending = self._retries, self._pending
         if not (retries or pending):
-            available = self.table.available()
+            available = self.table.ready
             if available:
                 if request.bucket is not None:
                     self._start(request, available)
@@ -195,8 +199,11 @@ class Dispatcher:
             # The node's first RouteUpdate is still in the inbox: the route
             # exists from now on, not routable until that update says UP.
             route = self.table.add(slot.route_id, slot.candidate)
-        route.idle.append(slot)
-        route.candidate.free = len(route.idle)
+        idle = route.idle
+        idle.append(slot)
+        route.candidate.free = len(idle)
+        if not route.listed:
+            self.table.relist(route)  # its first idle slot (if it is UP)
         if route.line:
             self.owners.serve_line(route, by_age=True)
         if self._pending or self._retries:
@@ -210,6 +217,7 @@ class Dispatcher:
         if route is not None:
             route.idle.clear()
             route.candidate.free = 0
+            self.table.relist(route)
 
     # -- the actor: control messages and timeouts --------------------------------
 
@@ -342,8 +350,11 @@ class Dispatcher:
             self.hand(route, request)
 
     def hand(self, route: Route, request: Request) -> None:
-        slot = route.idle.pop()
-        route.candidate.free = len(route.idle)
+        idle = route.idle
+        slot = idle.pop()
+        free = route.candidate.free = len(idle)
+        if not free:
+            self.table.unlist(route)  # its last idle slot
         slot.start(request)
         hedger = request.hedger  # (a hedge has none: it is never hedged again)
         if hedger is not None:
@@ -356,18 +367,13 @@ class Dispatcher:
     def _dispatch(self) -> None:
         """Serve waiting requests, oldest first, while slots are idle. A keyed
         request whose owner is up but busy moves to its owner's line."""
-        available: list[Route] | None = None
         for queue in (self._retries, self._pending):
             if not queue:
                 continue
             waiting: list[Request] = []
             while queue:
-                # Once known, the routes that can take a request only shrink
-                # here (a slot freed meanwhile serves the queue by itself).
-                if available is None:
-                    available = self.table.available()
-                else:
-                    available = [r for r in available if r.idle and r.state is UP]
+                # The table keeps it up to date as requests take slots.
+                available = self.table.ready
                 if not available:
                     break
                 request = queue.popleft()
@@ -402,12 +408,17 @@ class Dispatcher:
             others = [r for r in available if r.id != request.last_route]
             available = others or available
         strategy = self._strategy
-        candidates = [r.candidate for r in available]
+        if available is self.table.ready:  # the hot path: a list kept, not built
+            candidates = self.table.ready_candidates
+        else:
+            candidates = [r.candidate for r in available]
+        # A strategy of the user's gets a copy, which it may change.
+        given = candidates if self._reads_only else candidates.copy()
         try:
             if self._takes_bucket:
-                chosen = strategy(candidates, bucket=request.bucket)  # type: ignore[call-arg]
+                chosen = strategy(given, bucket=request.bucket)  # type: ignore[call-arg]
             else:
-                chosen = strategy(candidates)
+                chosen = strategy(given)
         except Exception as exc:
             self._unrouted(request, f"raised {exc!r}")
             return None

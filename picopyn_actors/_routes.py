@@ -8,10 +8,19 @@ their bucket and is busy. Each line is ordered by enqueue time, like the
 dispatcher's own queues, so a freed slot looks at one line, not at every
 waiting request. The table also remembers the nodes whose routes went, for the message of a
 :class:`~._errors.NoNodesAvailable`. Only the dispatcher uses it.
+
+The table keeps the routes that can take a request now (UP, with an idle
+slot) in a list of their own, :attr:`RouteTable.ready`, beside their
+candidates, in the order the routes were added: a request reads them, it
+does not build them. The dispatcher tells the table when a route's idle
+slots run out or come back (:meth:`RouteTable.unlist`,
+:meth:`RouteTable.relist`); the table sees the state changes and removals
+itself.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
@@ -44,6 +53,10 @@ class Route:
     last_error: str | None = None
     # Keyed requests waiting for this node's next free slot, oldest first.
     line: deque[Request] = attrs.field(factory=deque)
+    # Its place among the routes (the order they were added), and whether it
+    # is in the table's ready list.
+    order: int = 0
+    listed: bool = False
 
     def wait_in_line(self, request: Request) -> None:
         """Queue ``request`` (its ``enqueued_at`` set) in its place by age."""
@@ -65,16 +78,55 @@ class RouteTable:
     _by_name: dict[str, Route] = attrs.field(factory=dict)
     # Routes that went, newest last: their last state or error, by node name.
     gone: dict[str, str] = attrs.field(factory=dict)
+    # The routes that can take a request now (UP, with an idle slot), in
+    # their order, and their candidates at the same places.
+    ready: list[Route] = attrs.field(factory=list)
+    ready_candidates: list[Candidate] = attrs.field(factory=list)
+    _added: int = 0
 
     def add(self, route_id: int, candidate: Candidate) -> Route:
-        route = Route(route_id, candidate)
+        self._added += 1
+        route = Route(route_id, candidate, order=self._added)
         self.routes[route_id] = route
         self._by_name[candidate.name] = route
         return route
 
+    def relist(self, route: Route) -> None:
+        """Put ``route`` in :attr:`ready` or take it out, as its state, its idle
+        slots and its place in the table say now."""
+        ready = bool(route.idle) and route.state is UP and self.routes.get(route.id) is route
+        if ready is route.listed:
+            return
+        if not ready:
+            self.unlist(route)
+            return
+        route.listed = True
+        at = bisect.bisect(self.ready, route.order, key=_order)
+        self.ready.insert(at, route)
+        self.ready_candidates.insert(at, route.candidate)
+
+    def unlist(self, route: Route) -> None:
+        """Take ``route`` (listed) out of :attr:`ready`: its last idle slot was taken."""
+        route.listed = False
+        at = self.ready.index(route)
+        del self.ready[at]
+        del self.ready_candidates[at]
+
+    def consistent(self) -> bool:
+        """:attr:`ready` is what the routes say (for tests: it is kept, not built)."""
+        expected = [r for r in self.routes.values() if r.idle and r.state is UP]
+        expected.sort(key=_order)
+        return (
+            self.ready == expected
+            and self.ready_candidates == [r.candidate for r in expected]
+            and all(r.listed is (r in expected) for r in self.routes.values())
+        )
+
     def remove(self, route: Route, why: str) -> None:
         """Forget ``route`` (remembering ``why`` for messages)."""
         self.routes.pop(route.id, None)
+        if route.listed:
+            self.unlist(route)
         if self._by_name.get(route.candidate.name) is route:
             del self._by_name[route.candidate.name]
         gone = self.gone
@@ -92,6 +144,7 @@ class RouteTable:
             return  # an older update overtaken by a newer one
         route.seq = message.seq
         route.state = message.state
+        self.relist(route)
         if message.last_error is not None:
             route.last_error = message.last_error
         if message.state is NodeState.DRAINING:
@@ -108,10 +161,6 @@ class RouteTable:
     def lined(self) -> int:
         """Requests waiting in the routes' lines."""
         return sum(len(line) for line in self.lines())
-
-    def available(self) -> list[Route]:
-        """The routes that can take a request now: UP, with an idle slot."""
-        return [r for r in self.routes.values() if r.idle and r.state is UP]
 
     def hopeful(self) -> bool:
         """Some node may take requests soon: waiting for it is worth it."""
@@ -142,3 +191,7 @@ class RouteTable:
             )
             or "no nodes"
         )
+
+
+def _order(route: Route) -> int:
+    return route.order

@@ -2,7 +2,8 @@
 
 A strategy is any callable ``strategy(candidates) -> candidate``. It is given
 the nodes that are up and have a free connection right now (never an empty
-list) and must return one of them. A strategy that takes a keyword argument
+list) and must return one of them; a strategy of your own gets a list of its
+own, which it may keep or change. A strategy that takes a keyword argument
 ``bucket`` is also given the request's :class:`~picopyn_actors.Bucket` (``None``
 for a request without one): a keyed request goes straight to the master that
 owns its bucket when that node can take it, and the strategy chooses, seeing
@@ -130,6 +131,10 @@ class Fastest:
 
     def __repr__(self) -> str:
         return "Fastest()"
+
+
+#: The built-in strategies' types: they only read the list they are given.
+BUILT_IN = (RoundRobin, Random, LeastInFlight, Fastest)
 
 
 def takes_bucket(strategy: object) -> bool:

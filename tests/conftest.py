@@ -64,3 +64,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marker = item.get_closest_marker("deadline")
         seconds = float(marker.args[0]) if marker else DEFAULT_DEADLINE
         item.obj = _with_deadline(item.obj, seconds)
+
+
+# The dispatcher keeps its table's list of ready routes up to date as slots are
+# taken and freed, states change and routes go (it does not build it per
+# request). Every test checks that list against the routes after each call that
+# changes them; a mismatch is recorded (the call may run in a callback that
+# logs errors) and fails the test at its end.
+_KEEPS_THE_TABLE = ("submit", "release", "opened", "withdraw", "hand", "_handle", "_dispatch")
+
+
+@pytest.fixture(autouse=True)
+def _ready_routes_stay_consistent(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from picopyn_actors._dispatcher import Dispatcher
+
+    mismatches: list[str] = []
+
+    def checked(name: str) -> Callable[..., Any]:
+        method = getattr(Dispatcher, name)
+
+        @functools.wraps(method)
+        def wrapper(self: Dispatcher, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                if not self.table.consistent() and len(mismatches) < 5:
+                    mismatches.append(f"after Dispatcher.{name}: ready={self.table.ready!r}")
+
+        return wrapper
+
+    for name in _KEEPS_THE_TABLE:
+        monkeypatch.setattr(Dispatcher, name, checked(name))
+    yield
+    assert not mismatches, mismatches

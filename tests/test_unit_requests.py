@@ -317,6 +317,30 @@ async def test_strategy_errors_fail_one_request_and_the_cluster_keeps_serving(
     assert states == {UP}
 
 
+async def test_a_strategy_of_ones_own_may_change_its_list(autojump_clock: object) -> None:
+    # It gets a list of its own: the dispatcher's list of ready nodes (which
+    # the suite's fixture checks after each call) stays as the routes say.
+    fake = FakeCluster(3)
+    given: list[list[Candidate]] = []
+
+    def rude_strategy(candidates: list[Candidate]) -> Candidate:
+        given.append(candidates)
+        candidates.reverse()
+        chosen = candidates[0]
+        candidates.clear()
+        return chosen
+
+    async with fake.open(strategy=rude_strategy) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        async with trio.open_nursery() as nursery:
+            for _ in range(30):
+                nursery.start_soon(cluster.fetchval, "whoami")
+        table = cluster._dispatcher.table
+        assert table.consistent() and len(table.ready) == 3
+    assert len(given) == 30 and all(c == [] for c in given)
+    assert set(fake.executed("whoami")) == set(fake.nodes)
+
+
 async def test_caller_cancelled_mid_query_leaks_no_connection(autojump_clock: object) -> None:
     fake = FakeCluster(1)
     node = fake["i1"]
