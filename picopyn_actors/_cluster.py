@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from threading import get_ident
 from types import TracebackType
 from typing import Any
 
@@ -105,6 +106,8 @@ class Cluster:
     _token: trio.lowlevel.TrioToken = attrs.field(
         init=False, factory=trio.lowlevel.current_trio_token
     )
+    # The thread of the trio run that opened it (the hot path's cheap check).
+    _thread: int = attrs.field(init=False, factory=get_ident)
     _keys: BucketKeys = attrs.field(init=False)
     _hedger: Hedger | None = attrs.field(init=False, default=None)
 
@@ -132,12 +135,11 @@ class Cluster:
         hedging: Hedging | bool | None = None,
     ) -> Any:
         # The checks of the hot path, written out: the calls that say what is
-        # wrong run only when something is.
-        try:
-            token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            token = None
-        if token is not self._token:
+        # wrong run only when something is. The caller's trio run: another
+        # thread is another run (or none), and in this thread the run that
+        # opened the cluster is the only one while the cluster is open (it
+        # lives in that run's nursery); no trio at all fails the checkpoint.
+        if get_ident() != self._thread:
             self._check_caller()
         if type(idempotent) is not bool:
             raise ArgumentError(f"idempotent must be True or False, got {idempotent!r}")
@@ -147,7 +149,11 @@ class Cluster:
             check_query(query)
         # Never submit work for a caller that is already cancelled: it would
         # start on a connection, and the abort would then cost the connection.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except RuntimeError:  # not in a trio task (a guest run's host loop, say)
+            self._check_caller()
+            raise
         if self._closed:
             raise ClusterClosed("the cluster is closed")
         request = Request(method, query, args, idempotent, bucket=bucket)
@@ -180,6 +186,8 @@ class Cluster:
         """Refuse a call from outside the trio run this cluster lives in."""
         try:
             token = trio.lowlevel.current_trio_token()
+            # (A guest run's host loop has the run's token, but no trio task.)
+            trio.lowlevel.current_task()
         except RuntimeError:
             raise RuntimeError(
                 "picopyn_actors: a Cluster must be used from the trio run that opened it, "

@@ -32,6 +32,7 @@ from ._bridge import BackendBroken, BackendQueryError, Connection
 from ._identity import instance_uuid
 from ._request import PIN, Request
 from ._slot import Lease, Slot, reroute_or_fail
+from ._util import split_clock
 
 if TYPE_CHECKING:
     from ._node import NodeActor
@@ -50,6 +51,9 @@ class Session:
     node: NodeActor
     generation: int
     clock: Callable[[], float]
+    # The clock split for the hot path (see split_clock): perf() + offset.
+    perf: Callable[[], float] = attrs.field(init=False)
+    offset: float = attrs.field(init=False)
     alive: bool = attrs.field(init=False, default=True)
     # Facts for the node actor, which reads them when woken.
     ready: int = attrs.field(init=False, default=0)
@@ -62,6 +66,9 @@ class Session:
     _repairs: trio.MemorySendChannel[bool] | None = attrs.field(init=False, default=None)
     # The server answers an instance uuid: every probe checks it again.
     _checkable: bool = attrs.field(init=False, default=True)
+
+    def __attrs_post_init__(self) -> None:
+        self.perf, self.offset = split_clock(self.clock)
 
     # -- the session task --------------------------------------------------------
 

@@ -79,7 +79,8 @@ class Slot:
             return
         conn = self.conn
         request.conn = conn  # a caller that gives up terminates it: see Request._abort
-        self.started = self.session.clock()
+        session = self.session
+        self.started = session.perf() + session.offset  # session.clock(), without its frame
         conn.submit(
             request.method, request.query, request.args, functools.partial(self.completed, request)
         )
@@ -98,7 +99,7 @@ class Slot:
         if type(result) is outcome.Value and request.phase is not ABANDONED:
             # The hot path: an answer for a caller who waits (or a hedge race's loser).
             node.counters.ok += 1
-            now = session.clock()
+            now = session.perf() + session.offset
             latency = now - self.started
             candidate = self.candidate  # NodeActor.observe_latency, written out
             old = candidate.latency

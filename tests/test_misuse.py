@@ -415,6 +415,48 @@ async def test_use_from_another_thread_or_run_is_a_clear_error(autojump_clock: o
         assert fake.queries() == {"i1": 1}
 
 
+def test_use_from_the_host_loop_of_a_guest_run_is_a_clear_error() -> None:
+    # The same thread as the trio run that opened the cluster, but not in
+    # trio: asyncio code hosting trio in guest mode.
+    fake = FakeCluster(1)
+    seen: list[BaseException] = []
+
+    async def host() -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[tuple[pa.Cluster, trio.lowlevel.TrioToken, trio.Event]]
+        opened = loop.create_future()
+        finished: asyncio.Future[None] = loop.create_future()
+
+        async def guest() -> None:
+            async with fake.open() as cluster:
+                release = trio.Event()
+                opened.set_result((cluster, trio.lowlevel.current_trio_token(), release))
+                await release.wait()
+                assert await cluster.fetchval("whoami") == "i1"
+
+        trio.lowlevel.start_guest_run(
+            guest,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            done_callback=lambda result: finished.set_result(None),
+        )
+        cluster, token, release = await opened
+        try:
+            await cluster.fetchval("whoami")
+        except RuntimeError as exc:
+            seen.append(exc)
+        token.run_sync_soon(release.set)
+        await finished
+
+    # A plain asyncio loop (asyncio.run would make trio-asyncio's, itself in trio).
+    loop = asyncio.SelectorEventLoop()
+    try:
+        loop.run_until_complete(host())
+    finally:
+        loop.close()
+    assert len(seen) == 1 and "the trio run that opened it" in str(seen[0])
+    assert fake.queries() == {"i1": 1}
+
+
 # -- the compat Client -----------------------------------------------------------------
 
 

@@ -238,3 +238,18 @@ async def test_an_already_cancelled_caller_sends_nothing(autojump_clock: object)
                 await conn.fetchval("whoami")  # pragma: no cover
         assert fake["i1"].queries == 0
         assert await cluster.fetchval("whoami") == "i1"
+
+
+async def test_trios_clock_is_split_for_the_hot_path_and_a_mock_clock_is_not() -> None:
+    import time
+
+    from picopyn_actors._util import split_clock
+
+    clock = trio.lowlevel.current_clock().current_time
+    perf, offset = split_clock(clock)
+    assert perf is time.perf_counter
+    before = clock()
+    split = perf() + offset
+    assert before <= split <= clock()
+    mock = trio.testing.MockClock()
+    assert split_clock(mock.current_time) == (mock.current_time, 0.0)
