@@ -21,6 +21,7 @@ itself.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import deque
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
@@ -94,15 +95,16 @@ class RouteTable:
     def relist(self, route: Route) -> None:
         """Put ``route`` in :attr:`ready` or take it out, as its state, its idle
         slots and its place in the table say now."""
-        ready = bool(route.idle) and route.state is UP and self.routes.get(route.id) is route
-        if ready is route.listed:
+        listed = bool(route.idle) and route.state is UP and self.routes.get(route.id) is route
+        if listed is route.listed:
             return
-        if not ready:
+        if not listed:
             self.unlist(route)
             return
         route.listed = True
-        at = bisect.bisect(self.ready, route.order, key=_order)
-        self.ready.insert(at, route)
+        ready = self.ready
+        at = bisect.bisect(ready, route.order, key=_order)
+        ready.insert(at, route)
         self.ready_candidates.insert(at, route.candidate)
 
     def unlist(self, route: Route) -> None:
@@ -193,5 +195,4 @@ class RouteTable:
         )
 
 
-def _order(route: Route) -> int:
-    return route.order
+_order = operator.attrgetter("order")

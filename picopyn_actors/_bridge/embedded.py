@@ -240,9 +240,7 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
             self.start_step(getattr(conn, method)(query, *args), on_done)
             return
         coro, shape = fast
-        step = _Stepper(self, coro, on_done)
-        step.shape = shape
-        step.retry = (conn, method, query, args)
+        step = _Stepper(self, coro, on_done, shape, (conn, method, query, args))
         self._steppers.add(step)
         # The protocol's coroutine asks nobody for the running loop: no
         # context to set, whoever calls.
@@ -465,15 +463,22 @@ class _Stepper:
 
     __slots__ = ("_cancelled", "coro", "loop", "on_done", "retry", "shape")
 
-    def __init__(self, loop: EmbeddedLoop, coro: Any, on_done: OnDone) -> None:
+    def __init__(
+        self,
+        loop: EmbeddedLoop,
+        coro: Any,
+        on_done: OnDone,
+        shape: Callable[[Any], Any] | None = None,
+        retry: tuple[Any, str, str, Sequence[Any]] | None = None,
+    ) -> None:
         self.loop = loop
         self.coro = coro
         self.on_done: OnDone | None = on_done
         self._cancelled = False
         # The fast path's: how to shape the result, and what to run again
         # after an error asyncpg itself would recover from.
-        self.shape: Callable[[Any], Any] | None = None
-        self.retry: tuple[Any, str, str, Sequence[Any]] | None = None
+        self.shape = shape
+        self.retry = retry
 
     def __repr__(self) -> str:
         return f"<_Stepper {self.coro!r}>"
@@ -498,7 +503,14 @@ class _Stepper:
                 except Exception as exc:
                     self._finish(outcome.Error(exc))
                     return
-            self._finish(outcome.Value(value))
+            # _finish with a value, written out (the hot path: a frame less).
+            self.loop._steppers.discard(self)
+            on_done, self.on_done = self.on_done, None
+            if on_done is not None:
+                try:
+                    on_done(outcome.Value(value))
+                except Exception:  # pragma: no cover - a bug in the callback
+                    log.exception("picopyn_actors: error in a completion callback")
             return
         except (KeyboardInterrupt, SystemExit) as exc:
             self._finish(outcome.Error(BackendBroken(repr(exc), sent=True)))
