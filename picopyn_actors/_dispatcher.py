@@ -202,8 +202,8 @@ class Dispatcher:
         idle = route.idle
         idle.append(slot)
         route.candidate.free = len(idle)
-        if not route.listed:
-            self.table.relist(route)  # its first idle slot (if it is UP)
+        if not route.listed and route.state is UP:
+            self.table.enlist(route)  # its first idle slot
         if route.line:
             self.owners.serve_line(route, by_age=True)
         if self._pending or self._retries:

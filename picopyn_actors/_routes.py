@@ -14,8 +14,8 @@ slot) in a list of their own, :attr:`RouteTable.ready`, beside their
 candidates, in the order the routes were added: a request reads them, it
 does not build them. The dispatcher tells the table when a route's idle
 slots run out or come back (:meth:`RouteTable.unlist`,
-:meth:`RouteTable.relist`); the table sees the state changes and removals
-itself.
+:meth:`RouteTable.enlist`, :meth:`RouteTable.relist`); the table sees the
+state changes and removals itself.
 """
 
 from __future__ import annotations
@@ -98,9 +98,14 @@ class RouteTable:
         listed = bool(route.idle) and route.state is UP and self.routes.get(route.id) is route
         if listed is route.listed:
             return
-        if not listed:
+        if listed:
+            self.enlist(route)
+        else:
             self.unlist(route)
-            return
+
+    def enlist(self, route: Route) -> None:
+        """Put ``route`` (in the table, UP, not listed) in :attr:`ready`, in its
+        place: it has an idle slot again."""
         route.listed = True
         ready = self.ready
         at = bisect.bisect(ready, route.order, key=_order)
