@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from ._dispatcher import Dispatcher
     from ._routes import Route
 
+# Read once per request: on Python 3.11 each ``Role.REPLICA`` is a slow
+# lookup through the enum class's ``__getattr__`` (see _request.py).
+_REPLICA = Role.REPLICA
+
 
 @attrs.define(eq=False)
 class Owners:
@@ -50,7 +54,7 @@ class Owners:
         assert bucket is not None
         dispatcher = self.dispatcher
         routing, table = dispatcher.routing, dispatcher.table
-        if dispatcher.config.selector.role is Role.REPLICA:
+        if dispatcher.config.selector.role is _REPLICA:
             owner = routing.owner(bucket.tier, bucket.bucket_id)
             replicas = [
                 r
