@@ -353,7 +353,7 @@ class Dispatcher:
         idle = route.idle
         slot = idle.pop()
         free = route.candidate.free = len(idle)
-        if not free:
+        if not free and route.listed:
             self.table.unlist(route)  # its last idle slot
         slot.start(request)
         hedger = request.hedger  # (a hedge has none: it is never hedged again)
