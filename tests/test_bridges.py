@@ -231,6 +231,25 @@ async def test_an_uncached_statement_takes_asyncpgs_path_and_is_cached(
         assert fast_calls == ["fetchval"]
 
 
+async def test_a_closed_cached_statement_takes_asyncpgs_path_and_is_prepared_again(
+    shared_cluster: LocalCluster, fast_calls: list[str]
+) -> None:
+    # The fast path reads asyncpg's statement cache itself; a statement closed
+    # since it was cached (asyncpg closes one on a type cache error) is left
+    # to the public method, whose own lookup drops it and prepares again.
+    query = "SELECT $1::int + 10"
+    async with _raw_connection(shared_cluster) as conn:
+        assert await _submitted(conn, "fetchval", query, 1) == 11
+        cached = conn._conn._stmt_cache._entries  # type: ignore[attr-defined]
+        assert len(cached) == 1
+        for entry in cached.values():
+            entry._statement.mark_closed()
+        assert await _submitted(conn, "fetchval", query, 2) == 12
+        assert fast_calls == []
+        assert await _submitted(conn, "fetchval", query, 3) == 13
+        assert fast_calls == ["fetchval"]
+
+
 async def test_the_fast_path_recovers_from_a_changed_result_type_as_asyncpg_does(
     shared_cluster: LocalCluster, fast_calls: list[str]
 ) -> None:

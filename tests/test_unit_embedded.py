@@ -447,6 +447,16 @@ def test_the_fast_path_check_names_a_missing_internal(monkeypatch: pytest.Monkey
     assert driver.self_check.__wrapped__() is None
 
 
+def test_the_fast_path_check_names_a_missing_statement_cache_internal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(asyncpg.connection._StatementCache, "__slots__", ("_loop",))
+    problem = driver.self_check.__wrapped__()
+    assert problem == "asyncpg's _StatementCache has no _entries"
+    monkeypatch.undo()
+    assert driver.self_check.__wrapped__() is None
+
+
 async def test_a_failed_fast_path_check_uses_asyncpgs_methods_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -25,7 +25,10 @@
   caches and runs the public method once more unless a transaction is open.
 
   It leans on asyncpg internals (``_protocol``, ``_stmt_cache``,
-  ``_query_loggers``, ``bind_execute``, ``query``, ``get_record_class``):
+  ``_query_loggers``, ``_aborted``, ``bind_execute``, ``query``,
+  ``get_record_class``, ``is_connected``, and the statement cache's
+  ``_entries`` and their ``_statement``, read as its ``get()`` reads them,
+  without that call's frame):
   :func:`self_check` verifies that they exist, and the tests run on every
   asyncpg release ``pyproject.toml`` allows (``scripts/compat``). When the
   check fails, :func:`~picopyn_actors._bridge.open_backend` logs one
@@ -137,15 +140,24 @@ def fast_call(
     """The protocol coroutine for ``conn.<method>(query, *args)`` and how to shape
     its result, or ``None`` when the public method must run instead."""
     plan = PLANS.get(method)
-    if plan is None or conn._query_loggers or conn.is_closed():
-        return None
     protocol = conn._protocol
+    # (conn.is_closed(), written out)
+    if plan is None or conn._query_loggers or conn._aborted or not protocol.is_connected():
+        return None
     if method == "execute" and not args:
         # Connection.execute without arguments: the simple query protocol.
         return protocol.query(query, None), None
-    statement = conn._stmt_cache.get((query, protocol.get_record_class(), False))
-    if statement is None:
+    # The statement cache's get(), written out: a miss, or a statement closed
+    # since, goes to the public method, whose own get() drops it.
+    key = (query, protocol.get_record_class(), False)
+    entries = conn._stmt_cache._entries
+    entry = entries.get(key)
+    if entry is None:
         return None
+    statement = entry._statement
+    if statement.closed:
+        return None
+    entries.move_to_end(key)
     limit, extra, shape = plan
     return (
         protocol.bind_execute(
@@ -177,7 +189,7 @@ def self_check() -> str | None:
     slots: set[str] = set()
     for klass in asyncpg.Connection.__mro__:
         slots.update(getattr(klass, "__slots__", ()))
-    for name in ("_protocol", "_stmt_cache", "_query_loggers"):
+    for name in ("_protocol", "_stmt_cache", "_query_loggers", "_aborted"):
         if name not in slots:
             return f"asyncpg.Connection has no {name}"
     for name in ("is_closed", "reload_schema_state", "_drop_global_statement_cache", *PLANS):
@@ -186,10 +198,11 @@ def self_check() -> str | None:
     protocol = getattr(getattr(asyncpg, "protocol", None), "Protocol", None)
     if protocol is None:
         return "asyncpg.protocol.Protocol is missing"
-    for name in ("bind_execute", "query", "get_record_class", "is_in_transaction"):
+    for name in ("bind_execute", "query", "get_record_class", "is_in_transaction", "is_connected"):
         if not callable(getattr(protocol, name, None)):
             return f"asyncpg's Protocol.{name} is missing"
-    cache = getattr(getattr(asyncpg, "connection", None), "_StatementCache", None)
-    if not callable(getattr(cache, "get", None)):
-        return "asyncpg's statement cache has no get()"
+    module = getattr(asyncpg, "connection", None)
+    for klass, name in (("_StatementCache", "_entries"), ("_StatementCacheEntry", "_statement")):
+        if name not in getattr(getattr(module, klass, None), "__slots__", ()):
+            return f"asyncpg's {klass} has no {name}"
     return None
