@@ -116,8 +116,7 @@ class Routing:
 
     def master_of(self, tier: str, bucket_id: int) -> str | None:
         """The instance name of the master that owns ``bucket_id``, or ``None``."""
-        bucket_map = self.maps.get(tier)  # (owner(), written out: keyed requests call this)
-        owner = None if bucket_map is None else bucket_map.owner(bucket_id)
+        owner = self.owner(tier, bucket_id)
         return None if owner is None else self.masters.get(owner)
 
     def refreshed(

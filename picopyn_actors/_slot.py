@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import outcome
-import trio
 
 from ._bridge import INVALIDATED, BackendBroken, BackendQueryError, Connection
 from ._errors import NoNodesAvailable, OutcomeUnknown, QueryError
-from ._request import ABANDONED, DONE, PIN, QUEUED, SENT, Request
+from ._request import ABANDONED, PIN, QUEUED, SENT, Request
 from ._retry import Action, Failure, decide
 from ._strategies import LATENCY_EWMA
 
@@ -111,14 +110,7 @@ class Slot:
                 if hedger.countdown <= 0 or latency >= hedger.last_delay:
                     hedger.answered(latency, now, candidate.answered_at, request.hedged)
             candidate.answered_at = now  # (hedging tells a stalled node by it)
-            task = request.task
-            if task is not None and request.phase is SENT and request.parent is None:
-                # Request.finish, written out for a caller who waits (the hot path).
-                request.phase = DONE
-                request.args = ()
-                trio.lowlevel.reschedule(task, result)
-            else:
-                request.finish(result)
+            request.finish(result)
             # Session.give_back, written out for the hot path.
             if node.serving and session.failure is None:
                 node.router.release(self)  # last: it may start another request

@@ -501,9 +501,9 @@ class _Stepper:
                 try:
                     value = self.shape(value)
                 except Exception as exc:
-                    self._finish(outcome.Error(exc))
+                    self._fail(exc)
                     return
-            # _finish with a value, written out (the hot path: a frame less).
+            # The answer (the hot path; an error goes through _fail).
             self.loop._steppers.discard(self)
             on_done, self.on_done = self.on_done, None
             if on_done is not None:
@@ -513,7 +513,7 @@ class _Stepper:
                     log.exception("picopyn_actors: error in a completion callback")
             return
         except (KeyboardInterrupt, SystemExit) as exc:
-            self._finish(outcome.Error(BackendBroken(repr(exc), sent=True)))
+            self._fail(BackendBroken(repr(exc), sent=True))
             raise
         except BaseException as exc:
             retry = self.retry
@@ -523,14 +523,14 @@ class _Stepper:
                 self.coro = driver.recover(retry[0], exc, *retry[1:])
                 self.step()
                 return
-            self._finish(outcome.Error(exc))
+            self._fail(exc)
             return
         if yielded is None:  # a bare yield: asyncio.sleep(0)
             self.loop.call_soon(self)
             return
         if not getattr(yielded, "_asyncio_future_blocking", False):  # pragma: no cover
             self.coro.close()
-            self._finish(outcome.Error(RuntimeError(f"coroutine yielded {yielded!r}")))
+            self._fail(RuntimeError(f"coroutine yielded {yielded!r}"))
             return
         yielded._asyncio_future_blocking = False
         yielded.add_done_callback(self, context=_NO_CONTEXT)
@@ -538,25 +538,20 @@ class _Stepper:
     # As a handle in the loop's ready queue, the stepper is run by its step.
     _run = step
 
-    def _finish(self, result: outcome.Outcome[Any]) -> None:
+    def _fail(self, error: BaseException) -> None:
+        """End with ``error``, reported once to ``on_done`` (classified). An answer
+        is reported by :meth:`step` itself."""
         self.loop._steppers.discard(self)
         on_done, self.on_done = self.on_done, None
-        if on_done is None:
-            return
-        if type(result) is not outcome.Value:
-            call_back(on_done, result)  # classifies the error
-            return
-        try:
-            on_done(result)
-        except Exception:  # pragma: no cover - a bug in the callback; keep the loop alive
-            log.exception("picopyn_actors: error in a completion callback")
+        if on_done is not None:
+            call_back(on_done, outcome.Error(error))
 
     def abandon(self) -> None:
         """The loop is closing: end the coroutine and report it cancelled."""
         self._cancelled = True
         with suppress(BaseException):
             self.coro.close()
-        self._finish(outcome.Error(asyncio.CancelledError()))
+        self._fail(asyncio.CancelledError())
 
 
 class _Waiter:
