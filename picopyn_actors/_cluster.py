@@ -23,6 +23,7 @@ from typing import Any
 
 import attrs
 import trio
+from trio.lowlevel import current_task
 
 from ._bridge import (
     INVALIDATED,
@@ -59,6 +60,8 @@ from ._retry import MAX_INVALIDATIONS
 from ._slot import query_error
 from ._strategies import Strategy
 from ._supervisor import Supervisor
+from ._trap import FAST
+from ._trap import report as report_trap
 from ._util import unwrap_single_error
 
 log = logging.getLogger(__name__)
@@ -147,13 +150,16 @@ class Cluster:
             _check_bucket(bucket)
         if type(query) is not str or not query.isascii() or "\x00" in query:
             check_query(query)
-        # Never submit work for a caller that is already cancelled: it would
-        # start on a connection, and the abort would then cost the connection.
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            task = current_task()
         except RuntimeError:  # not in a trio task (a guest run's host loop, say)
             self._check_caller()
             raise
+        # Never submit work for a caller that is already cancelled: it would
+        # start on a connection, and the abort would then cost the connection.
+        # (trio's check runs only when its cancel status says so: see _trap.)
+        if not FAST or task._cancel_status.effectively_cancelled:
+            await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise ClusterClosed("the cluster is closed")
         request = Request(method, query, args, idempotent, bucket=bucket)
@@ -165,10 +171,10 @@ class Cluster:
                 request.hedger = None if policy is None else self._dispatcher.hedges.hedger(policy)
         if timeout is None:
             self._dispatcher.submit(request)
-            return await request.wait()
+            return await request.wait(task)
         with trio.fail_after(check_timeout(timeout)):
             self._dispatcher.submit(request)
-            return await request.wait()
+            return await request.wait(task)
 
     def _hedging_for(self, hedging: Hedging | bool | None) -> Hedging | None:
         """The hedging policy of one idempotent call (``hedging=`` or the cluster's)."""
@@ -675,6 +681,7 @@ async def _open(config: ClusterConfig, backend: Backend | None) -> AsyncIterator
 
 @asynccontextmanager
 async def _run_cluster(config: ClusterConfig, backend: Backend) -> AsyncIterator[Cluster]:
+    report_trap()  # once per process, if trio's trap cannot be used
     hub = EventHub(config.events_buffer)
     closing = trio.Event()
     send, receive = trio.open_memory_channel[Message](_INBOX_SIZE)

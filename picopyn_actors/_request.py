@@ -1,7 +1,8 @@
 """A request travelling through the actors, and its one-shot reply path.
 
-The caller parks with ``trio.lowlevel.wait_task_rescheduled``; whoever ends the
-request (dispatcher or node actor) reschedules it exactly once with an outcome.
+The caller parks on trio's trap (``wait_task_rescheduled``, or the run loop's
+trap itself: see :mod:`._trap`); whoever ends the request (dispatcher or node
+actor) reschedules it exactly once with an outcome.
 :meth:`Request.finish` is the only way to end a request, so an answer can
 never be given twice; an abandoned request (its caller was cancelled) can
 no longer be answered at all.
@@ -17,9 +18,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import outcome
 import trio
+from trio.lowlevel import current_task, reschedule, wait_task_rescheduled
 
 from ._bucket import Bucket
 from ._errors import ArgumentError, ClusterClosed, QueryError
+from ._trap import FAST, WaitTaskRescheduled, park
 
 if TYPE_CHECKING:
     from ._hedging import Hedger
@@ -197,6 +200,10 @@ class Request:
         """The request still waits for an answer."""
         return self.phase < DONE
 
+    # Protected from KeyboardInterrupt, as trio's own reschedule is: a Ctrl-C
+    # never lands between the bookkeeping and the wake-up (free on trio >= 0.28,
+    # which marks the code object; a wrapper's frame before).
+    @trio.lowlevel.enable_ki_protection
     def finish(self, result: outcome.Outcome[Any]) -> bool:
         """Answer the caller; ``False`` (and nothing happens) if already ended.
 
@@ -220,12 +227,15 @@ class Request:
             if won and parent.hedger is not None:
                 parent.hedger.won += 1
             return won
-        if self.task is None:
+        task = self.task
+        if task is None:
             # The caller has not parked yet (it is still handing the request
             # over): keep the answer for :meth:`wait`.
             self.result = result
+        elif FAST:
+            task._runner.reschedule(task, result)  # trio's reschedule, without its frame
         else:
-            trio.lowlevel.reschedule(self.task, result)
+            reschedule(task, result)
         return True
 
     def fail(self, exc: BaseException) -> bool:
@@ -252,18 +262,20 @@ class Request:
                     hedge.conn.terminate()
         return trio.lowlevel.Abort.SUCCEEDED
 
-    def wait(self) -> Awaitable[Any]:
-        """Park the current task until :meth:`finish`; return or raise its outcome
-        (``await request.wait()``).
+    def wait(self, task: trio.lowlevel.Task | None = None) -> Awaitable[Any]:
+        """Park the current task (``task``, if the caller has it already) until
+        :meth:`finish`; return or raise its outcome (``await request.wait()``).
 
         If cancelled, the request is abandoned: it will not run if it has not
         started, and its connection is dropped if it has. (A plain function
-        that returns trio's own wait: no coroutine of its own to resume.)
+        that returns trio's trap: no coroutine of its own to resume.)
         """
         if self.result is not None:
             return self._answered(self.result)
-        self.task = trio.lowlevel.current_task()
-        return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105 - the caller awaits it
+        self.task = task or current_task()
+        if FAST:
+            return park(WaitTaskRescheduled(self._abort))
+        return wait_task_rescheduled(self._abort)  # noqa: ASYNC105 - the caller awaits it
 
     @staticmethod
     async def _answered(result: outcome.Outcome[Any]) -> Any:

@@ -37,8 +37,9 @@ The hot path goes around asyncio's own machinery:
 * **Callbacks.** ``call_soon`` makes a handle that is a ``functools.partial``
   of its context's ``run`` (:class:`_Soon`: made and run in C, where an
   ``asyncio.Handle`` costs two Python frames; the driver catches what it
-  raises), and ``create_future`` is a partial of ``asyncio.Future`` (what
-  asyncio's method returns, without its frame).
+  raises), ``create_future`` is a partial of ``asyncio.Future`` (what
+  asyncio's method returns, without its frame), and ``get_debug``, which
+  every Future calls, reads ``_debug`` in C.
 
 It relies on asyncio internals (``_run_once``, ``_ready``, ``_scheduled``,
 ``_process_events``, ``_selector``, ``_add_reader``, ``_remove_reader``,
@@ -56,6 +57,7 @@ import contextvars
 import functools
 import logging
 import math
+import operator
 import select
 import selectors
 import socket
@@ -76,6 +78,8 @@ log = logging.getLogger("picopyn_actors._bridge")
 _READ_READY = getattr(
     getattr(asyncio.selector_events, "_SelectorSocketTransport", None), "_read_ready", None
 )
+# A loop's get_debug(), as C code: what BaseEventLoop.get_debug returns.
+_DEBUG = operator.attrgetter("_debug")
 # Futures resolved on this loop call their stepper back with this context,
 # which nothing reads (a stepper runs without entering a context).
 _NO_CONTEXT = contextvars.Context()
@@ -151,6 +155,9 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         # asyncio's create_future() is Future(loop=self): as a partial, the
         # same future without a Python frame (each query's protocol makes one).
         setattr(self, "create_future", functools.partial(asyncio.Future, loop=self))  # noqa: B010
+        # Every Future asks its loop get_debug() (from C, once per query): the
+        # same answer, read by C code, without the method's Python frame.
+        setattr(self, "get_debug", functools.partial(_DEBUG, self))  # noqa: B010
 
     # -- asyncio's hooks ---------------------------------------------------------
 
