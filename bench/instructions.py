@@ -43,6 +43,13 @@ machine's load changes how often per request it comes due. The remaining
 spread between two identical measures is a few hundred instructions per
 request; ``--repeat`` and the median take care of it.
 
+``--caches`` runs cachegrind instead, with its cache and branch simulation,
+and reports per request, beside the instructions, the first-level
+instruction and data cache misses and the mispredicted branches: why one
+instruction costs more than another (a client that touches more objects and
+more code per request runs its instructions slower). It is some 2x slower
+than the plain count.
+
 Needs valgrind (``apt-get install valgrind``). It runs in the bench's own
 environment (bench/.venvs/bench, built as ``bench/run.py`` builds it);
 picopyn_actors is imported from each ``--tree``.
@@ -72,6 +79,13 @@ QUERIES = ("select1", "row", "keyed")
 #: A layer under the client: its name, the python that runs it, how to reach the nodes.
 Layer = tuple[str, str, dict[str, Any]]
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+#: What ``--caches`` reports: a name, and the line of cachegrind's summary it is read from.
+CACHE_EVENTS = {
+    "instructions": "I   refs",
+    "I1 misses": "I1  misses",
+    "D1 misses": "D1  misses",
+    "mispredicts": "Mispredicts",
+}
 
 
 def collected(output: str) -> int:
@@ -80,6 +94,18 @@ def collected(output: str) -> int:
     if not found:
         raise RuntimeError(f"callgrind printed no instruction count:\n{output[-2000:]}")
     return int(found[-1])
+
+
+def cache_counts(output: str) -> dict[str, int]:
+    """The totals of :data:`CACHE_EVENTS` in cachegrind's summary at exit
+    (``==pid== D1  misses:  2,144,798  ( 1,945,232 rd ...``: the first number)."""
+    counts = {}
+    for name, label in CACHE_EVENTS.items():
+        found = re.findall(rf"^==\d+== {re.escape(label)}:\s+([\d,]+)", output, re.MULTILINE)
+        if not found:
+            raise RuntimeError(f"cachegrind printed no {label!r} line:\n{output[-2000:]}")
+        counts[name] = int(found[-1].replace(",", ""))
+    return counts
 
 
 def per_request(first: int, second: int, n1: int, n2: int) -> float:
@@ -214,9 +240,10 @@ def count(
     dsn: str | None,
     args: argparse.Namespace,
     layer: Layer | None = None,
-) -> int:
-    """Instructions of one client run of ``requests`` requests (after the warm-up),
-    or of one of the layers under it (``layer``: its name, python and stand-in)."""
+) -> dict[str, int]:
+    """The counts of one client run of ``requests`` requests (after the warm-up),
+    or of one of the layers under it (``layer``: its name, python and stand-in):
+    its instructions, and with ``--caches`` its cache misses and mispredicts."""
     config: dict[str, object] = {
         "query": query,
         "table": TABLE,
@@ -236,14 +263,18 @@ def count(
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write(child)
     try:
-        done = subprocess.run(
+        tool = (
             [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                python,
-                script.name,
-            ],
+                "--tool=cachegrind",
+                "--cache-sim=yes",
+                "--branch-sim=yes",
+                "--cachegrind-out-file=/dev/null",
+            ]
+            if args.caches
+            else ["--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        )
+        done = subprocess.run(
+            ["valgrind", *tool, python, script.name],
             env=env,
             capture_output=True,
             text=True,
@@ -253,7 +284,20 @@ def count(
         os.unlink(script.name)
     if done.returncode != 0:
         raise RuntimeError(f"the client failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
-    return collected(done.stderr)
+    if args.caches:
+        return cache_counts(done.stderr)
+    return {"instructions": collected(done.stderr)}
+
+
+def median(measures: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each count over several measures of one case."""
+    return {name: statistics.median(m[name] for m in measures) for name in measures[0]}
+
+
+def shown(counts: dict[str, float]) -> str:
+    """One measure, for the progress lines: its instructions, and the rest if counted."""
+    rest = ", ".join(f"{n} {v:,.0f}" for n, v in counts.items() if n != "instructions")
+    return f"{counts['instructions']:,.0f}" + (f" ({rest})" if rest else "")
 
 
 def measure(
@@ -264,12 +308,13 @@ def measure(
     dsn: str | None,
     args: argparse.Namespace,
     layer: Layer | None = None,
-) -> float:
-    counts = [
+) -> dict[str, float]:
+    """Each count per request (instructions, and with ``--caches`` the others)."""
+    first, second = (
         count(tree, n, query=query, hedging=hedging, dsn=dsn, args=args, layer=layer)
         for n in (args.n1, args.n2)
-    ]
-    return per_request(counts[0], counts[1], args.n1, args.n2)
+    )
+    return {name: per_request(first[name], second[name], args.n1, args.n2) for name in first}
 
 
 @contextlib.contextmanager
@@ -322,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n2", type=int, default=11000)
     parser.add_argument("--repeat", type=int, default=1, help="measures of each case (median)")
     parser.add_argument("--rate", type=float, default=0.02, help="virtual seconds per CPU second")
+    parser.add_argument(
+        "--caches",
+        action="store_true",
+        help="cachegrind: also count cache misses and mispredicted branches per request",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "bench"))
     import _envs
@@ -345,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     )
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.hedging]
-    results: dict[tuple[Path, str, bool], list[float]] = {}
-    layers: dict[str, list[float]] = {}
+    results: dict[tuple[Path, str, bool], list[dict[str, float]]] = {}
+    layers: dict[str, list[dict[str, float]]] = {}
     with stand_in(args.backend) as (dsn, node):
         for round_ in range(args.repeat):
             for tree in trees if round_ % 2 == 0 else trees[::-1]:  # alternate the order
@@ -355,14 +405,14 @@ def main(argv: list[str] | None = None) -> int:
                         value = measure(tree, query=query, hedging=hedging, dsn=dsn, args=args)
                         results.setdefault((tree, query, hedging), []).append(value)
                         state = "on" if hedging else "off"
-                        print(f"  {tree} {query} hedging={state}: {value:,.0f}", file=sys.stderr)
+                        print(f"  {tree} {query} hedging={state}: {shown(value)}", file=sys.stderr)
                 if args.layers:
                     floor: Layer = ("floor", sys.executable, node)
                     value = measure(
                         tree, query="select1", hedging=False, dsn=dsn, args=args, layer=floor
                     )
                     layers.setdefault(f"floor ({tree.name})", []).append(value)
-                    print(f"  {tree} floor: {value:,.0f}", file=sys.stderr)
+                    print(f"  {tree} floor: {shown(value)}", file=sys.stderr)
             if args.layers:
                 for name, python in (("asyncio", sys.executable), ("seed", seed_python)):
                     value = measure(
@@ -370,17 +420,18 @@ def main(argv: list[str] | None = None) -> int:
                         layer=(name, python, node),
                     )
                     layers.setdefault(name, []).append(value)
-                    print(f"  {name}: {value:,.0f}", file=sys.stderr)
+                    print(f"  {name}: {shown(value)}", file=sys.stderr)
+    medians = {key: median(values) for key, values in results.items()}
     what = f"instructions per request ({args.backend}, {args.tasks} tasks)"
     print(f"| tree | query | hedging | {what} | vs hedging off | vs {queries[0]} |")
     print("|---|---|---|---:|---:|---:|")
     for tree in trees:
         for query in queries:
-            off = statistics.median(results.get((tree, query, False), [0.0])) or None
+            off = medians.get((tree, query, False), {}).get("instructions")
             for hedging in modes:
-                value = statistics.median(results[(tree, query, hedging)])
+                value = medians[(tree, query, hedging)]["instructions"]
                 ratio = f"{value / off:.3f}x" if off and hedging else ""
-                base = statistics.median(results[(tree, queries[0], hedging)])
+                base = medians[(tree, queries[0], hedging)]["instructions"]
                 versus = f"{value / base:.3f}x" if query != queries[0] else ""
                 state = "on" if hedging else "off"
                 print(f"| {tree.name} | {query} | {state} | {value:,.0f} | {ratio} | {versus} |")
@@ -389,7 +440,20 @@ def main(argv: list[str] | None = None) -> int:
         print("| layer (select1, a task per connection) | instructions per request |")
         print("|---|---:|")
         for name, values in layers.items():
-            print(f"| {name} | {statistics.median(values):,.0f} |")
+            print(f"| {name} | {median(values)['instructions']:,.0f} |")
+    if args.caches:
+        print()
+        events = [e for e in CACHE_EVENTS if e != "instructions"]
+        what = f"client (per request, {args.backend}, {args.tasks} tasks)"
+        print(f"| {what} | " + " | ".join(events) + " |")
+        print("|---|" + "---:|" * len(events))
+        rows = {
+            **{f"{t.name} {q} hedging={'on' if h else 'off'}": m
+               for (t, q, h), m in medians.items()},
+            **{name: median(values) for name, values in layers.items()},
+        }
+        for name, counts in rows.items():
+            print(f"| {name} | " + " | ".join(f"{counts[e]:,.0f}" for e in events) + " |")
     return 0
 
 

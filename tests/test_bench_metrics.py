@@ -91,6 +91,25 @@ def test_the_count_is_callgrinds_last_collected_line(instructions: Any) -> None:
         instructions.collected("valgrind: command not found")
 
 
+def test_caches_reads_cachegrinds_summary(instructions: Any) -> None:
+    output = (
+        "==7== I   refs:      139,595,114\n==7== I1  misses:      1,405,369\n"
+        "==7== LLi misses:         14,049\n==7== I1  miss rate:        1.01%\n"
+        "==7== D   refs:       59,749,302  (40,161,998 rd   + 19,587,304 wr)\n"
+        "==7== D1  misses:      2,144,798  ( 1,945,232 rd   +    199,566 wr)\n"
+        "==7== Branches:       24,436,869  (21,134,930 cond +  3,301,939 ind)\n"
+        "==7== Mispredicts:     2,484,334  ( 1,599,584 cond +    884,750 ind)\n"
+    )
+    assert instructions.cache_counts(output) == {
+        "instructions": 139_595_114,
+        "I1 misses": 1_405_369,
+        "D1 misses": 2_144_798,
+        "mispredicts": 2_484_334,
+    }
+    with pytest.raises(RuntimeError, match="Mispredicts"):
+        instructions.cache_counts(output.split("==7== Mispredicts")[0])
+
+
 def test_start_up_cancels_out_of_the_count_per_request(instructions: Any) -> None:
     start_up = 1_500_000_000
     first, second = start_up + 1000 * 94_000, start_up + 11000 * 94_000
