@@ -13,7 +13,8 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Awaitable, Sequence
+import types
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import outcome
@@ -22,7 +23,7 @@ from trio.lowlevel import current_task, reschedule, wait_task_rescheduled
 
 from ._bucket import Bucket
 from ._errors import ArgumentError, ClusterClosed, QueryError
-from ._trap import FAST, WaitTaskRescheduled, park
+from ._trap import FAST, WaitTaskRescheduled
 
 if TYPE_CHECKING:
     from ._hedging import Hedger
@@ -133,6 +134,7 @@ class Phase(enum.IntEnum):
 # has a __getattr__ (removed in 3.12), which makes each ``Phase.X`` a slow
 # attribute lookup (some 800 instructions); a module name is one load.
 QUEUED, SENT, DONE, ABANDONED = Phase.QUEUED, Phase.SENT, Phase.DONE, Phase.ABANDONED
+_Value = outcome.Value
 
 
 class Request:
@@ -262,24 +264,24 @@ class Request:
                     hedge.conn.terminate()
         return trio.lowlevel.Abort.SUCCEEDED
 
-    def wait(self, task: trio.lowlevel.Task | None = None) -> Awaitable[Any]:
+    @types.coroutine
+    def wait(self, task: trio.lowlevel.Task | None = None) -> Generator[Any, Any, Any]:
         """Park the current task (``task``, if the caller has it already) until
         :meth:`finish`; return or raise its outcome (``await request.wait()``).
 
         If cancelled, the request is abandoned: it will not run if it has not
-        started, and its connection is dropped if it has. (A plain function
-        that returns trio's trap: no coroutine of its own to resume.)
+        started, and its connection is dropped if it has. (A generator that
+        yields trio's trap itself: see :mod:`._trap`.)
         """
         if self.result is not None:
-            return self._answered(self.result)
+            # Answered before its caller parked (it failed at once, say): a
+            # checkpoint all the same, as every trio call that waits makes one.
+            yield from trio.lowlevel.cancel_shielded_checkpoint()  # noqa: ASYNC105 - awaited so
+            return self.result.unwrap()
         self.task = task or current_task()
-        if FAST:
-            return park(WaitTaskRescheduled(self._abort))
-        return wait_task_rescheduled(self._abort)  # noqa: ASYNC105 - the caller awaits it
-
-    @staticmethod
-    async def _answered(result: outcome.Outcome[Any]) -> Any:
-        # Answered before its caller parked (it failed at once, say): a
-        # checkpoint all the same, as every trio call that waits makes one.
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return result.unwrap()
+        if not FAST:
+            return (yield from wait_task_rescheduled(self._abort))  # noqa: ASYNC105 - idem
+        result = yield WaitTaskRescheduled(self._abort)
+        if type(result) is _Value:  # an answer, without Outcome.unwrap
+            return result.value
+        return result.unwrap()  # an error, or trio's Cancelled

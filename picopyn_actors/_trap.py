@@ -12,9 +12,10 @@ path uses them directly instead (see :mod:`._request` and
 * **the cancel check**: the caller's task's ``_cancel_status``
   (``effectively_cancelled``) is read, and ``checkpoint_if_cancelled`` runs
   only when it says cancelled;
-* **the park**: :func:`park` yields the run loop's ``WaitTaskRescheduled``
-  trap itself, and answers a value without ``Outcome.unwrap`` (an error, and
-  trio's ``Cancelled``, still go through it);
+* **the park**: ``Request.wait`` is a generator that yields the run loop's
+  ``WaitTaskRescheduled`` trap itself, and answers a value without
+  ``Outcome.unwrap`` (an error, and trio's ``Cancelled``, still go through
+  it);
 * **the wake-up**: ``task._runner.reschedule`` (trio's public ``reschedule``
   is that call, behind a frame). The caller of it, ``Request.finish``, is
   protected from ``KeyboardInterrupt`` as trio's wrapper is, so that a
@@ -31,12 +32,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
-from collections.abc import Generator
-from typing import Any, Final
+from typing import Final
 
 import attrs
-import outcome
 import trio
 
 log = logging.getLogger("picopyn_actors")
@@ -76,23 +74,6 @@ try:
     from trio._core._traps import WaitTaskRescheduled as WaitTaskRescheduled
 except ImportError:  # pragma: no cover - self_check says so, and FAST is false
     WaitTaskRescheduled = None  # type: ignore[assignment,misc]
-
-_Value = outcome.Value
-
-
-@types.coroutine
-def park(trap: Any) -> Generator[Any, Any, Any]:
-    """Yield ``trap`` (a ``WaitTaskRescheduled``) to trio's run loop; return the
-    value the task was rescheduled with, or raise its error.
-
-    What ``await trio.lowlevel.wait_task_rescheduled(abort)`` does, without its
-    coroutine and the ``Outcome.unwrap`` of a value. Only with :data:`FAST`.
-    """
-    result = yield trap
-    if type(result) is _Value:
-        return result.value
-    return result.unwrap()
-
 
 @functools.cache
 def report() -> None:

@@ -5,7 +5,7 @@ answer every request once, cancel the same way, and say which one runs."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -15,7 +15,15 @@ import trio
 import trio.testing
 from fakes import FakeCluster, wait_state
 
-from picopyn_actors import NodeState, QueryError, _cluster, _request, _trap
+from picopyn_actors import (
+    Candidate,
+    NodeState,
+    QueryError,
+    StrategyError,
+    _cluster,
+    _request,
+    _trap,
+)
 from picopyn_actors._request import Request
 
 UP = NodeState.UP
@@ -33,7 +41,7 @@ def test_this_trio_passes_the_check() -> None:
 class Calls:
     """What the request path called, counted by wrappers around each way."""
 
-    park: int = 0
+    trap: int = 0
     public_wait: int = 0
     public_reschedule: int = 0
 
@@ -43,11 +51,15 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     """Run the test on trio's trap (as on every tested trio) or on trio's public
     functions (as when the check fails), counting which the requests use."""
     calls = Calls()
-    park, wait, reschedule = _request.park, _request.wait_task_rescheduled, _request.reschedule
+    trap, wait, reschedule = (
+        _request.WaitTaskRescheduled,
+        _request.wait_task_rescheduled,
+        _request.reschedule,
+    )
 
-    def counted_park(trap: Any) -> Any:
-        calls.park += 1
-        return park(trap)
+    def counted_trap(abort: Any) -> Any:
+        calls.trap += 1
+        return trap(abort)
 
     def counted_wait(abort: Any) -> Any:
         calls.public_wait += 1
@@ -57,7 +69,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         calls.public_reschedule += 1
         reschedule(task, result)
 
-    monkeypatch.setattr(_request, "park", counted_park)
+    monkeypatch.setattr(_request, "WaitTaskRescheduled", counted_trap)
     monkeypatch.setattr(_request, "wait_task_rescheduled", counted_wait)
     monkeypatch.setattr(_request, "reschedule", counted_reschedule)
     if request.param == "public":
@@ -67,7 +79,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     if request.param == "trap":
         assert calls.public_wait == calls.public_reschedule == 0
     else:
-        assert calls.park == 0
+        assert calls.trap == 0
 
 
 async def test_answers_errors_and_cancellation_on_either_path(
@@ -75,7 +87,16 @@ async def test_answers_errors_and_cancellation_on_either_path(
 ) -> None:
     fake = FakeCluster(1)
     node = fake["i1"]
-    async with fake.open(connections_per_node=2, discovery_interval=1000.0) as cluster:
+    refuse = False
+
+    def strategy(candidates: Sequence[Candidate]) -> Candidate:
+        if refuse:
+            raise RuntimeError("no node today")
+        return candidates[0]
+
+    async with fake.open(
+        connections_per_node=2, discovery_interval=1000.0, strategy=strategy
+    ) as cluster:
         await wait_state(cluster, "i1", UP)
         # Values, concurrently: each caller gets its own answer, once.
         answers: list[Any] = []
@@ -91,6 +112,12 @@ async def test_answers_errors_and_cancellation_on_either_path(
         with pytest.raises(QueryError) as caught:
             await cluster.fetchval("bad sql")
         assert caught.value.node == "i1"
+        # Answered before the caller parks (the strategy failed it at once):
+        # a checkpoint, and the error, without a park.
+        refuse = True
+        with pytest.raises(StrategyError, match="no node today"):
+            await cluster.fetchval("whoami")
+        refuse = False
         # A caller cancelled before the call: nothing is sent.
         executed = node.executed["whoami"]
         with trio.CancelScope() as scope:
@@ -107,8 +134,8 @@ async def test_answers_errors_and_cancellation_on_either_path(
         assert node.opened == opened + 1
         assert await cluster.fetchval("whoami") == "i1"
     waits = 20 + 1 + 1 + 1  # the concurrent ones, the error, the cancelled, the last
-    if path.park:
-        assert path.park == waits
+    if path.trap:
+        assert path.trap == waits
     else:
         assert path.public_wait == waits
         assert path.public_reschedule == waits - 1  # the cancelled one is aborted, not woken
