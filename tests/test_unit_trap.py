@@ -183,18 +183,19 @@ def test_the_check_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _trap.self_check() is None
 
 
-def test_a_failed_check_is_logged_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_a_failed_check_is_logged_once_when_clusters_open(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, autojump_clock: object
 ) -> None:
     monkeypatch.setattr(_trap, "PROBLEM", "trio's Runner has no reschedule")
     _trap.report.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="picopyn_actors"):
-            _trap.report()
-            _trap.report()
+            for _ in range(2):
+                async with FakeCluster(1).open() as cluster:
+                    await wait_state(cluster, "i1", UP)
     finally:
         _trap.report.cache_clear()
-    messages = [r.getMessage() for r in caplog.records]
+    messages = [r.getMessage() for r in caplog.records if "request path" in r.getMessage()]
     assert len(messages) == 1
     assert "trio's Runner has no reschedule" in messages[0]
     assert trio.__version__ in messages[0]
