@@ -3,7 +3,7 @@
 Every request parks its caller once and wakes it once. trio's public
 functions for that (``checkpoint_if_cancelled``, ``wait_task_rescheduled``,
 ``reschedule``) are thin wrappers over its run loop: together they cost the
-request path some eight Python calls per request (about 6% of the client's
+request path some eight Python calls per request (about 7% of the client's
 instructions per ``SELECT 1``, measured with ``bench/instructions.py``).
 Where this trio's internals are as the library was tested with, the request
 path uses them directly instead (see :mod:`._request` and
@@ -74,6 +74,7 @@ try:
     from trio._core._traps import WaitTaskRescheduled as WaitTaskRescheduled
 except ImportError:  # pragma: no cover - self_check says so, and FAST is false
     WaitTaskRescheduled = None  # type: ignore[assignment,misc]
+
 
 @functools.cache
 def report() -> None:
