@@ -24,7 +24,7 @@ from raw import ORDERED_TABLES, query, run
 from picopyn_actors._config import MAX_CONNECTIONS_PER_NODE
 from picopyn_actors.testing import LocalCluster, LocalClusterError, UnknownNodeError
 from picopyn_actors.testing._catalog import CatalogModel
-from picopyn_actors.testing._pg import wait_gone
+from picopyn_actors.testing._pg import ephemeral_ports, free_ports, wait_gone
 
 MakeCluster = Callable[..., LocalCluster]
 
@@ -521,3 +521,26 @@ def test_model_follows_picodata_state_rules() -> None:
     rows = model.rows()
     assert rows["_pico_instance"][0]["current_state"] == '["Online",2]'
     assert [r["connection_type"] for r in rows["_pico_peer_address"]] == ["iproto", "pgproto"]
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_free() -> None:
+    # A client socket takes its local port from the ephemeral range: a port
+    # chosen there could be taken before the node's server binds it.
+    start = ephemeral_ports()[0]
+    ports = free_ports("127.0.0.1", 6)
+    assert len(set(ports)) == 6
+    assert all(port < start for port in ports)
+    for port in ports:  # each one binds now
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+
+
+def test_free_ports_fall_back_to_the_kernels_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from picopyn_actors.testing import _pg
+
+    kernel_start = ephemeral_ports()[0]
+    monkeypatch.setattr(_pg, "ephemeral_ports", lambda: (1024, 60999))  # nothing below it
+    ports = free_ports("127.0.0.1", 3)
+    assert len(set(ports)) == 3
+    assert all(port >= kernel_start for port in ports)  # the kernel's, from its range

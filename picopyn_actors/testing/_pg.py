@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -233,7 +234,41 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def free_ports(host: str, count: int) -> list[int]:
-    """*count* distinct ports that are free on *host* right now."""
+    """*count* distinct ports that are free on *host* right now, below the
+    kernel's ephemeral range.
+
+    A server binds its port a moment after it is chosen. A port from the
+    ephemeral range (what binding to port 0 gives) can be taken meanwhile as
+    the local port of any client socket on the machine, and the server then
+    fails to start; clients never take a port below that range. Ports are
+    drawn at random there (another process choosing at the same moment is
+    unlikely to draw the same), each checked free; if none can be found
+    there, the kernel's choice is the fallback.
+    """
+    low, high = _UNEPHEMERAL
+    start = ephemeral_ports()[0]
+    pool = range(low, min(high, start))
+    chosen: list[int] = []
+    for port in random.sample(pool, min(len(pool), 64 * count)):
+        if len(chosen) == count:
+            break
+        if port_is_free(host, port):
+            chosen.append(port)
+    return chosen if len(chosen) == count else _kernel_ports(host, count)
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for client sockets (Linux's default if unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(word) for word in f.read().split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return low, high
+
+
+def _kernel_ports(host: str, count: int) -> list[int]:
+    """*count* distinct ports the kernel calls free on *host* now (its ephemeral range)."""
     socks = []
     try:
         for _ in range(count):
@@ -244,6 +279,12 @@ def free_ports(host: str, count: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
+
+
+# Where free_ports draws from (below the ephemeral range, above the usual
+# services' ports), and Linux's default ephemeral range.
+_UNEPHEMERAL = (20000, 32768)
+_EPHEMERAL_DEFAULT = (32768, 60999)
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
