@@ -24,7 +24,7 @@ from raw import ORDERED_TABLES, query, run
 from picopyn_actors._config import MAX_CONNECTIONS_PER_NODE
 from picopyn_actors.testing import LocalCluster, LocalClusterError, UnknownNodeError
 from picopyn_actors.testing._catalog import CatalogModel
-from picopyn_actors.testing._pg import ephemeral_ports, free_ports, wait_gone
+from picopyn_actors.testing._pg import ephemeral_start, free_ports, wait_gone
 
 MakeCluster = Callable[..., LocalCluster]
 
@@ -526,7 +526,7 @@ def test_model_follows_picodata_state_rules() -> None:
 def test_free_ports_are_below_the_ephemeral_range_and_free() -> None:
     # A client socket takes its local port from the ephemeral range: a port
     # chosen there could be taken before the node's server binds it.
-    start = ephemeral_ports()[0]
+    start = ephemeral_start()
     ports = free_ports("127.0.0.1", 6)
     assert len(set(ports)) == 6
     assert all(port < start for port in ports)
@@ -539,8 +539,8 @@ def test_free_ports_are_below_the_ephemeral_range_and_free() -> None:
 def test_free_ports_fall_back_to_the_kernels_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     from picopyn_actors.testing import _pg
 
-    kernel_start = ephemeral_ports()[0]
-    monkeypatch.setattr(_pg, "ephemeral_ports", lambda: (1024, 60999))  # nothing below it
+    kernel_start = ephemeral_start()
+    monkeypatch.setattr(_pg, "ephemeral_start", lambda: 1024)  # nothing between it and 20000
     ports = free_ports("127.0.0.1", 3)
     assert len(set(ports)) == 3
     assert all(port >= kernel_start for port in ports)  # the kernel's, from its range

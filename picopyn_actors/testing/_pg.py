@@ -245,9 +245,7 @@ def free_ports(host: str, count: int) -> list[int]:
     unlikely to draw the same), each checked free; if none can be found
     there, the kernel's choice is the fallback.
     """
-    low, high = _UNEPHEMERAL
-    start = ephemeral_ports()[0]
-    pool = range(low, min(high, start))
+    pool = range(_LOWEST_PORT, ephemeral_start())
     chosen: list[int] = []
     for port in random.sample(pool, min(len(pool), 64 * count)):
         if len(chosen) == count:
@@ -257,14 +255,13 @@ def free_ports(host: str, count: int) -> list[int]:
     return chosen if len(chosen) == count else _kernel_ports(host, count)
 
 
-def ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range of local ports for client sockets (Linux's default if unknown)."""
+def ephemeral_start() -> int:
+    """The lowest local port the kernel gives client sockets (Linux's default if unknown)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(word) for word in f.read().split())
-    except (OSError, ValueError):
-        return _EPHEMERAL_DEFAULT
-    return low, high
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _EPHEMERAL_START
 
 
 def _kernel_ports(host: str, count: int) -> list[int]:
@@ -281,10 +278,10 @@ def _kernel_ports(host: str, count: int) -> list[int]:
             sock.close()
 
 
-# Where free_ports draws from (below the ephemeral range, above the usual
-# services' ports), and Linux's default ephemeral range.
-_UNEPHEMERAL = (20000, 32768)
-_EPHEMERAL_DEFAULT = (32768, 60999)
+# Where free_ports draws from: above the usual services' ports, up to the
+# ephemeral range (Linux's default start when it cannot be read).
+_LOWEST_PORT = 20000
+_EPHEMERAL_START = 32768
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
