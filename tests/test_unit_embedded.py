@@ -282,6 +282,87 @@ async def test_sockets_a_pass_left_unread_go_before_one_read_again() -> None:
                 theirs.close()
 
 
+class _Rally(asyncio.Protocol):
+    """Busy traffic on one socket: each read answers the oldest waiting future and
+    has the peer send again at once, while ``playing``."""
+
+    def __init__(self, peer: socket.socket) -> None:
+        self.peer = peer
+        self.futures: list[asyncio.Future[int]] = []
+        self.reads = 0
+        self.playing = True
+
+    def data_received(self, data: bytes) -> None:
+        self.reads += 1
+        if self.futures:
+            self.futures.pop(0).set_result(self.reads)
+        if self.playing:
+            self.peer.send(b"x")
+
+
+async def test_a_busy_driver_polls_again_and_still_runs_timers_and_kicks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # While a pass reads answers and others are still out, the driver polls
+    # again after a yield instead of waiting on trio (one epoll_ctl each time).
+    # Neither a timer that falls due nor work handed over from trio waits
+    # for the traffic to stop, and other trio tasks run meanwhile.
+    waits = 0
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def counting_wait(fd: Any) -> None:
+        nonlocal waits
+        waits += 1
+        await wait_readable(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    loop = EmbeddedLoop()
+    hot = loop._hot = _CountingEpoll(loop._hot)  # type: ignore[assignment]
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    rally = _Rally(theirs)
+    answered = 0
+    rallying = trio.Event()
+
+    async def wait_for(future: asyncio.Future[int]) -> int:
+        return await future
+
+    def next_query(result: outcome.Outcome[Any] | None = None) -> None:
+        # One query always out: each answer sends the next.
+        nonlocal answered
+        if result is not None:
+            result.unwrap()
+            answered += 1
+            if answered == 50:
+                rallying.set()
+        future: asyncio.Future[int] = loop.create_future()
+        rally.futures.append(future)
+        loop.start_step(wait_for(future), next_query)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.drive)
+        try:
+            loop._make_socket_transport(ours, rally)  # type: ignore[attr-defined]
+            next_query()
+            await trio.testing.wait_all_tasks_blocked()
+            theirs.send(b"x")
+            with trio.fail_after(5):
+                await rallying.wait()  # the rally is on (and this task runs)
+            polls, waited = hot.polls, waits
+            fired = trio.Event()
+            loop.call_later(0.01, fired.set)
+            with trio.fail_after(5):
+                await fired.wait()  # a timer falls due mid-rally
+                assert await loop.await_coro(lambda: asyncio.sleep(0, "handed")) == "handed"
+            assert hot.polls - polls > 10
+            assert waits - waited <= 1, (waits - waited, hot.polls - polls)
+        finally:
+            rally.playing = False
+            await loop.aclose()
+            ours.close()
+            theirs.close()
+
+
 async def test_cancelling_a_wait_cancels_its_asyncio_task_promptly() -> None:
     async with driven_loop() as loop:
         cancelled = trio.Event()

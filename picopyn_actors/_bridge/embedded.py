@@ -16,7 +16,11 @@ The hot path goes around asyncio's own machinery:
   straight into its transport (``_read_ready``): no selector keys, no
   handles, no full loop iteration. asyncio's own selector (connects, blocked
   writes, the self-pipe) and its timers get a full iteration when they are
-  due.
+  due. While it is busy (a pass read answers, and more are still out) the
+  driver polls again after one yield to trio instead of waiting on the hot
+  set: trio's registration of a descriptor lasts one wake-up, so each wait
+  costs an ``epoll_ctl`` and its Python; the first pass that reads nothing
+  waits again.
 * **Answers.** What a read completes reaches its caller before the next
   socket is read. Once a pass has handed over 1000 rows, the driver yields
   to trio before it reads further, so that the callers it woke take their
@@ -325,6 +329,7 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                 while True:
                     self._driving = True
                     self._handed_rows = 0
+                    events: list[tuple[int, int]] = []
                     try:
                         events = hot_poll(0)
                         if left:
@@ -389,6 +394,16 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                             if when == math.inf
                             else trio.current_time() + max(0.0, when - self.time())
                         )
+                    if events and self._steppers:
+                        # Busy: this pass read answers and others are still
+                        # out. Poll again after one yield to trio, without
+                        # re-arming trio's one-shot registration of the hot
+                        # set (an epoll_ctl and its Python each time); the
+                        # first pass that reads nothing waits for it again.
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        if parked.cancel_called:  # a kick, or the next timer is due
+                            break
+                        continue
                     await trio.lowlevel.wait_readable(hot_fd)
             self._parked = None
 
