@@ -318,6 +318,8 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
         # The ready sockets the last pass did not read (it stopped after
         # _ROWS_PER_PASS rows): the next pass reads them first.
         left: list[tuple[int, int]] = []
+        # What the last poll found (an empty pass waits on trio again).
+        events: list[tuple[int, int]] = []
         while True:
             # One cancel scope serves many waits: it is cancelled only by a
             # kick() or by its deadline, the loop's next timer (in asyncio's
@@ -329,7 +331,6 @@ class EmbeddedLoop(asyncio.SelectorEventLoop):
                 while True:
                     self._driving = True
                     self._handed_rows = 0
-                    events: list[tuple[int, int]] = []
                     try:
                         events = hot_poll(0)
                         if left:
