@@ -153,7 +153,8 @@ class Supervisor:
         """Run the first discovery, report started, then rediscover periodically.
 
         Raises :class:`NoNodesAvailable` (before ``started``) when the first
-        discovery fails on every seed host within ``connect_timeout``, and
+        discovery fails on every seed host within ``connect_timeout`` (but
+        ``Cancelled`` when it was cancelled meanwhile), and
         :class:`ConfigError` when a requested tier does not exist. On the way
         out (cancellation included) the discovery connection is terminated.
         """
@@ -173,6 +174,11 @@ class Supervisor:
         try:
             topology = await self.discover()
         except DiscoveryFailed as exc:
+            # Failures that a cancellation from outside caused (the thread
+            # bridge closes a connection in its own thread, and the read that
+            # finds it closed has no checkpoint to raise the cancel at) are
+            # not the caller's news: the cancel is.
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise NoNodesAvailable(
                 f"discovery failed on every seed host of {self.config.dsn}; check the "
                 "DSN, the password and that the nodes are reachable",

@@ -18,7 +18,11 @@ import trio
 from helpers import FAST
 
 import picopyn_actors as pa
+import picopyn_actors.testing
+from picopyn_actors._bridge import BackendBroken
+from picopyn_actors._dsn import Address
 from picopyn_actors.testing import LocalCluster
+from picopyn_actors.testing._fake import FakeConnection
 
 SWEEP = Path(__file__).with_name("cancel_sweep.py")
 MAX_MS = 50
@@ -99,3 +103,25 @@ async def test_shutdown_by_timeout_with_a_paused_node(paused_i2: LocalCluster, b
                     await cluster.fetchval("SELECT 1", idempotent=True)
     assert inner.cancelled_caught
     assert not outer.cancelled_caught
+
+
+class _CancelledWhileConnecting(pa.testing.FakeCluster):
+    """Every connect cancels ``scope`` and then fails at once, with no checkpoint
+    between: what the thread bridge does when the asyncio thread closes a
+    connection while trio is cancelling the caller."""
+
+    scope: trio.CancelScope | None = None
+
+    async def connect(self, address: Address) -> FakeConnection:
+        assert self.scope is not None
+        self.scope.cancel()
+        raise BackendBroken("connection is closed", sent=False)
+
+
+async def test_a_cancelled_open_reports_the_cancel_not_the_failures_it_caused() -> None:
+    fake = _CancelledWhileConnecting(3)
+    with trio.CancelScope() as scope:
+        fake.scope = scope
+        async with pa.open_cluster(fake.dsn(), backend=fake, **FAST):
+            pytest.fail("opened a cluster that cannot connect")
+    assert scope.cancelled_caught
