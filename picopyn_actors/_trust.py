@@ -16,8 +16,11 @@ Each warning is logged once, and again only after
 :data:`~._discovery.QUIET_PERIOD` without it (:class:`~._discovery.WarnOnce`);
 a warning about a node that has an actor also goes to the event stream as a
 :class:`~._events.NodeEvent` whose ``old`` and ``new`` states are the same (a
-note: nothing changed on the client). A node whose view was rejected is asked
-last for a while.
+note: nothing changed on the client). A node whose view was rejected (not
+sane, or contradicted by another node) is asked last for a while, and is not
+asked to confirm; a view that merely found no one to confirm it is not held
+against its node, or the nodes could take turns being asked last until none
+is left to confirm anything.
 
 Example (inside the library)::
 
@@ -121,11 +124,18 @@ class Judge:
         return await self._second_opinion(link, view, guarded, notes, needed, serving, timeout)
 
     def rejected(
-        self, view: Topology, address: Address, why: str, action: str = "keeping the last good view"
+        self,
+        view: Topology,
+        address: Address,
+        why: str,
+        action: str = "keeping the last good view",
+        *,
+        avoid: bool = True,
     ) -> None:
-        """A view not acted on: count it, ask its node last, tell once."""
+        """A view not acted on: count it, ask its node last (with ``avoid``), tell once."""
         self.views_rejected += 1
-        self.reader.avoid(address)
+        if avoid:
+            self.reader.avoid(address)
         name = self.reader.name_of(view, address)
         if self.warn_once(("rejected", name or address), trio.current_time()):
             log.warning("discovery: %s: %s; %s", view.source, why, action)
@@ -245,4 +255,6 @@ class Judge:
             why = f"its catalog would stop {needed}, and no other node could confirm it"
         else:
             why = f"its catalog would stop {needed}, and {other} disagrees"
-        self.rejected(view, link.address, why, action)
+        # Nobody contradicted it: asking its node last would only take away the
+        # one confirmer the next node to read might have.
+        self.rejected(view, link.address, why, action, avoid=other is not None)

@@ -22,6 +22,7 @@ from fakes import (
     bound_every_test,
     drain_events,
     state_of,
+    state_text,
     wait_all_states,
     wait_gone,
     wait_state,
@@ -36,7 +37,7 @@ from picopyn_actors import (
     open_cluster,
 )
 from picopyn_actors._bridge import BackendQueryError
-from picopyn_actors._discovery import QUIET_PERIOD, WarnOnce
+from picopyn_actors._discovery import _AVOID_MIN, QUIET_PERIOD, WarnOnce
 from picopyn_actors._topology import DISCOVERY_QUERY, LEADER_QUERIES
 
 UP = NodeState.UP
@@ -639,6 +640,58 @@ async def test_a_stop_nobody_can_confirm_waits_until_the_node_stops_serving(
         await wait_gone(cluster, "i2")
     assert rejected >= 4  # counted on every run...
     assert "no other node could confirm it" in warning  # ... told once
+
+
+async def test_an_expel_seen_by_one_node_first_still_retires_the_node(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As LocalCluster.set_state does: each node's catalog changes on its own,
+    # and i1 (the raft leader, which discovery rides) sees i3's target
+    # Expelled first. i3 disagrees, so i1 is asked last for a while; once
+    # every catalog agrees, i3 must still retire, within that while or so.
+    fake = FakeCluster(3)
+    lagging = {"i2", "i3"}  # nodes whose catalog still shows i3 Online
+
+    def catalog_of(name: str) -> Callable[[], list[dict[str, Any]]]:
+        def rows() -> list[dict[str, Any]]:
+            out = fake.catalog_rows()
+            if name in lagging:
+                online = state_text("Online", fake["i3"].incarnation)
+                out = [
+                    {**r, "current_state": online, "target_state": online}
+                    if r["name"] == "i3"
+                    else r
+                    for r in out
+                ]
+            return out
+
+        return rows
+
+    for node in fake.nodes.values():
+        bend(node, rows=catalog_of(node.name), leader=lambda: fake["i1"].uuid)
+    async with fake.open(discovery_interval=1.0) as cluster:
+        await wait_all_states(cluster, fake.nodes, UP)
+        supervisor = cluster._supervisor
+        fake["i2"].set_state("Offline", "Offline")
+        await wait_gone(cluster, "i2")
+        assert supervisor.discovery_address == fake["i1"].address
+        caplog.clear()
+        # Phase one, on i1 only: i3's target state is Expelled.
+        fake["i3"].set_state(target="Expelled")
+        await trio.sleep(1.5)
+        assert supervisor.discovery_address == fake["i3"].address  # i3 disagreed
+        assert any("i3 (10.0.0.3:4327) disagrees" in w for w in warnings(caplog))
+        # The other catalogs catch up, then the current state follows.
+        lagging.clear()
+        start = trio.current_time()
+        await trio.sleep(0.5)
+        fake["i3"].set_state(current="Expelled")
+        with trio.move_on_after(60):
+            await wait_gone(cluster, "i3")
+        took = trio.current_time() - start
+        states = {s.name: s.state for s in cluster.nodes()}
+    assert states == {"i1": UP}, (took, warnings(caplog))
+    assert took <= _AVOID_MIN + 2.0
 
 
 async def test_a_row_that_cannot_be_decoded_keeps_the_last_good_entry(
